@@ -1,0 +1,21 @@
+"""Data: the rvf10k dataset, the decode-once cache, transforms and the Kaggle download."""
+
+from rvf.data.cache import DecodedImages, build_cache, collate_batch, default_cache_dir
+from rvf.data.dataset import RVF10K, DatasetError, holdout_split
+from rvf.data.transforms import (
+    BadImageError,
+    DataConfig,
+    ToUint8,
+    build_eval_transform,
+    build_train_transform,
+    load_image,
+    open_rgb,
+    resolve_data_config,
+)
+
+__all__ = [
+    "RVF10K", "DatasetError", "holdout_split",
+    "DecodedImages", "build_cache", "collate_batch", "default_cache_dir",
+    "BadImageError", "DataConfig", "ToUint8", "build_eval_transform", "build_train_transform",
+    "load_image", "open_rgb", "resolve_data_config",
+]

@@ -1,0 +1,191 @@
+"""rvf10k, and any real-vs-fake image folder, as a torch `Dataset`.
+
+Two layouts are understood (`RVF10K` picks one by looking at `root`):
+
+1. Kaggle's: `root/{train,valid}.csv` (columns `"",original_path,id,label,label_str,path`,
+   `path` relative to `root/rvf10k/`) and `root/rvf10k/{train,valid}/{real,fake}/*.jpg`.
+   The CSV is the source of truth; where it disagrees with the folders we say so.
+2. A plain folder: `root/{train,valid[,test]}/{real,fake}/*` with any common image type.
+   (Kaggle's `root/rvf10k` subfolder is itself such a folder.)
+
+Labels follow Kaggle and the seed: 0 = fake, 1 = real.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import os
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+from torch.utils.data import Dataset
+
+from rvf import CLASSES
+from rvf.data.transforms import IMAGE_EXTENSIONS, BadImageError, open_rgb
+
+__all__ = ["DatasetError", "RVF10K", "holdout_split", "find_split_dir"]
+
+log = logging.getLogger(__name__)
+
+SPLIT_ALIASES = {"train": ("train",), "valid": ("valid", "val", "validation"), "test": ("test",)}
+CSV_COLUMNS = ("original_path", "id", "label", "label_str", "path")
+LAYOUT_HELP = (
+    "expected Kaggle's layout (ROOT/train.csv, ROOT/valid.csv, ROOT/rvf10k/{train,valid}/{real,fake}/*.jpg) "
+    "or a plain folder (ROOT/{train,valid,test}/{real,fake}/*.jpg|png|...)"
+)
+
+
+class DatasetError(ValueError):
+    """The data on disk is not what rvf expects; the message names the path at fault."""
+
+
+def find_split_dir(root: Path, split: str) -> Path | None:
+    """Return `root/<split>` for a plain folder, accepting `val`/`validation` for `valid`."""
+    for name in SPLIT_ALIASES.get(split, (split,)):
+        if (root / name).is_dir():
+            return root / name
+    return None
+
+
+class RVF10K(Dataset):
+    """Real-vs-fake faces, in the spirit of torchvision's `ImageFolder`.
+
+    Args:
+        root: dataset root in either layout (see module docstring).
+        split: "train", "valid" or "test".
+        transform: applied to the decoded RGB `PIL.Image`; None returns the image itself.
+        skip_bad: if True, an unreadable image makes `__getitem__` return None (the loader's
+            collate drops it and the count is logged) instead of raising `BadImageError`.
+
+    Attributes:
+        classes: `["fake", "real"]`.
+        class_to_idx: `{"fake": 0, "real": 1}`.
+        samples: list of `(path, label)`.
+        targets: list of labels.
+        layout: "kaggle" or "folder".
+    """
+
+    def __init__(self, root: str | os.PathLike, split: str = "train",
+                 transform: Callable | None = None, skip_bad: bool = False):
+        self.root = Path(root).expanduser()
+        self.split = split
+        self.transform = transform
+        self.skip_bad = skip_bad
+        self.classes = list(CLASSES)
+        self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
+        if not self.root.is_dir():
+            raise DatasetError(f"dataset root {self.root} does not exist or is not a folder; {LAYOUT_HELP}")
+        if (self.root / f"{split}.csv").is_file():
+            self.layout = "kaggle"
+            self.samples = self._read_kaggle_csv()
+        else:
+            self.layout = "folder"
+            self.samples = self._scan_folder()
+        self.targets = [label for _, label in self.samples]
+        for c, i in self.class_to_idx.items():
+            if i not in self.targets:
+                raise DatasetError(f"class {c!r} of split {split!r} under {self.root} has no images; {LAYOUT_HELP}")
+
+    def _read_kaggle_csv(self) -> list[tuple[str, int]]:
+        csv_path = self.root / f"{self.split}.csv"
+        image_root = self.root / "rvf10k"
+        with open(csv_path, newline="") as f:
+            reader = csv.DictReader(f)
+            missing_cols = [c for c in CSV_COLUMNS if c not in (reader.fieldnames or [])]
+            if missing_cols:
+                raise DatasetError(f"{csv_path} lacks column(s) {missing_cols}; Kaggle's has {list(CSV_COLUMNS)}")
+            rows = list(reader)
+        samples, missing, mismatched = [], [], []
+        for n, row in enumerate(rows, start=2):  # line 1 is the header
+            rel = row["path"]
+            try:
+                label = int(row["label"])
+            except ValueError:
+                raise DatasetError(f"{csv_path} line {n}: label {row['label']!r} is not 0 or 1") from None
+            if label not in (0, 1) or row["label_str"] != self.classes[label]:
+                mismatched.append(f"line {n}: label={row['label']} label_str={row['label_str']!r}")
+                continue
+            folder = Path(rel).parent.name
+            if folder in self.class_to_idx and self.class_to_idx[folder] != label:
+                mismatched.append(f"line {n}: {rel} is in folder {folder!r} but labelled {self.classes[label]!r}")
+                continue
+            path = image_root / rel
+            if not path.is_file():
+                missing.append(str(path))
+                continue
+            samples.append((str(path), label))
+        if mismatched:
+            raise DatasetError(
+                f"{csv_path}: {len(mismatched)} row(s) where the label disagrees with its folder or label_str, "
+                f"e.g. {'; '.join(mismatched[:3])}")
+        if missing:
+            raise DatasetError(
+                f"{csv_path} lists {len(missing)} image(s) that are not on disk, e.g. {missing[:3]}; "
+                f"re-download the dataset or fix the CSV")
+        if not samples:
+            raise DatasetError(f"{csv_path} lists no images; {LAYOUT_HELP}")
+        self._warn_unlisted(image_root / self.split, {p for p, _ in samples}, csv_path)
+        return samples
+
+    def _warn_unlisted(self, split_dir: Path, listed: set[str], csv_path: Path) -> None:
+        if not split_dir.is_dir():
+            return
+        on_disk = {str(p) for p in split_dir.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS}
+        extra = sorted(on_disk - listed)
+        if extra:
+            log.warning("%d image(s) under %s are not listed in %s and are ignored, e.g. %s",
+                        len(extra), split_dir, csv_path, extra[:3])
+
+    def _scan_folder(self) -> list[tuple[str, int]]:
+        split_dir = find_split_dir(self.root, self.split)
+        if split_dir is None:
+            found = sorted(p.name for p in self.root.iterdir() if p.is_dir())
+            raise DatasetError(
+                f"split {self.split!r} not found under {self.root} (found folders {found}, "
+                f"no {self.split}.csv); {LAYOUT_HELP}")
+        samples = []
+        for cls, label in self.class_to_idx.items():
+            class_dir = next((p for p in split_dir.iterdir() if p.is_dir() and p.name.lower() == cls), None)
+            if class_dir is None:
+                found = sorted(p.name for p in split_dir.iterdir() if p.is_dir())
+                raise DatasetError(f"{split_dir} has no {cls!r} folder (found {found}); {LAYOUT_HELP}")
+            files = sorted(p for p in class_dir.rglob("*")
+                           if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+            samples += [(str(p), label) for p in files]
+        return samples
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int):
+        path, label = self.samples[index]
+        try:
+            img = open_rgb(path)
+        except BadImageError:
+            if self.skip_bad:
+                log.warning("skipping unreadable image %s", path)
+                return None
+            raise
+        return (self.transform(img) if self.transform is not None else img), label
+
+    def __repr__(self) -> str:
+        counts = np.bincount(self.targets, minlength=2)
+        return (f"RVF10K(root={str(self.root)!r}, split={self.split!r}, layout={self.layout!r}, "
+                f"fake={counts[0]}, real={counts[1]})")
+
+
+def holdout_split(targets, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Split indices into (fit, holdout), stratified by label and reproducible from `seed`.
+
+    The holdout slice of *train* is the model-selection set, so the valid split is only
+    ever evaluated, never selected on.
+    """
+    from sklearn.model_selection import train_test_split
+
+    idx = np.arange(len(targets))
+    if fraction <= 0:
+        return idx, idx[:0]
+    fit, held = train_test_split(idx, test_size=fraction, random_state=seed, stratify=targets)
+    return np.sort(fit), np.sort(held)

@@ -1,0 +1,284 @@
+"""Every image that reaches a model goes through this file.
+
+The pipeline has two halves, split where it is cheapest:
+
+1. `load_image` decodes a file (or upload) once, converts any mode to RGB and resizes it to
+   the run's square size, giving a uint8 tensor `(3, H, W)`. The decode cache, the per-file
+   dataset, `predict.py` and the web app all call it, so pixels can never disagree.
+2. `build_train_transform` / `build_eval_transform` return small `nn.Module`s that take a
+   uint8 *batch* `(B, 3, H, W)` already on the training device and do augmentation and
+   normalisation there. Moving uint8 instead of float32 is 4x less traffic, and augmenting a
+   whole batch at once on the device costs almost nothing compared with PIL per sample.
+
+Image size, mean, std and interpolation come from the model (`resolve_data_config`), the way
+timm's `resolve_data_config` reads `model.pretrained_cfg`, never from constants here.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from dataclasses import asdict, dataclass
+from typing import BinaryIO, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageOps, UnidentifiedImageError
+from torch import nn
+
+__all__ = [
+    "BadImageError",
+    "DataConfig",
+    "IMAGE_EXTENSIONS",
+    "build_eval_transform",
+    "build_train_transform",
+    "load_image",
+    "open_rgb",
+    "resolve_data_config",
+    "to_uint8",
+    "ToUint8",
+]
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+
+INTERPOLATIONS = {
+    "nearest": Image.Resampling.NEAREST,
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "lanczos": Image.Resampling.LANCZOS,
+    "box": Image.Resampling.BOX,
+}
+
+
+class BadImageError(ValueError):
+    """An image that cannot be decoded: unreadable, truncated, empty or not an image."""
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """What a model expects of its input; stored in every checkpoint's JSON."""
+
+    image_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    interpolation: str = "bilinear"
+
+    def __post_init__(self):
+        if self.interpolation not in INTERPOLATIONS:
+            raise ValueError(
+                f"interpolation {self.interpolation!r} is not one of {sorted(INTERPOLATIONS)}"
+            )
+        if self.image_size < 8:
+            raise ValueError(f"image_size must be at least 8, got {self.image_size}")
+
+    def to_dict(self) -> dict:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "DataConfig":
+        return cls(
+            image_size=int(d["image_size"]),
+            mean=tuple(float(v) for v in d["mean"]),
+            std=tuple(float(v) for v in d["std"]),
+            interpolation=d.get("interpolation", "bilinear"),
+        )
+
+
+def resolve_data_config(
+    model: nn.Module | None = None,
+    *,
+    image_size: int | None = None,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    interpolation: str | None = None,
+) -> DataConfig:
+    """Merge the model's declared input config with explicit overrides (which win).
+
+    Args:
+        model: any model from `rvf.models.create_model`; its `pretrained_cfg` gives defaults.
+        image_size, mean, std, interpolation: overrides; None keeps the model's value.
+
+    Returns:
+        The resolved `DataConfig`.
+    """
+    cfg = dict(getattr(model, "pretrained_cfg", None) or {}) if model is not None else {}
+    size = image_size or cfg.get("input_size", (3, 224, 224))[-1]
+    interp = interpolation or cfg.get("interpolation") or "bilinear"
+    if interp not in INTERPOLATIONS:  # timm models may declare e.g. "bicubic" or "random"
+        interp = "bilinear"
+    return DataConfig(
+        image_size=int(size),
+        mean=tuple(float(v) for v in (mean or cfg.get("mean", (0.5, 0.5, 0.5)))),
+        std=tuple(float(v) for v in (std or cfg.get("std", (0.5, 0.5, 0.5)))),
+        interpolation=interp,
+    )
+
+
+def _name(src) -> str:
+    return os.fspath(src) if isinstance(src, (str, os.PathLike)) else getattr(src, "name", "<upload>")
+
+
+def open_rgb(src: str | os.PathLike | BinaryIO | bytes) -> Image.Image:
+    """Decode an image fully and return it as 8-bit RGB.
+
+    Handles grayscale, palette, RGBA/LA (composited on white), CMYK, 16-bit and 32-bit
+    integer/float modes and EXIF orientation. Pillow's decompression-bomb guard stays on.
+
+    Raises:
+        BadImageError: naming the file, when it is empty, truncated or not an image.
+    """
+    name = _name(src)
+    if isinstance(src, bytes):
+        src = io.BytesIO(src)
+    try:
+        with Image.open(src) as img:
+            img.load()  # force the full decode now: truncation only shows up here
+            img = ImageOps.exif_transpose(img) or img
+            return _to_rgb(img)
+    except Image.DecompressionBombError as e:
+        raise BadImageError(f"{name}: image is too large to decode safely ({e})") from e
+    except UnidentifiedImageError as e:
+        raise BadImageError(f"{name}: not a readable image (empty or unknown format)") from e
+    except (OSError, SyntaxError, ValueError) as e:  # truncated, corrupt data, bad header
+        raise BadImageError(f"{name}: cannot decode image ({e})") from e
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    if img.mode == "RGB":
+        return img
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        # Pillow's convert("RGB") clips these to 0..255 instead of scaling: scale ourselves.
+        arr = np.asarray(img, dtype=np.float64)
+        lo, hi = (0.0, 65535.0) if img.mode.startswith("I;16") else (arr.min(), max(arr.max(), 1e-12))
+        arr = np.clip((arr - lo) / max(hi - lo, 1e-12) * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        return Image.fromarray(arr, mode="L").convert("RGB")
+    if img.mode == "P":
+        img = img.convert("RGBA")  # palettes may carry transparency
+    if img.mode in ("RGBA", "LA", "PA"):
+        background = Image.new("RGB", img.size, (255, 255, 255))
+        background.paste(img.convert("RGBA"), mask=img.convert("RGBA").getchannel("A"))
+        return background
+    return img.convert("RGB")  # L, 1, CMYK, YCbCr, LAB, HSV, RGBX
+
+
+def to_uint8(img: Image.Image, size: int, interpolation: str = "bilinear") -> torch.Tensor:
+    """Centre-crop an RGB image to a square, resize it to `size` and return uint8 (3, H, W).
+
+    rvf10k's images are square, where the crop is a no-op; for other uploads it keeps the
+    face's aspect ratio instead of squashing it.
+    """
+    w, h = img.size
+    if w != h:
+        s = min(w, h)
+        left, top = (w - s) // 2, (h - s) // 2
+        img = img.crop((left, top, left + s, top + s))
+    if img.size != (size, size):
+        img = img.resize((size, size), INTERPOLATIONS[interpolation])
+    arr = np.asarray(img, dtype=np.uint8)  # (H, W, 3)
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()  # (3, H, W)
+
+
+def load_image(src, size: int, interpolation: str = "bilinear") -> torch.Tensor:
+    """Decode an image (path, binary file or bytes) and return it as uint8 (3, size, size).
+
+    Raises:
+        BadImageError: naming the file, when it cannot be decoded.
+    """
+    return to_uint8(open_rgb(src), size, interpolation)
+
+
+class ToUint8:
+    """Picklable `to_uint8` for a per-file dataset's `transform` (DataLoader workers)."""
+
+    def __init__(self, size: int, interpolation: str = "bilinear"):
+        self.size, self.interpolation = size, interpolation
+
+    def __call__(self, img: Image.Image) -> torch.Tensor:
+        return to_uint8(img, self.size, self.interpolation)
+
+
+class Normalize(nn.Module):
+    """uint8 (B, 3, H, W) -> float32 normalised with the model's mean and std."""
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float]):
+        super().__init__()
+        # Fold /255 into the affine map: one multiply-add per pixel.
+        mean_t = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
+        std_t = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
+        self.register_buffer("scale", 1.0 / (255.0 * std_t), persistent=False)
+        self.register_buffer("shift", -mean_t / std_t, persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 3:
+            x = x.unsqueeze(0)
+        return x.float() * self.scale + self.shift  # (B, 3, H, W)
+
+
+class TrainAugment(nn.Module):
+    """Per-sample augmentation of a uint8 batch on its own device, then normalisation.
+
+    Each image gets its own random draw (unlike `torchvision.transforms.v2` applied to a
+    batch tensor, which would flip or crop the whole batch the same way).
+
+    Args:
+        mean, std: normalisation of the model.
+        hflip: probability of a horizontal flip.
+        scale: (min, max) area fraction of a random resized crop; (1, 1) disables it.
+        ratio: (min, max) aspect ratio of that crop.
+        brightness, contrast: jitter strength; 0 disables it.
+    """
+
+    def __init__(self, mean, std, *, hflip=0.0, scale=(1.0, 1.0), ratio=(3 / 4, 4 / 3),
+                 brightness=0.0, contrast=0.0):
+        super().__init__()
+        self.normalize = Normalize(mean, std)
+        self.hflip, self.scale, self.ratio = float(hflip), tuple(scale), tuple(ratio)
+        self.brightness, self.contrast = float(brightness), float(contrast)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, dev = x.shape[0], x.device
+        x = x.float()  # (B, 3, H, W), 0..255
+        if self.scale != (1.0, 1.0):
+            x = self._random_resized_crop(x)
+        if self.hflip > 0:
+            flip = torch.rand(b, 1, 1, 1, device=dev) < self.hflip
+            x = torch.where(flip, x.flip(-1), x)
+        if self.brightness > 0 or self.contrast > 0:
+            gain = 1 + (torch.rand(b, 1, 1, 1, device=dev) * 2 - 1) * self.brightness
+            c = 1 + (torch.rand(b, 1, 1, 1, device=dev) * 2 - 1) * self.contrast
+            mean = x.mean(dim=(1, 2, 3), keepdim=True)
+            x = ((x - mean) * c + mean) * gain
+            x = x.clamp(0, 255)
+        return x * self.normalize.scale + self.normalize.shift
+
+    def _random_resized_crop(self, x: torch.Tensor) -> torch.Tensor:
+        # One affine grid per sample: crop area ~ U(scale), log-aspect ~ U(log ratio),
+        # random centre inside the image, resampled back to the input size.
+        b, dev = x.shape[0], x.device
+        area = torch.empty(b, device=dev).uniform_(*self.scale)
+        log_r = torch.empty(b, device=dev).uniform_(*np.log(self.ratio))
+        r = torch.exp(log_r)
+        sw = torch.sqrt(area * r).clamp(max=1.0)  # crop width as a fraction of the image
+        sh = torch.sqrt(area / r).clamp(max=1.0)
+        tx = (torch.rand(b, device=dev) * 2 - 1) * (1 - sw)
+        ty = (torch.rand(b, device=dev) * 2 - 1) * (1 - sh)
+        theta = torch.zeros(b, 2, 3, device=dev)
+        theta[:, 0, 0], theta[:, 0, 2] = sw, tx
+        theta[:, 1, 1], theta[:, 1, 2] = sh, ty
+        grid = F.affine_grid(theta, list(x.shape), align_corners=False)  # (B, H, W, 2)
+        return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+
+
+def build_train_transform(data_cfg: DataConfig, *, hflip: float = 0.0, scale=(1.0, 1.0),
+                          brightness: float = 0.0, contrast: float = 0.0) -> nn.Module:
+    """Return the on-device training transform: uint8 batch -> augmented, normalised float."""
+    if not any([hflip, tuple(scale) != (1.0, 1.0), brightness, contrast]):
+        return Normalize(data_cfg.mean, data_cfg.std)
+    return TrainAugment(data_cfg.mean, data_cfg.std, hflip=hflip, scale=scale,
+                        brightness=brightness, contrast=contrast)
+
+
+def build_eval_transform(data_cfg: DataConfig) -> nn.Module:
+    """Return the evaluation transform: uint8 batch -> normalised float, no randomness."""
+    return Normalize(data_cfg.mean, data_cfg.std)

@@ -1,0 +1,273 @@
+"""The data pipeline: layouts, CSV checks, bad data, the decode cache and transforms."""
+
+import csv
+import io
+import json
+import logging
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from rvf.data import (RVF10K, BadImageError, DatasetError, DataConfig, build_cache, build_eval_transform,
+                      build_train_transform, collate_batch, holdout_split, load_image, resolve_data_config)
+from rvf.data.download import DownloadError, download_rvf10k
+from synth import SHARED_MINI, face, make_folder_dataset, make_kaggle_dataset
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# ------------------------------------------------------------------ layouts
+
+@pytest.mark.parametrize("layout", ["kaggle", "folder"])
+def test_both_layouts(tmp_path, layout):
+    root = make_kaggle_dataset(tmp_path, n=5) if layout == "kaggle" else make_folder_dataset(tmp_path, n=5)
+    ds = RVF10K(root, "train")
+    assert ds.layout == layout
+    assert ds.classes == ["fake", "real"] and ds.class_to_idx == {"fake": 0, "real": 1}
+    assert len(ds) == 10 and sorted(ds.targets) == [0] * 5 + [1] * 5
+    for path, label in ds.samples:
+        assert Path(path).parent.name == ds.classes[label]
+    img, label = ds[0]
+    assert img.mode == "RGB" and label in (0, 1)
+
+
+def test_kaggle_rvf10k_subfolder_is_a_plain_folder(tmp_path):
+    make_kaggle_dataset(tmp_path, n=3)
+    assert RVF10K(tmp_path / "rvf10k", "valid").layout == "folder"
+
+
+def test_plain_folder_any_image_type_and_val_alias(tmp_path):
+    make_folder_dataset(tmp_path, n=3, splits=("train", "val"), ext="png")
+    ds = RVF10K(tmp_path, "valid")
+    assert len(ds) == 6 and ds[0][0].size == (32, 32)
+    make_folder_dataset(tmp_path, n=2, splits=("test",), ext="webp")
+    assert len(RVF10K(tmp_path, "test")) == 4
+
+
+def _rewrite_csv(path: Path, edit):
+    with open(path, newline="") as f:
+        rows = list(csv.reader(f))
+    edit(rows)
+    with open(path, "w", newline="") as f:
+        csv.writer(f).writerows(rows)
+
+
+def test_csv_missing_file_is_named(tmp_path):
+    make_kaggle_dataset(tmp_path, n=3)
+    (tmp_path / "rvf10k/train/real/00001.jpg").unlink()
+    with pytest.raises(DatasetError, match=r"1 image\(s\) that are not on disk.*00001\.jpg"):
+        RVF10K(tmp_path, "train")
+
+
+def test_csv_label_disagreeing_with_folder(tmp_path):
+    make_kaggle_dataset(tmp_path, n=3)
+
+    def flip(rows):  # say a real image is fake, consistently in label and label_str
+        rows[1][3], rows[1][4] = "0", "fake"
+    _rewrite_csv(tmp_path / "train.csv", flip)
+    with pytest.raises(DatasetError, match=r"train\.csv: 1 row\(s\).*line 2.*folder 'real' but labelled 'fake'"):
+        RVF10K(tmp_path, "train")
+
+
+def test_csv_missing_column(tmp_path):
+    make_kaggle_dataset(tmp_path, n=2)
+    _rewrite_csv(tmp_path / "valid.csv", lambda rows: [r.pop() for r in rows])
+    with pytest.raises(DatasetError, match=r"valid\.csv lacks column\(s\) \['path'\]"):
+        RVF10K(tmp_path, "valid")
+
+
+def test_unlisted_images_are_reported(tmp_path, caplog):
+    make_kaggle_dataset(tmp_path, n=2)
+    face(1).save(tmp_path / "rvf10k/train/real/extra.jpg")
+    with caplog.at_level(logging.WARNING):
+        assert len(RVF10K(tmp_path, "train")) == 4
+    assert "not listed in" in caplog.text and "extra.jpg" in caplog.text
+
+
+@pytest.mark.parametrize("case", ["wrong_root", "missing_split", "empty_class", "missing_class"])
+def test_layout_errors_name_the_path(tmp_path, case):
+    make_folder_dataset(tmp_path / "d", n=2, splits=("train",))
+    root = tmp_path / "d"
+    split = "train"
+    if case == "wrong_root":
+        root = tmp_path / "nope"
+    elif case == "missing_split":
+        split = "valid"
+    elif case == "empty_class":
+        for p in (root / "train/fake").iterdir():
+            p.unlink()
+    else:
+        (root / "train/real").rename(root / "train/genuine")
+    with pytest.raises(DatasetError) as e:
+        RVF10K(root, split)
+    msg = str(e.value)
+    assert str(root) in msg and "expected" in msg
+    assert "\n" not in msg  # one sentence, not a wall
+
+
+# ------------------------------------------------------------------ bad images
+
+def _bad_files(d: Path) -> dict:
+    buf = io.BytesIO()
+    face(0, 64).save(buf, "JPEG")
+    files = {"zero.jpg": b"", "text.jpg": b"not an image at all", "truncated.jpg": buf.getvalue()[: len(buf.getvalue()) // 2]}
+    for name, data in files.items():
+        (d / name).write_bytes(data)
+    return files
+
+
+def test_bad_images_raise_naming_the_file(tmp_path):
+    for name in _bad_files(tmp_path):
+        with pytest.raises(BadImageError, match=name):
+            load_image(tmp_path / name, 32)
+
+
+def test_bad_images_fail_the_cache_or_are_skipped(tmp_path, caplog):
+    root = make_folder_dataset(tmp_path / "d", n=4, splits=("train",))
+    _bad_files(root / "train/fake")
+    ds = RVF10K(root, "train")
+    assert len(ds) == 11
+    with pytest.raises(BadImageError, match=r"(zero|text|truncated)\.jpg.*skip_bad"):
+        build_cache(ds.samples, 16, cache_dir=tmp_path / "c", num_workers=1, progress=False)
+    with caplog.at_level(logging.WARNING):
+        cached = build_cache(ds.samples, 16, cache_dir=tmp_path / "c", num_workers=1, progress=False, skip_bad=True)
+    assert len(cached) == 8 and "skipped 3 unreadable image(s)" in caplog.text
+    # the per-file path: None items are dropped by the collate and counted
+    ds_skip = RVF10K(root, "train", skip_bad=True)
+    items = [ds_skip[i] for i in range(len(ds_skip))]
+    assert sum(x is None for x in items) == 3
+
+
+def test_image_modes_are_converted(tmp_path):
+    rgb = face(1, 40)
+    variants = {
+        "gray.png": rgb.convert("L"), "rgba.png": rgb.convert("RGBA"), "pal.gif": rgb.convert("P"),
+        "cmyk.jpg": rgb.convert("CMYK"), "i16.png": Image.fromarray((np.asarray(rgb.convert("L"), np.uint16) * 257)),
+        "wide.bmp": rgb.resize((80, 40)), "x.tiff": rgb, "x.webp": rgb,
+    }
+    for name, img in variants.items():
+        img.save(tmp_path / name)
+        t = load_image(tmp_path / name, 24)
+        assert t.shape == (3, 24, 24) and t.dtype == torch.uint8, name
+    # 16-bit is scaled, not clipped to white
+    assert 20 < load_image(tmp_path / "i16.png", 24).float().mean() < 235
+
+
+# ------------------------------------------------------------------ cache
+
+def test_cache_reused_and_rebuilt_when_key_changes(tmp_path, caplog):
+    root = make_folder_dataset(tmp_path / "d", n=6)
+    samples = RVF10K(root, "train").samples
+    cache = tmp_path / "cache"
+    a = build_cache(samples, 16, cache_dir=cache, num_workers=2, progress=False)
+    assert a.images.shape == (12, 3, 16, 16) and isinstance(a.images, np.memmap)
+    files = sorted(cache.glob("*.npy"))
+    with caplog.at_level(logging.INFO):
+        b = build_cache(samples, 16, cache_dir=cache, num_workers=2, progress=False)
+    assert "using decode cache" in caplog.text and sorted(cache.glob("*.npy")) == files
+    assert np.array_equal(a.images, b.images)
+    build_cache(samples, 24, cache_dir=cache, progress=False)  # new size -> new file
+    build_cache(samples, 16, interpolation="bicubic", cache_dir=cache, progress=False)  # new method
+    build_cache(samples[:-1], 16, cache_dir=cache, progress=False)  # new file list
+    assert len(list(cache.glob("*.npy"))) == 4
+    # pixels are exactly what load_image gives (the app and CLI use it)
+    x, y = b.__getitems__([3, 0])
+    assert torch.equal(x[0], load_image(samples[3][0], 16)) and y.tolist() == [samples[3][1], samples[0][1]]
+
+
+def test_truncated_or_stale_cache_is_rebuilt(tmp_path):
+    root = make_folder_dataset(tmp_path / "d", n=4)
+    samples = RVF10K(root, "train").samples
+    a = build_cache(samples, 16, cache_dir=tmp_path, progress=False)
+    expected = np.array(a.images)
+    npy = next(tmp_path.glob("*.npy"))
+    with open(npy, "r+b") as f:
+        f.truncate(npy.stat().st_size // 2)
+    b = build_cache(samples, 16, cache_dir=tmp_path, progress=False)
+    assert np.array_equal(np.asarray(b.images), expected)
+    # a JSON from another key (stale) is not trusted either
+    meta = npy.with_suffix(".json")
+    meta.write_text(json.dumps({**json.loads(meta.read_text()), "key": "other"}))
+    c = build_cache(samples, 16, cache_dir=tmp_path, progress=False)
+    assert np.array_equal(np.asarray(c.images), expected)
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_cache_loader_batches(tmp_path):
+    root = make_folder_dataset(tmp_path / "d", n=6)
+    cached = build_cache(RVF10K(root, "train").samples, 16, cache_dir=tmp_path / "c", progress=False)
+    loader = torch.utils.data.DataLoader(cached, batch_size=5, shuffle=True, collate_fn=collate_batch)
+    batches = list(loader)
+    assert [len(y) for _, y in batches] == [5, 5, 2]
+    assert batches[0][0].dtype == torch.uint8 and batches[0][0].shape == (5, 3, 16, 16)
+
+
+def test_holdout_is_stratified_and_seeded():
+    targets = [0] * 50 + [1] * 50
+    fit, held = holdout_split(targets, 0.2, seed=3)
+    assert len(held) == 20 and np.bincount(np.asarray(targets)[held]).tolist() == [10, 10]
+    assert not set(fit) & set(held)
+    assert np.array_equal(held, holdout_split(targets, 0.2, seed=3)[1])
+    assert not np.array_equal(held, holdout_split(targets, 0.2, seed=4)[1])
+
+
+# ------------------------------------------------------------------ transforms
+
+def test_transforms_follow_the_model_config():
+    model = torch.nn.Linear(1, 1)
+    model.pretrained_cfg = {"input_size": (3, 48, 48), "mean": (0.4, 0.5, 0.6), "std": (0.2, 0.25, 0.3)}
+    cfg = resolve_data_config(model)
+    assert cfg.image_size == 48 and cfg.mean == (0.4, 0.5, 0.6)
+    assert resolve_data_config(model, image_size=96).image_size == 96
+    x = torch.full((2, 3, 8, 8), 255, dtype=torch.uint8)
+    y = build_eval_transform(cfg)(x)
+    assert torch.allclose(y[:, 0], torch.tensor((1 - 0.4) / 0.2)) and y.dtype == torch.float32
+    assert DataConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def test_train_augment_is_per_sample():
+    cfg = DataConfig(16, (0.5,) * 3, (0.5,) * 3)
+    x = torch.arange(16, dtype=torch.uint8).repeat(64, 3, 16, 1)  # every image a left-right ramp
+    torch.manual_seed(0)
+    y = build_train_transform(cfg, hflip=0.5)(x)
+    flipped = y[:, 0, 0, 0] > y[:, 0, 0, -1]
+    assert 10 < flipped.sum() < 54  # some flipped, some not: per-sample draws
+    z = build_train_transform(cfg, scale=(0.5, 1.0), brightness=0.2, contrast=0.2)(x)
+    assert z.shape == (64, 3, 16, 16) and torch.isfinite(z).all()
+
+
+# ------------------------------------------------------------------ download
+
+def test_download_without_network_fails_fast_with_instructions(tmp_path):
+    import time
+
+    t0 = time.perf_counter()
+    with pytest.raises(DownloadError, match=r"kaggle\.com/datasets/sachchitkunichetty/rvf10k.*--data-dir"):
+        download_rvf10k(tmp_path / "dl")
+    assert time.perf_counter() - t0 < 30
+
+
+def test_download_script_reuses_an_existing_copy(tmp_path):
+    make_kaggle_dataset(tmp_path / "dl" / "v1", n=2)
+    r = subprocess.run([sys.executable, str(ROOT / "scripts/download_data.py"), "--dest", str(tmp_path / "dl")],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == str(tmp_path / "dl" / "v1")
+
+
+# ------------------------------------------------------------------ the real data (CI has it)
+
+@pytest.mark.skipif(not SHARED_MINI.is_dir(), reason=f"{SHARED_MINI} not present (rvf10k-mini ships with CI only)")
+def test_rvf10k_mini_counts_and_labels(tmp_path):
+    for split, n in (("train", 500), ("valid", 200)):
+        ds = RVF10K(SHARED_MINI, split)
+        assert ds.layout == "kaggle"
+        assert np.bincount(ds.targets).tolist() == [n, n]
+        assert all(Path(p).parent.name == ds.classes[y] for p, y in ds.samples)
+    cached = build_cache(RVF10K(SHARED_MINI, "valid").samples, 64, cache_dir=tmp_path, progress=False)
+    assert cached.images.shape == (400, 3, 64, 64)
