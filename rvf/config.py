@@ -1,0 +1,178 @@
+"""One training config: a dataclass of defaults, overridden by a YAML file, then by flags.
+
+Like nanoGPT's configurator, and unlike a silent dict merge, it is strict: an unknown key
+or a value of the wrong type is an error that names the key and where it came from.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+__all__ = ["ConfigError", "TrainConfig", "load_config", "parse_override"]
+
+
+class ConfigError(ValueError):
+    """A config file or override that rvf cannot use; the message names the key or file."""
+
+
+@dataclass
+class TrainConfig:
+    # --- model ---
+    model: str = "lenet"  # any name from rvf.models.list_models(), or "timm:<name>"
+    model_args: dict = field(default_factory=dict)  # extra create_model kwargs, e.g. {drop_rate: 0.2}
+    pretrained: bool = False  # timm models: ImageNet weights from the hub (needs internet)
+    pretrained_file: Optional[str] = None  # local weights file instead of the hub
+
+    # --- data ---
+    data_dir: Optional[str] = None  # dataset root; None downloads rvf10k from Kaggle
+    image_size: Optional[int] = None  # None: the model's declared input size
+    interpolation: Optional[str] = None  # resize filter; None: the model's
+    holdout: float = 0.1  # stratified slice of train used for model selection
+    cache: bool = True  # decode every image once into a uint8 cache; False decodes per step
+    cache_dir: Optional[str] = None  # None: $RVF_CACHE_DIR or ~/.cache/rvf
+    skip_bad: bool = False  # skip (and count) unreadable images instead of failing
+    num_workers: Optional[int] = None  # DataLoader workers; None: 0 with the cache, all cores without
+    subset: Optional[int] = None  # use only the first N images of each split (smoke runs)
+
+    # --- optimisation ---
+    epochs: int = 20
+    batch_size: int = 64  # per process
+    eval_batch_size: Optional[int] = None  # None: 2 x batch_size
+    optimizer: str = "adam"  # any timm.optim.create_optimizer_v2 name: adam, adamw, sgd, lamb...
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    momentum: float = 0.9  # sgd/rmsprop only
+    scheduler: str = "none"  # none | cosine | step
+    warmup_epochs: float = 0.0
+    min_lr: float = 0.0  # cosine floor
+    step_size: int = 10  # step scheduler: epochs between decays
+    gamma: float = 0.1  # step scheduler: decay factor
+    label_smoothing: float = 0.0
+    grad_clip: Optional[float] = None  # max gradient norm
+    ema_decay: Optional[float] = None  # keep an EMA of the weights (timm ModelEmaV3), e.g. 0.999
+
+    # --- augmentation (applied per sample, on the training device) ---
+    hflip: float = 0.0  # probability of a horizontal flip
+    crop_scale: tuple[float, float] = (1.0, 1.0)  # random-resized-crop area range; (1, 1) = off
+    brightness: float = 0.0
+    contrast: float = 0.0
+
+    # --- speed ---
+    mixed_precision: Optional[str] = None  # no | fp16 | bf16; None: the Accelerate config's
+    channels_last: bool = False
+    compile: bool = False  # torch.compile the model
+
+    # --- tracking and output ---
+    output_dir: Optional[str] = None  # None: runs/<model>
+    tracker: str = "wandb"  # wandb | tensorboard | none
+    project: str = "rvf"  # W&B project
+    run_name: Optional[str] = None
+    group: Optional[str] = None  # W&B group: runs of one zoo sweep compare side by side
+    tags: list = field(default_factory=list)
+    log_every: int = 20  # steps between progress-bar metric refreshes (each is one host sync)
+    num_sample_preds: int = 32  # valid images in the W&B predictions table
+    seed: int = 42
+
+    def resolved_output_dir(self) -> Path:
+        return Path(self.output_dir or Path("runs") / self.model.replace(":", "_").replace("/", "_"))
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+
+    def replace(self, source: str = "override", **changes) -> "TrainConfig":
+        """Return a copy with `changes` applied, type-checked like a YAML file."""
+        return _apply(self, changes, source)
+
+
+_FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+_HINTS = typing.get_type_hints(TrainConfig)
+
+
+def _check(key: str, value: Any, source: str) -> Any:
+    hint = _HINTS[key]
+    args = typing.get_args(hint)
+    optional = typing.get_origin(hint) in (typing.Union, types.UnionType) and type(None) in args
+    if value is None:
+        if optional:
+            return None
+        raise ConfigError(f"{source}: {key} may not be null")
+    base = next(a for a in args if a is not type(None)) if optional else hint
+    origin = typing.get_origin(base) or base
+    want = {float: "a number", int: "an integer", bool: "true/false", str: "a string",
+            list: "a list", dict: "a mapping", tuple: "a list of two numbers"}.get(origin, str(origin))
+    bad = ConfigError(f"{source}: {key} must be {want}, got {value!r} ({type(value).__name__})")
+    if origin is bool:
+        if not isinstance(value, bool):
+            raise bad
+    elif origin is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad
+    elif origin is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise bad
+        value = float(value)
+    elif origin is tuple:
+        if not isinstance(value, (list, tuple)) or len(value) != 2 or not all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+            raise bad
+        value = tuple(float(v) for v in value)
+    elif not isinstance(value, origin):
+        raise bad
+    return value
+
+
+def _apply(cfg: TrainConfig, changes: dict, source: str) -> TrainConfig:
+    unknown = sorted(set(changes) - set(_FIELDS))
+    if unknown:
+        import difflib
+
+        hints = [f"{k} (did you mean {m[0]}?)" if (m := difflib.get_close_matches(k, _FIELDS, 1)) else k
+                 for k in unknown]
+        raise ConfigError(f"{source}: unknown config key(s): {', '.join(hints)}")
+    checked = {k: _check(k, v, source) for k, v in changes.items()}
+    return dataclasses.replace(cfg, **checked)
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """Parse one `key=value` override; the value is read as YAML (so `0.1`, `true`, `[1, 2]` work)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like key=value")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {text!r}: value is not valid YAML ({e})") from None
+    return key.strip().replace("-", "_"), value
+
+
+def load_config(path: str | Path | None = None, overrides: dict | None = None,
+                base: TrainConfig | None = None) -> TrainConfig:
+    """Build a `TrainConfig`: defaults (or `base`), then the YAML file, then `overrides`.
+
+    Raises:
+        ConfigError: naming the file or key, for a missing/malformed file, an unknown key or
+            a value of the wrong type.
+    """
+    cfg = base or TrainConfig()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {path} must hold a mapping of key: value, got {type(data).__name__}")
+        cfg = _apply(cfg, data, str(path))
+    if overrides:
+        cfg = _apply(cfg, overrides, "command line")
+    return cfg

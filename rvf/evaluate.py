@@ -1,0 +1,65 @@
+"""Evaluate a saved model (a training run's folder) on a split and write its reports."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from rvf.checkpoint import load_pretrained
+from rvf.data import RVF10K, build_cache, build_eval_transform
+from rvf.metrics import classification_metrics
+
+__all__ = ["evaluate_checkpoint"]
+
+
+def evaluate_checkpoint(checkpoint: str | Path, data_dir: str | Path, split: str = "valid",
+                        output_dir: str | Path | None = None, batch_size: int = 128,
+                        cache_dir: str | None = None, skip_bad: bool = False) -> dict:
+    """Run a checkpoint over `split` on every process Accelerate gives us.
+
+    The images go through the same decode cache and eval transform as training, so the
+    numbers match the run's own `metrics.json` for the same split.
+
+    Returns:
+        The metrics dict (also written to `output_dir/metrics.json` on the main process).
+    """
+    from accelerate import Accelerator
+    from torch.utils.data import DataLoader
+
+    from rvf import reports
+    from rvf.data import collate_batch
+    from rvf.train import evaluate
+    from rvf.utils import device_name
+
+    accelerator = Accelerator()
+    checkpoint = Path(checkpoint)
+    output_dir = Path(output_dir) if output_dir else checkpoint / f"eval-{split}"
+    model, meta, data_cfg = load_pretrained(checkpoint)
+    dataset = RVF10K(data_dir, split, skip_bad=skip_bad)
+    with accelerator.main_process_first():
+        images = build_cache(dataset.samples, data_cfg.image_size, interpolation=data_cfg.interpolation,
+                             cache_dir=cache_dir, name=split, skip_bad=skip_bad,
+                             progress=accelerator.is_local_main_process)
+    loader = DataLoader(images, batch_size=batch_size, shuffle=False, collate_fn=collate_batch)
+    model, loader = accelerator.prepare(model, loader)
+    transform = build_eval_transform(data_cfg).to(accelerator.device)
+    labels, probs, loss = evaluate(model, loader, transform, accelerator, desc=split)
+    metrics = {
+        "model": meta["model_name"], "checkpoint": str(checkpoint), "split": split,
+        split: classification_metrics(labels, probs, threshold=meta.get("threshold", 0.5), loss=loss),
+        "image_size": data_cfg.image_size, "device": device_name(accelerator.device),
+        "num_processes": accelerator.num_processes,
+    }
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        reports.write_evaluation_reports(output_dir, labels, probs, metrics[split],
+                                         f"{meta['model_name']} on {Path(data_dir).name}/{split}")
+        reports.write_json(output_dir / "metrics.json", metrics)
+        np.savetxt(output_dir / "probabilities.csv", np.column_stack([labels, probs[:, 0]]),
+                   delimiter=",", header="label,p_fake", comments="", fmt=["%d", "%.6f"])
+        m = metrics[split]
+        accelerator.print(f"{split} ({m['n']} images): accuracy {m['accuracy']:.4f} | ROC AUC {m['roc_auc']:.4f} | "
+                          f"AP {m['average_precision']:.4f} | reports in {output_dir}")
+    accelerator.end_training()
+    return metrics

@@ -1,0 +1,169 @@
+"""Report files of a run: the seed's figures and tables, and a little more.
+
+Every function takes plain arrays and a path, so `train` and `evaluate.py` write identical
+files. Matplotlib runs headless (Agg) and every figure is closed after saving.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from rvf import CLASSES
+from rvf.utils import atomic_path, atomic_write_text
+
+__all__ = [
+    "architecture_diagram", "architecture_table", "plot_confusion_matrix", "plot_curves",
+    "plot_roc", "plot_samples", "write_evaluation_reports", "write_json",
+]
+
+log = logging.getLogger(__name__)
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: Path) -> None:
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+    _plt().close(fig)
+
+
+def write_json(path: str | Path, data: dict) -> None:
+    """Write `data` as indented JSON, atomically; NaN becomes null."""
+    def clean(o):
+        if isinstance(o, float) and not math.isfinite(o):
+            return None
+        if isinstance(o, dict):
+            return {k: clean(v) for k, v in o.items()}
+        if isinstance(o, (list, tuple)):
+            return [clean(v) for v in o]
+        return o
+
+    atomic_write_text(path, json.dumps(clean(data), indent=2))
+
+
+def plot_confusion_matrix(path: Path, cm, title: str = "") -> None:
+    from sklearn.metrics import ConfusionMatrixDisplay
+
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(4.2, 3.8))
+    ConfusionMatrixDisplay(np.asarray(cm), display_labels=list(CLASSES)).plot(ax=ax, cmap="Blues", colorbar=False)
+    ax.set_title(title or "Confusion matrix")
+    _save(fig, path)
+
+
+def plot_roc(path: Path, labels, p_fake, title: str = "") -> None:
+    from sklearn.metrics import RocCurveDisplay
+
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(4.2, 4))
+    is_fake = np.asarray(labels) == CLASSES.index("fake")
+    if len(np.unique(is_fake)) == 2:
+        RocCurveDisplay.from_predictions(is_fake, p_fake, ax=ax, name="P(fake)")
+    ax.plot([0, 1], [0, 1], "--", color="gray", lw=1)
+    ax.set_title(title or "ROC (positive = fake)")
+    _save(fig, path)
+
+
+def plot_curves(path: Path, history: list[dict], title: str = "") -> None:
+    """Loss and accuracy per epoch, train and holdout."""
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
+    epochs = [h["epoch"] for h in history]
+    for ax, key in zip(axes, ("loss", "accuracy")):
+        for split, style in (("train", "-o"), ("holdout", "-s")):
+            ys = [h.get(f"{split}_{key}", float("nan")) for h in history]
+            ax.plot(epochs, ys, style, ms=3, label=split)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(key)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(title or "Training curves")
+    _save(fig, path)
+
+
+def plot_samples(path: Path, images: np.ndarray, labels, n: int = 32, title: str = "") -> None:
+    """A grid of uint8 images `(N, 3, H, W)` with their labels."""
+    plt = _plt()
+    n = min(n, len(images))
+    cols = min(8, n)
+    rows = math.ceil(n / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(cols * 1.3, rows * 1.45), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for i in range(n):
+        ax = axes.flat[i]
+        ax.imshow(np.asarray(images[i]).transpose(1, 2, 0))
+        label = CLASSES[int(labels[i])]
+        ax.set_title(label, fontsize=8, color="tab:red" if label == "fake" else "tab:green")
+    fig.suptitle(title or "Training samples")
+    _save(fig, path)
+
+
+def architecture_table(model, input_size: tuple[int, int, int]) -> tuple[str, dict]:
+    """A torchinfo layer table (shapes, parameters, MACs) at the run's input size.
+
+    Returns:
+        (text, {"params": int, "macs": int}).
+    """
+    from torchinfo import summary
+
+    was_training = model.training
+    device = next(model.parameters()).device
+    stats = summary(model, input_size=(1, *input_size), device=device, depth=3, verbose=0,
+                    col_names=("output_size", "num_params", "mult_adds"), row_settings=("var_names",))
+    model.train(was_training)
+    return str(stats), {"params": int(stats.total_params), "macs": int(stats.total_mult_adds)}
+
+
+def architecture_diagram(model, input_size: tuple[int, int, int], path: Path) -> str | None:
+    """Render an architecture diagram PNG with torchview + graphviz.
+
+    Returns:
+        None on success, else a note saying why it was skipped (graphviz missing, ...).
+    """
+    if shutil.which("dot") is None:
+        return "graphviz's `dot` is not installed (apt-get install graphviz); diagram skipped"
+    try:
+        from torchview import draw_graph
+    except ImportError:
+        return "torchview is not installed (pip install torchview graphviz); diagram skipped"
+    try:
+        graph = draw_graph(model, input_size=(1, *input_size), depth=2, expand_nested=False,
+                           device=str(next(model.parameters()).device))
+        graph.visual_graph.format = "png"
+        with atomic_path(path) as tmp:
+            tmp.write_bytes(graph.visual_graph.pipe(format="png"))
+    except Exception as e:  # a diagram is a nicety: never fail a finished run over it
+        return f"architecture diagram failed: {type(e).__name__}: {e}"
+    return None
+
+
+def write_evaluation_reports(out_dir: Path, labels, probs, metrics: dict, title: str = "") -> None:
+    """Write classification_report.txt, confusion_matrix.png and roc.png for one split."""
+    from sklearn.metrics import classification_report
+
+    out_dir = Path(out_dir)
+    labels = np.asarray(labels)
+    probs = np.asarray(probs)
+    report = classification_report(labels, probs.argmax(1), labels=[0, 1], target_names=list(CLASSES),
+                                   digits=4, zero_division=0)
+    extra = (f"\nROC AUC (fake positive): {metrics['roc_auc']:.4f}\n"
+             f"Average precision:       {metrics['average_precision']:.4f}\n"
+             f"EER:                     {metrics['eer']:.4f}\n"
+             f"Accuracy at calibrated threshold {metrics['threshold']:.4f}: {metrics['accuracy_at_threshold']:.4f}\n")
+    atomic_write_text(out_dir / "classification_report.txt", (f"{title}\n\n" if title else "") + report + extra)
+    plot_confusion_matrix(out_dir / "confusion_matrix.png", metrics["confusion_matrix"], title)
+    plot_roc(out_dir / "roc.png", labels, probs[:, CLASSES.index("fake")], title)

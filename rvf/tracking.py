@@ -1,0 +1,117 @@
+"""Experiment tracking through Accelerate's tracker API: W&B, TensorBoard or none.
+
+W&B must never prompt and never block a run: without credentials it logs offline into the
+run folder, says so once, and prints the `wandb sync` command that uploads it later. With
+`WANDB_API_KEY`, a `wandb login` or `WANDB_MODE` set, it behaves as W&B users expect.
+"""
+
+from __future__ import annotations
+
+import logging
+import netrc
+import os
+from pathlib import Path
+
+import numpy as np
+
+from rvf import CLASSES
+
+__all__ = ["TRACKERS", "resolve_tracker", "tracker_config", "log_final_wandb"]
+
+log = logging.getLogger(__name__)
+
+TRACKERS = ("wandb", "tensorboard", "none")
+
+
+def _wandb_has_credentials() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    try:
+        rc = netrc.netrc(os.environ.get("NETRC") or Path.home() / ".netrc")
+    except (OSError, netrc.NetrcParseError):
+        return False
+    host = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai").split("://")[-1].rstrip("/")
+    return rc.authenticators(host) is not None
+
+
+def resolve_tracker(cfg, out_dir: Path) -> tuple[str | None, dict, str | None]:
+    """Decide what Accelerate logs with.
+
+    Returns:
+        (log_with for `Accelerator`, init_kwargs for `init_trackers`, a one-time message or None).
+    """
+    if cfg.tracker not in TRACKERS:
+        raise ValueError(f"tracker must be one of {TRACKERS}, got {cfg.tracker!r}")
+    if cfg.tracker == "none":
+        return None, {}, None
+    if cfg.tracker == "tensorboard":
+        try:
+            import tensorboard  # noqa: F401
+        except ImportError:
+            return None, {}, "tensorboard is not installed (pip install tensorboard): tracking disabled"
+        return "tensorboard", {}, f"TensorBoard logs: tensorboard --logdir {out_dir}"
+    try:
+        import wandb  # noqa: F401
+    except ImportError:
+        return None, {}, "wandb is not installed (pip install wandb): tracking disabled"
+    mode = os.environ.get("WANDB_MODE")
+    message = None
+    if mode is None and not _wandb_has_credentials():
+        mode = "offline"
+        message = (f"W&B: no API key found (WANDB_API_KEY or `wandb login`), logging offline under "
+                   f"{out_dir / 'wandb'}; upload later with: wandb sync {out_dir / 'wandb'}/offline-run-*")
+    wandb_kwargs = {
+        "name": cfg.run_name or out_dir.name,
+        "group": cfg.group,
+        "tags": list(cfg.tags) or None,
+        "dir": str(out_dir),
+        "job_type": "train",
+    }
+    if mode is not None:
+        wandb_kwargs["mode"] = mode
+    return "wandb", {"wandb": {k: v for k, v in wandb_kwargs.items() if v is not None}}, message
+
+
+def tracker_config(cfg_dict: dict, log_with: str | None) -> dict:
+    """The config to send to the tracker; TensorBoard's hparams only take scalars."""
+    if log_with != "tensorboard":
+        return cfg_dict
+    return {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in cfg_dict.items()}
+
+
+def log_final_wandb(run, labels, probs, images, paths, metrics: dict, report_files: list[Path]) -> None:
+    """Log the valid split's confusion matrix and ROC as W&B plots, a predictions table with
+    images, the report PNGs, and the final metrics into the run summary.
+
+    Args:
+        run: the `wandb.Run` (from `accelerator.get_tracker("wandb", unwrap=True)`).
+        labels: (N,) valid labels; probs: (N, 2) probabilities.
+        images: (K, 3, H, W) uint8 sample images for the table; paths: their K file paths.
+        metrics: the metrics dict written to metrics.json.
+        report_files: PNG files to attach.
+    """
+    import wandb
+
+    labels = np.asarray(labels)
+    probs = np.asarray(probs)
+    preds = probs.argmax(1)
+    table = wandb.Table(columns=["image", "file", "label", "prediction", "p_fake"])
+    for img, path, i in zip(images, paths, range(len(images))):
+        table.add_data(wandb.Image(np.asarray(img).transpose(1, 2, 0)), Path(path).name,
+                       CLASSES[labels[i]], CLASSES[preds[i]], float(probs[i, 0]))
+    run.log({
+        "valid/confusion_matrix": wandb.plot.confusion_matrix(
+            y_true=labels.tolist(), preds=preds.tolist(), class_names=list(CLASSES)),
+        "valid/roc": wandb.plot.roc_curve(labels.tolist(), probs.tolist(), labels=list(CLASSES)),
+        "valid/predictions": table,
+        **{f"reports/{p.stem}": wandb.Image(str(p)) for p in report_files if p.is_file()},
+    })
+    flat = {}
+    for split in ("valid", "holdout"):
+        for k, v in metrics.get(split, {}).items():
+            if isinstance(v, (int, float)):
+                flat[f"{split}/{k}"] = v
+    for k in ("best_epoch", "train_seconds", "images_per_second", "params", "macs"):
+        if k in metrics:
+            flat[k] = metrics[k]
+    run.summary.update(flat)

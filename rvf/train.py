@@ -1,0 +1,432 @@
+"""One training loop for every model and every device.
+
+`train(cfg)` reads top to bottom: data -> model -> optimizer and scheduler ->
+`accelerator.prepare` -> epochs (train, select on the holdout slice, log, save) -> evaluate
+the best model on the valid split -> reports. The same code runs on a CPU, one GPU or
+several GPUs with DDP; how it is launched lives in `accelerate_config.yaml` and
+`configs/accelerate/*.yaml`, never in branches here.
+
+    accelerate launch scripts/train.py --config configs/lenet.yaml --data-dir ROOT
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+import rvf
+from rvf import CLASSES
+from rvf.checkpoint import save_pretrained
+from rvf.config import TrainConfig
+from rvf.data import (RVF10K, ToUint8, build_cache, build_eval_transform, build_train_transform,
+                      collate_batch, holdout_split, resolve_data_config)
+from rvf.metrics import calibrate_threshold, classification_metrics
+from rvf.utils import atomic_write_text, count_parameters, device_name
+
+__all__ = ["RunDirError", "Splits", "load_splits", "evaluate", "train_one_epoch", "train"]
+
+log = logging.getLogger(__name__)
+
+STATE_DIR = "checkpoints"  # Accelerate save_state folders, for resuming only
+STATE_MARKER = "rvf_state.json"  # written last inside a state folder: marks it complete
+
+
+class RunDirError(RuntimeError):
+    """The output folder holds another run, or cannot be resumed."""
+
+
+# ----------------------------------------------------------------------------- data
+
+@dataclass
+class Splits:
+    fit: torch.utils.data.Dataset  # train minus the holdout: what the optimizer sees
+    holdout: torch.utils.data.Dataset  # stratified slice of train: model selection only
+    valid: torch.utils.data.Dataset  # Kaggle's valid split: evaluated, never selected on
+    root: Path = None
+    counts: dict = field(default_factory=dict)
+
+
+def _stratified_subset(targets, n: int | None, seed: int) -> np.ndarray:
+    idx = np.arange(len(targets))
+    if not n or n >= len(idx):
+        return idx
+    fit, _ = holdout_split(targets, 1 - n / len(idx), seed)
+    return fit
+
+
+def load_splits(cfg: TrainConfig, data_cfg, progress: bool = True) -> Splits:
+    """Find the data, decode it once (or index it per file) and cut the holdout slice."""
+    if cfg.data_dir is None:
+        from rvf.data.download import download_rvf10k
+
+        root = download_rvf10k()
+        log.info("rvf10k downloaded to %s", root)
+    else:
+        root = Path(cfg.data_dir)
+    train_ds, valid_ds = RVF10K(root, "train", skip_bad=cfg.skip_bad), RVF10K(root, "valid", skip_bad=cfg.skip_bad)
+    train_samples = [train_ds.samples[i] for i in _stratified_subset(train_ds.targets, cfg.subset, cfg.seed)]
+    valid_samples = [valid_ds.samples[i] for i in _stratified_subset(valid_ds.targets, cfg.subset, cfg.seed)]
+    size, interp = data_cfg.image_size, data_cfg.interpolation
+    if cfg.cache:
+        kw = dict(interpolation=interp, cache_dir=cfg.cache_dir, skip_bad=cfg.skip_bad, progress=progress)
+        train_all = build_cache(train_samples, size, name="train", **kw)
+        valid = build_cache(valid_samples, size, name="valid", **kw)
+        fit_idx, hold_idx = holdout_split(train_all.targets, cfg.holdout, cfg.seed)
+        fit, holdout = train_all.subset(fit_idx), train_all.subset(hold_idx)
+    else:  # decode per step: for data that does not fit on disk/in memory as uint8
+        to_uint8 = ToUint8(size, interp)
+        train_ds.samples, valid_ds.samples = train_samples, valid_samples
+        train_ds.transform = valid_ds.transform = to_uint8
+        fit_idx, hold_idx = holdout_split([t for _, t in train_samples], cfg.holdout, cfg.seed)
+        fit = torch.utils.data.Subset(train_ds, fit_idx.tolist())
+        holdout = torch.utils.data.Subset(train_ds, hold_idx.tolist())
+        valid = valid_ds
+    counts = {"fit": len(fit), "holdout": len(holdout), "valid": len(valid)}
+    return Splits(fit, holdout, valid, Path(root), counts)
+
+
+def _loader(dataset, batch_size: int, cfg: TrainConfig, train: bool) -> DataLoader:
+    # With the uint8 cache a batch is one memory-map read: worker processes would only add
+    # IPC. Decoding per file is the opposite: it needs every core.
+    workers = cfg.num_workers if cfg.num_workers is not None else (0 if cfg.cache else min(8, _cores()))
+    return DataLoader(dataset, batch_size=batch_size, shuffle=train, drop_last=train and len(dataset) > batch_size,
+                      num_workers=workers, collate_fn=collate_batch, pin_memory=torch.cuda.is_available(),
+                      persistent_workers=workers > 0)
+
+
+def _cores() -> int:
+    import os
+
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+# ----------------------------------------------------------------------------- optimisation
+
+def build_scheduler(cfg: TrainConfig, optimizer, steps_per_epoch: int):
+    """A per-step LR schedule from torch's own schedulers: optional linear warmup, then
+    constant, cosine to `min_lr`, or step decay."""
+    sched = torch.optim.lr_scheduler
+    total = max(1, cfg.epochs * steps_per_epoch)
+    warmup = min(total - 1, int(round(cfg.warmup_epochs * steps_per_epoch)))
+    if cfg.scheduler == "cosine":
+        main = sched.CosineAnnealingLR(optimizer, T_max=max(1, total - warmup), eta_min=cfg.min_lr)
+    elif cfg.scheduler == "step":
+        main = sched.StepLR(optimizer, step_size=max(1, cfg.step_size * steps_per_epoch), gamma=cfg.gamma)
+    elif cfg.scheduler == "none":
+        main = sched.ConstantLR(optimizer, factor=1.0, total_iters=0)
+    else:
+        raise ValueError(f"scheduler must be none, cosine or step, got {cfg.scheduler!r}")
+    if warmup <= 0:
+        return main
+    ramp = sched.LinearLR(optimizer, start_factor=1e-3, end_factor=1.0, total_iters=warmup)
+    return sched.SequentialLR(optimizer, [ramp, main], milestones=[warmup])
+
+
+# ----------------------------------------------------------------------------- one epoch
+
+def train_one_epoch(model, loader, transform, criterion, optimizer, scheduler, accelerator, cfg,
+                    epoch: int, ema=None, step: int = 0) -> tuple[dict, int]:
+    """Train for one epoch; return ({loss, accuracy, images_per_second}, global step).
+
+    Loss and accuracy accumulate on the device: the host syncs only every `log_every` steps
+    for the progress bar, so a GPU never waits on Python.
+    """
+    model.train()
+    device = accelerator.device
+    loss_sum = torch.zeros((), device=device)
+    correct = torch.zeros((), device=device, dtype=torch.long)
+    seen = 0
+    bar = tqdm(total=len(loader), desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch", leave=False,
+               disable=not accelerator.is_local_main_process, dynamic_ncols=True)
+    t0 = time.perf_counter()
+    for i, (images, labels) in enumerate(loader):
+        x = transform(images)  # uint8 (B, 3, H, W) -> augmented, normalised float
+        if cfg.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        logits = model(x)  # (B, 2)
+        loss = criterion(logits, labels)
+        accelerator.backward(loss)
+        if cfg.grad_clip:
+            accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        if ema is not None:
+            ema.update(accelerator.unwrap_model(model), step=step)
+        loss_sum += loss.detach() * len(labels)
+        correct += (logits.detach().argmax(1) == labels).sum()
+        seen += len(labels)
+        bar.update()
+        if (i + 1) % cfg.log_every == 0:
+            bar.set_postfix(loss=f"{loss_sum.item() / seen:.4f}", acc=f"{correct.item() / seen:.3f}",
+                            img_s=f"{seen * accelerator.num_processes / (time.perf_counter() - t0):.0f}")
+    bar.close()
+    seconds = time.perf_counter() - t0
+    totals = accelerator.reduce(torch.stack([loss_sum, correct.to(loss_sum.dtype),
+                                             torch.tensor(float(seen), device=device)]), "sum")
+    loss_t, correct_t, n = totals.tolist()
+    return {"loss": loss_t / max(n, 1), "accuracy": correct_t / max(n, 1),
+            "images_per_second": n / seconds, "seconds": seconds}, step
+
+
+@torch.no_grad()
+def evaluate(model, loader, transform, accelerator, desc: str = "eval") -> tuple[np.ndarray, np.ndarray, float]:
+    """Predict a whole split across all processes.
+
+    `gather_for_metrics` drops the samples DDP pads onto the last batch, so every image is
+    counted exactly once however many processes run.
+
+    Returns:
+        (labels (N,), probabilities (N, 2), mean cross-entropy).
+    """
+    model.eval()
+    all_probs, all_labels = [], []
+    for images, labels in tqdm(loader, desc=desc, unit="batch", leave=False, dynamic_ncols=True,
+                               disable=not accelerator.is_local_main_process):
+        logits = model(transform(images)).float()  # (B, 2)
+        logits, labels = accelerator.gather_for_metrics((logits, labels))
+        all_probs.append(logits)
+        all_labels.append(labels)
+    logits = torch.cat(all_probs)
+    labels = torch.cat(all_labels)
+    loss = nn.functional.cross_entropy(logits, labels).item() if len(labels) else float("nan")
+    return labels.cpu().numpy(), logits.softmax(1).cpu().numpy(), loss
+
+
+# ----------------------------------------------------------------------------- run folder
+
+def prepare_output_dir(out: Path, resume: bool, overwrite: bool) -> None:
+    """Refuse to mix two runs in one folder unless asked to resume or overwrite."""
+    holds_run = (out / "config.yaml").is_file() or (out / STATE_DIR).is_dir()
+    if resume:
+        if not holds_run:
+            raise RunDirError(f"--resume {out}: no run there to resume (no config.yaml)")
+    elif holds_run:
+        if not overwrite:
+            raise RunDirError(f"output dir {out} already holds a run; pass --resume {out} to continue it "
+                              f"or --overwrite to replace it")
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def latest_state(out: Path) -> Path | None:
+    """Return the newest complete `save_state` folder of a run, if any."""
+    states = []
+    for p in (out / STATE_DIR).glob("epoch_*"):
+        m = re.fullmatch(r"epoch_(\d+)", p.name)
+        if m and (p / STATE_MARKER).is_file():
+            states.append((int(m.group(1)), p))
+    return max(states)[1] if states else None
+
+
+def save_run_state(accelerator, out: Path, epoch: int, run: dict) -> None:
+    """`save_state` into checkpoints/epoch_N, mark it complete, then drop older ones."""
+    path = out / STATE_DIR / f"epoch_{epoch}"
+    accelerator.save_state(str(path))
+    if accelerator.is_main_process:
+        atomic_write_text(path / STATE_MARKER, json.dumps(run))
+        for old in (out / STATE_DIR).glob("epoch_*"):
+            if old != path:
+                shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+
+
+# ----------------------------------------------------------------------------- the loop
+
+def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> dict:
+    """Train `cfg.model` on rvf10k, select on the holdout slice, report on the valid split.
+
+    Args:
+        cfg: the resolved config.
+        resume: continue the run in `cfg.output_dir` from its newest saved state.
+        overwrite: replace a run already in `cfg.output_dir`.
+
+    Returns:
+        The metrics written to `metrics.json`.
+    """
+    from accelerate import Accelerator
+    from accelerate.utils import DataLoaderConfiguration, set_seed
+
+    from rvf import reports, tracking
+    from rvf.models import create_model
+
+    out = cfg.resolved_output_dir()
+    log_with, init_kwargs, tracker_note = tracking.resolve_tracker(cfg, out)
+    accelerator = Accelerator(
+        mixed_precision=cfg.mixed_precision, log_with=log_with, project_dir=str(out),
+        # A seeded sampler gives each epoch the same order whether or not the run was resumed.
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+    )
+    if accelerator.is_main_process:
+        prepare_output_dir(out, resume, overwrite)
+    accelerator.wait_for_everyone()
+    # Seed before building the model so the seed also fixes the initial weights.
+    set_seed(cfg.seed)
+
+    # 1) model, and the input pipeline it declares
+    model_args = {"num_classes": len(CLASSES), **cfg.model_args}
+    model = create_model(cfg.model, pretrained=cfg.pretrained, pretrained_file=cfg.pretrained_file, **model_args)
+    data_cfg = resolve_data_config(model, image_size=cfg.image_size, interpolation=cfg.interpolation)
+    input_size = (3, data_cfg.image_size, data_cfg.image_size)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+
+    # 2) data: the main process decodes the cache first, the others then map the same file
+    with accelerator.main_process_first():
+        splits = load_splits(cfg, data_cfg, progress=accelerator.is_local_main_process)
+    eval_bs = cfg.eval_batch_size or 2 * cfg.batch_size
+    train_loader = _loader(splits.fit, cfg.batch_size, cfg, train=True)
+    holdout_loader = _loader(splits.holdout, eval_bs, cfg, train=False)
+    valid_loader = _loader(splits.valid, eval_bs, cfg, train=False)
+    train_tf = build_train_transform(data_cfg, hflip=cfg.hflip, scale=cfg.crop_scale,
+                                     brightness=cfg.brightness, contrast=cfg.contrast).to(accelerator.device)
+    eval_tf = build_eval_transform(data_cfg).to(accelerator.device)
+    accelerator.print(f"data: {splits.root} | fit {splits.counts['fit']}, holdout {splits.counts['holdout']}, "
+                      f"valid {splits.counts['valid']} | {data_cfg.image_size}px {data_cfg.interpolation}")
+
+    # 3) optimizer, schedule, loss (the schedule counts single-process steps: Accelerate
+    #    steps it once per process per optimizer step)
+    from timm.optim import create_optimizer_v2
+
+    optimizer = create_optimizer_v2(model, opt=cfg.optimizer, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                    momentum=cfg.momentum)
+    scheduler = build_scheduler(cfg, optimizer, len(train_loader))
+    criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+
+    # 4) one line makes it all device- and process-aware
+    model, optimizer, train_loader, holdout_loader, valid_loader, scheduler = accelerator.prepare(
+        model, optimizer, train_loader, holdout_loader, valid_loader, scheduler)
+    ema = None
+    if cfg.ema_decay:
+        from timm.utils import ModelEmaV3
+
+        ema = ModelEmaV3(accelerator.unwrap_model(model), decay=cfg.ema_decay)
+        accelerator.register_for_checkpointing(ema)
+    if cfg.compile:
+        model = torch.compile(model)
+
+    # 5) resume, or start a fresh run record
+    run = {"epoch": -1, "step": 0, "best_epoch": -1, "best_score": None, "history": [], "train_seconds": 0.0}
+    if resume:
+        state = latest_state(out)
+        if state is None:
+            raise RunDirError(f"--resume {out}: no complete saved state under {out / STATE_DIR}")
+        accelerator.load_state(str(state))
+        run = json.loads((state / STATE_MARKER).read_text())
+        accelerator.print(f"resumed from {state} (epoch {run['epoch'] + 1} done)")
+    if accelerator.is_main_process:
+        atomic_write_text(out / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    accelerator.init_trackers(cfg.project, config=tracking.tracker_config(cfg.to_dict(), log_with),
+                              init_kwargs=init_kwargs)
+    if tracker_note:
+        accelerator.print(tracker_note)
+    n_params = count_parameters(accelerator.unwrap_model(model))
+    accelerator.print(f"model: {cfg.model} | {n_params / 1e6:.2f} M params | {accelerator.device} "
+                      f"({device_name(accelerator.device)}) x {accelerator.num_processes} | "
+                      f"precision {accelerator.mixed_precision}")
+
+    # 6) epochs: train, select on the holdout slice, log, save
+    eval_model = ema.module if ema is not None else model
+    for epoch in range(run["epoch"] + 1, cfg.epochs):
+        train_loader.set_epoch(epoch)
+        stats, run["step"] = train_one_epoch(model, train_loader, train_tf, criterion, optimizer, scheduler,
+                                             accelerator, cfg, epoch, ema=ema, step=run["step"])
+        run["train_seconds"] += stats["seconds"]
+        labels, probs, loss = evaluate(eval_model, holdout_loader, eval_tf, accelerator, desc="holdout")
+        hold = classification_metrics(labels, probs, loss=loss) if len(labels) else {"accuracy": float("nan"), "loss": float("nan")}
+        row = {"epoch": epoch + 1, "train_loss": stats["loss"], "train_accuracy": stats["accuracy"],
+               "holdout_loss": hold["loss"], "holdout_accuracy": hold["accuracy"],
+               "holdout_roc_auc": hold.get("roc_auc", float("nan")),
+               "lr": optimizer.param_groups[0]["lr"], "images_per_second": stats["images_per_second"]}
+        run["history"].append(row)
+        accelerator.log({k: v for k, v in row.items() if k != "epoch"} | {"epoch": epoch + 1}, step=run["step"])
+        # Select on holdout accuracy, ties to the lower loss; no holdout: the last epoch wins.
+        score = [hold["accuracy"], -hold["loss"]] if len(labels) else [epoch, 0.0]
+        improved = run["best_score"] is None or score > run["best_score"]
+        if improved:
+            run["best_score"], run["best_epoch"] = score, epoch + 1
+            threshold = calibrate_threshold(labels, probs[:, 0]) if len(labels) else 0.5
+            if accelerator.is_main_process:
+                save_pretrained(out, accelerator.unwrap_model(eval_model), {
+                    "model_name": cfg.model, "model_args": model_args, "data_config": data_cfg.to_dict(),
+                    "classes": list(CLASSES), "threshold": threshold, "epoch": epoch + 1,
+                    "metrics": {"holdout": hold}, "config": cfg.to_dict(), "rvf_version": rvf.__version__})
+        accelerator.print(
+            f"epoch {epoch + 1:3d}/{cfg.epochs} | train loss {stats['loss']:.4f} acc {stats['accuracy']:.4f} | "
+            f"holdout loss {hold['loss']:.4f} acc {hold['accuracy']:.4f} | {stats['images_per_second']:.0f} img/s"
+            + (" | best" if improved else ""))
+        run["epoch"] = epoch
+        save_run_state(accelerator, out, epoch, run)
+
+    # 7) the best model, on the valid split (never used for selection)
+    from safetensors.torch import load_file
+
+    accelerator.wait_for_everyone()
+    accelerator.unwrap_model(eval_model).load_state_dict(load_file(str(out / "model.safetensors"), device="cpu"))
+    labels, probs, loss = evaluate(eval_model, valid_loader, eval_tf, accelerator, desc="valid")
+    meta = json.loads((out / "model.json").read_text())
+    valid = classification_metrics(labels, probs, threshold=meta["threshold"], loss=loss)
+    metrics = {
+        "model": cfg.model, "valid": valid, "holdout": meta["metrics"]["holdout"], "best_epoch": run["best_epoch"],
+        "epochs": cfg.epochs, "history": run["history"], "train_seconds": run["train_seconds"],
+        "images_per_second": float(np.mean([h["images_per_second"] for h in run["history"]])) if run["history"] else None,
+        "params": n_params, "image_size": data_cfg.image_size, "counts": splits.counts,
+        "device": device_name(accelerator.device), "num_processes": accelerator.num_processes,
+        "mixed_precision": accelerator.mixed_precision, "torch": torch.__version__,
+    }
+    if accelerator.is_main_process:
+        unwrapped = accelerator.unwrap_model(eval_model)
+        arch, sizes = reports.architecture_table(unwrapped, input_size)
+        metrics.update(sizes)
+        atomic_write_text(out / "architecture.txt", arch)
+        note = reports.architecture_diagram(unwrapped, input_size, out / "architecture.png")
+        if note:
+            metrics["architecture_diagram"] = note
+            accelerator.print(note)
+        title = f"{cfg.model} on {splits.root.name}/valid"
+        reports.write_evaluation_reports(out, labels, probs, valid, title)
+        reports.plot_curves(out / "curves.png", run["history"], f"{cfg.model}: loss and accuracy")
+        sample_idx = np.linspace(0, len(splits.fit) - 1, min(32, len(splits.fit))).astype(int).tolist()
+        samples = [splits.fit[i] for i in sample_idx]
+        reports.plot_samples(out / "samples.png", np.stack([s[0].numpy() for s in samples]),
+                             [s[1] for s in samples], title=f"{splits.root.name}/train at {data_cfg.image_size}px")
+        reports.write_json(out / "metrics.json", metrics)
+        meta["metrics"]["valid"] = valid
+        reports.write_json(out / "model.json", meta)
+        if log_with == "wandb":
+            k = np.linspace(0, len(splits.valid) - 1, min(cfg.num_sample_preds, len(splits.valid))).astype(int)
+            valid_items = [splits.valid[i] for i in k.tolist()]
+            try:
+                tracking.log_final_wandb(
+                    accelerator.get_tracker("wandb", unwrap=True), labels, probs,
+                    [v[0].numpy() for v in valid_items], [_sample_path(splits.valid, i) for i in k.tolist()],
+                    metrics, [out / f for f in ("confusion_matrix.png", "roc.png", "curves.png", "samples.png")])
+            except Exception as e:  # the run and its reports are saved: never fail it over a plot upload
+                log.warning("W&B final logging failed (%s: %s); metrics.json and the reports are intact",
+                            type(e).__name__, e)
+        accelerator.print(
+            f"valid ({valid['n']} images): accuracy {valid['accuracy']:.4f} | ROC AUC {valid['roc_auc']:.4f} | "
+            f"AP {valid['average_precision']:.4f} | best epoch {run['best_epoch']} | reports in {out}")
+    accelerator.end_training()
+    return metrics
+
+
+def _sample_path(dataset, i: int) -> str:
+    if hasattr(dataset, "all_paths"):  # DecodedImages
+        return dataset.all_paths[dataset.indices[i]]
+    if hasattr(dataset, "indices"):  # torch Subset of RVF10K
+        return dataset.dataset.samples[dataset.indices[i]][0]
+    return dataset.samples[i][0]

@@ -1,0 +1,51 @@
+"""Evaluate a trained model on a split of rvf10k and write the same reports as training.
+
+    python scripts/evaluate.py --checkpoint runs/lenet --data-dir ROOT [--split valid] [--output-dir OUT]
+    ACCELERATE_USE_CPU=1 torchrun --nproc_per_node 2 scripts/evaluate.py ...   # 2-process CPU DDP
+
+Writes metrics.json, classification_report.txt, confusion_matrix.png, roc.png and
+probabilities.csv into OUT (default CHECKPOINT/eval-SPLIT).
+"""
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, add_help=add_help,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", required=True, type=Path,
+                        help="a training run's output folder (model.safetensors + model.json)")
+    parser.add_argument("--data-dir", required=True, type=Path, help="dataset root (either layout)")
+    parser.add_argument("--split", default="valid", choices=["train", "valid", "test"])
+    parser.add_argument("--output-dir", type=Path, help="default CHECKPOINT/eval-SPLIT")
+    parser.add_argument("--batch-size", type=int, default=128, help="per process")
+    parser.add_argument("--cache-dir", help="decode cache folder (default $RVF_CACHE_DIR or ~/.cache/rvf)")
+    parser.add_argument("--skip-bad", action="store_true", help="skip unreadable images instead of failing")
+    return parser
+
+
+def main(args) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from rvf.checkpoint import CheckpointError
+    from rvf.data import BadImageError, DatasetError
+    from rvf.evaluate import evaluate_checkpoint
+
+    try:
+        evaluate_checkpoint(args.checkpoint, args.data_dir, args.split, args.output_dir,
+                            args.batch_size, args.cache_dir, args.skip_bad)
+    except (CheckpointError, DatasetError, BadImageError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        print(f"error: {e.strerror or e} ({e.filename})", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(get_args_parser().parse_args()))

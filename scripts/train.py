@@ -1,0 +1,106 @@
+"""Train a real-vs-fake face detector on rvf10k with one Accelerate loop.
+
+    # the seed's LeNet recipe on a local copy of rvf10k, on whatever this machine has
+    accelerate launch scripts/train.py --config configs/lenet.yaml --data-dir ~/data/rvf10k
+
+    # any other key, any timm model, and 2 GPUs
+    accelerate launch --config_file configs/accelerate/multi_gpu.yaml scripts/train.py \
+        --model timm:efficientnet_b0 --image-size 256 --set hflip=0.5 --set scheduler=cosine
+
+    # continue a run that was interrupted (and optionally extend it)
+    accelerate launch scripts/train.py --resume runs/lenet --epochs 30
+
+Settings come from the defaults in `rvf.config.TrainConfig`, then the YAML file, then the
+flags; `--set key=value` reaches any key. Without --data-dir, rvf10k is downloaded from
+Kaggle. Plain `python scripts/train.py ...` works too (one process).
+"""
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from rvf.config import ConfigError, load_config, parse_override  # noqa: E402
+
+FLAGS = {  # flag -> config key, for the settings people change most
+    "model": "model", "data_dir": "data_dir", "output_dir": "output_dir", "epochs": "epochs",
+    "batch_size": "batch_size", "lr": "lr", "image_size": "image_size", "seed": "seed",
+    "tracker": "tracker", "mixed_precision": "mixed_precision",
+}
+
+
+def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, add_help=add_help,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", "-c", type=Path, help="YAML file of config keys (see configs/)")
+    parser.add_argument("--model", help="model name: rvf.models.list_models() or timm:<name>")
+    parser.add_argument("--data-dir", help="rvf10k root (Kaggle layout or ROOT/{train,valid}/{real,fake}); "
+                                           "default: download from Kaggle")
+    parser.add_argument("--output-dir", help="where checkpoints and reports go (default runs/<model>)")
+    parser.add_argument("--epochs", type=int)
+    parser.add_argument("--batch-size", type=int, help="per process")
+    parser.add_argument("--lr", type=float)
+    parser.add_argument("--image-size", type=int, help="default: the model's declared input size")
+    parser.add_argument("--seed", type=int)
+    parser.add_argument("--tracker", choices=["wandb", "tensorboard", "none"],
+                        help="default wandb (offline when no API key is set)")
+    parser.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"],
+                        help="default: the Accelerate config's")
+    parser.add_argument("--resume", type=Path, metavar="RUN_DIR",
+                        help="continue the run in RUN_DIR from its last saved epoch (its config.yaml is the base)")
+    parser.add_argument("--overwrite", action="store_true", help="replace a run already in the output dir")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override any config key (repeatable), e.g. --set hflip=0.5 --set crop_scale=[0.8,1]")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    return parser
+
+
+def resolve_config(args):
+    """Defaults (or the resumed run's config.yaml) <- --config <- --set <- named flags."""
+    from rvf.config import TrainConfig
+
+    base = None
+    if args.resume is not None:
+        saved = args.resume / "config.yaml"
+        if not saved.is_file():
+            raise ConfigError(f"--resume {args.resume}: no config.yaml there, so nothing to resume")
+        base = load_config(saved)
+    overrides = dict(parse_override(o) for o in args.overrides)
+    overrides.update({key: getattr(args, flag) for flag, key in FLAGS.items() if getattr(args, flag) is not None})
+    if args.resume is not None:
+        overrides["output_dir"] = str(args.resume)
+    return load_config(args.config, overrides, base=base or TrainConfig())
+
+
+def main(args) -> int:
+    import yaml
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from rvf.checkpoint import CheckpointError
+    from rvf.data import BadImageError, DatasetError
+    from rvf.data.download import DownloadError
+    from rvf.train import RunDirError, train
+
+    try:
+        cfg = resolve_config(args)
+        if args.print_config:
+            print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
+            return 0
+        train(cfg, resume=args.resume is not None, overwrite=args.overwrite)
+    except (ConfigError, DatasetError, BadImageError, DownloadError, RunDirError, CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except ValueError as e:  # e.g. an unknown model name from the factory
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # disk full, permission denied: say which file, keep what was saved
+        print(f"error: {e.strerror or e} ({e.filename or 'output dir'}); earlier checkpoints are intact",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(get_args_parser().parse_args()))

@@ -1,0 +1,73 @@
+"""Train several configs one after another and write a leaderboard.
+
+    python scripts/train_zoo.py --data-dir ROOT --configs configs/lenet.yaml configs/alexnet.yaml
+    python scripts/train_zoo.py --data-dir ROOT --configs configs/*.yaml --set epochs=5
+    python scripts/train_zoo.py --leaderboard-only --output-root runs/zoo   # rebuild from finished runs
+
+Each config runs as its own `scripts/train.py` process (so memory is returned between
+models), under `--launcher` if given, e.g. --launcher "accelerate launch --multi_gpu".
+Runs go to OUTPUT_ROOT/<config name>; all of them share one W&B group so they line up
+side by side. leaderboard.md and leaderboard.png land in OUTPUT_ROOT.
+"""
+
+import argparse
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, add_help=add_help,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--configs", nargs="+", type=Path, default=[], help="YAML configs to train")
+    parser.add_argument("--data-dir", help="dataset root, passed to every run")
+    parser.add_argument("--output-root", type=Path, default=Path("runs/zoo"))
+    parser.add_argument("--group", help="W&B group (default zoo-<timestamp>)")
+    parser.add_argument("--launcher", default="", help='prefix command, e.g. "accelerate launch --multi_gpu"')
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override passed to every run")
+    parser.add_argument("--skip-done", action="store_true", help="skip configs whose run has metrics.json")
+    parser.add_argument("--leaderboard-only", action="store_true", help="only rebuild the leaderboard")
+    return parser
+
+
+def main(args) -> int:
+    from rvf.leaderboard import collect_runs, write_leaderboard
+
+    group = args.group or time.strftime("zoo-%Y%m%d-%H%M%S")
+    failed = []
+    for cfg in [] if args.leaderboard_only else args.configs:
+        out = args.output_root / cfg.stem
+        if args.skip_done and (out / "metrics.json").is_file():
+            print(f"[zoo] {cfg.stem}: done already, skipping", flush=True)
+            continue
+        cmd = (shlex.split(args.launcher) or [sys.executable]) + [str(ROOT / "scripts" / "train.py"),
+               "--config", str(cfg), "--output-dir", str(out), "--overwrite", "--set", f"group={group}"]
+        if args.data_dir:
+            cmd += ["--data-dir", args.data_dir]
+        for o in args.overrides:
+            cmd += ["--set", o]
+        print(f"[zoo] {cfg.stem}: {shlex.join(cmd)}", flush=True)
+        if subprocess.run(cmd).returncode != 0:
+            failed.append(cfg.stem)
+            print(f"[zoo] {cfg.stem} FAILED; going on with the rest", file=sys.stderr, flush=True)
+    runs = sorted(p for p in args.output_root.iterdir() if p.is_dir()) if args.output_root.is_dir() else []
+    rows = collect_runs(runs)
+    if not rows:
+        print(f"error: no finished runs (metrics.json) under {args.output_root}", file=sys.stderr)
+        return 1
+    md = write_leaderboard(rows, args.output_root)
+    print(md.read_text())
+    if failed:
+        print(f"error: these runs failed: {', '.join(failed)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(get_args_parser().parse_args()))

@@ -1,0 +1,75 @@
+"""The config: defaults <- YAML <- overrides, strict about keys and types."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from rvf.config import ConfigError, TrainConfig, load_config, parse_override
+
+ROOT = Path(__file__).resolve().parents[1]
+SEED_CONFIGS = ["lenet", "alexnet", "inception_v1", "vgg16", "resnet50", "alexnet_bn", "vgg16_bn"]
+
+
+@pytest.mark.parametrize("name", SEED_CONFIGS)
+def test_seed_configs_are_the_seed_protocol(name):
+    cfg = load_config(ROOT / "configs" / f"{name}.yaml")
+    assert (cfg.model, cfg.image_size, cfg.batch_size, cfg.optimizer, cfg.lr) == (name, 64, 64, "adam", 1e-4)
+    assert cfg.label_smoothing == 0 and cfg.hflip == 0 and cfg.scheduler == "none"
+
+
+def test_yaml_then_overrides(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("model: alexnet\nlr: 0.001\nepochs: 3\ncrop_scale: [0.5, 1]\n")
+    cfg = load_config(f, {"epochs": 5, "lr": 1})  # an int is a fine float
+    assert (cfg.model, cfg.lr, cfg.epochs, cfg.crop_scale) == ("alexnet", 1.0, 5, (0.5, 1.0))
+    assert TrainConfig().epochs == 20  # defaults untouched
+
+
+@pytest.mark.parametrize("text, match", [
+    ("epoch: 3\n", r"c\.yaml: unknown config key\(s\): epoch \(did you mean epochs\?\)"),
+    ("epochs: ten\n", r"c\.yaml: epochs must be an integer, got 'ten'"),
+    ("epochs: 2.5\n", r"epochs must be an integer"),
+    ("hflip: yes please\n", r"hflip must be a number"),
+    ("cache: 1\n", r"cache must be true/false"),
+    ("model: null\n", r"model may not be null"),
+    ("crop_scale: [1]\n", r"crop_scale must be a list of two numbers"),
+    ("- just\n- a list\n", r"must hold a mapping"),
+    ("model: [unclosed\n", r"is not valid YAML"),
+])
+def test_bad_yaml_names_the_key_and_file(tmp_path, text, match):
+    f = tmp_path / "c.yaml"
+    f.write_text(text)
+    with pytest.raises(ConfigError, match=match):
+        load_config(f)
+
+
+def test_missing_file_and_bad_override():
+    with pytest.raises(ConfigError, match="nope.yaml does not exist"):
+        load_config("nope.yaml")
+    with pytest.raises(ConfigError, match="command line: unknown config key"):
+        load_config(None, dict([parse_override("bogus=1")]))
+    with pytest.raises(ConfigError, match="key=value"):
+        parse_override("epochs")
+    assert parse_override("crop-scale=[0.8, 1.0]") == ("crop_scale", [0.8, 1.0])
+    assert parse_override("pretrained_file=") == ("pretrained_file", None)
+
+
+def test_train_script_resolves_flags_over_yaml():
+    r = subprocess.run([sys.executable, str(ROOT / "scripts/train.py"), "-c", str(ROOT / "configs/alexnet.yaml"),
+                        "--epochs", "3", "--set", "hflip=0.5", "--lr", "0.01", "--print-config"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    cfg = yaml.safe_load(r.stdout)
+    assert (cfg["model"], cfg["epochs"], cfg["hflip"], cfg["lr"]) == ("alexnet", 3, 0.5, 0.01)
+
+
+def test_train_script_bad_config_is_one_clear_line(tmp_path):
+    f = tmp_path / "bad.yaml"
+    f.write_text("epochs: 2\nbatchsize: 8\n")
+    r = subprocess.run([sys.executable, str(ROOT / "scripts/train.py"), "-c", str(f)],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines() == [f"error: {f}: unknown config key(s): batchsize (did you mean batch_size?)"]
