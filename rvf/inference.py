@@ -1,0 +1,322 @@
+"""Use a trained detector: one `Predictor` for the web app, `scripts/predict.py` and export checks.
+
+Everything that turns an image into a verdict lives here, once:
+
+- decoding and resizing with the training pipeline's own `load_image` and eval transform, at
+  the checkpoint's size, mean, std and interpolation (so the app, the CLI and `evaluate` give
+  a file the same probability);
+- `p_fake = softmax(logits)[:, 0]` (logit 0 = fake, 1 = real) and the verdict at the
+  checkpoint's calibrated threshold: "fake" iff `p_fake >= threshold`;
+- Grad-CAM with `pytorch_grad_cam.GradCAM` on `rvf.models.get_cam_layer(model)`, for the
+  class of the verdict, rendered as a PNG overlay.
+
+Usage:
+    predictor = Predictor.from_checkpoint("runs/lenet")
+    results = predictor.predict_sources(["a.jpg", "b.png"], gradcam=True)
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+import threading
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from rvf.checkpoint import load_pretrained
+from rvf.data.transforms import IMAGE_EXTENSIONS, BadImageError, DataConfig, build_eval_transform, load_image
+from rvf.models import get_cam_layer
+
+__all__ = [
+    "Prediction",
+    "Predictor",
+    "find_images",
+    "refuse_decompression_bombs",
+    "resolve_device",
+]
+
+DEFAULT_THRESHOLD = 0.5
+# Overlays are drawn at least this large: a 64 px LeNet input is too small to read on a page.
+MIN_OVERLAY_SIZE = 256
+
+
+def refuse_decompression_bombs() -> None:
+    """Turn Pillow's `DecompressionBombWarning` into an error for this whole process.
+
+    Pillow raises `DecompressionBombError` above 2 x `Image.MAX_IMAGE_PIXELS` (~179 MP) but only
+    *warns* between 1x and 2x, then decodes hundreds of MB. A process that reads untrusted
+    files (the web app, the predict CLI) calls this once at startup; `Predictor.load` then
+    reports such files as bad images. Done once, not per request with `catch_warnings`,
+    because warning filters are process-global and not thread-safe to swap.
+    """
+    warnings.filterwarnings("error", category=Image.DecompressionBombWarning)
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """Map "auto" to cuda when available, else cpu; check that an explicit cuda exists."""
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' was asked for but torch sees no CUDA GPU; use --device cpu")
+    return device
+
+
+def find_images(paths: Sequence[str | os.PathLike]) -> list[Path]:
+    """Expand files and folders (recursively, by image extension) into a sorted, unique list.
+
+    A file named explicitly is kept whatever its extension, so a mislabelled or bad file is
+    reported rather than silently skipped. A path that does not exist raises FileNotFoundError.
+    """
+    found: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            found += sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS)
+        elif p.exists():
+            found.append(p)
+        else:
+            raise FileNotFoundError(f"{p}: no such file or folder")
+    return list(dict.fromkeys(found))  # keep order, drop duplicates
+
+
+@dataclass
+class Prediction:
+    """The outcome for one image: a verdict, or the reason there is none.
+
+    Exactly one of (`label`, `p_fake`, `p_real`) and `error` is set.
+    """
+
+    name: str
+    threshold: float
+    label: str | None = None  # "fake" or "real"
+    p_fake: float | None = None
+    p_real: float | None = None
+    error: str | None = None
+    gradcam_png: bytes | None = None  # PNG bytes of the overlay, when asked for
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    def to_dict(self) -> dict:
+        """Return the JSON-able fields that are set (the PNG stays out: callers encode it)."""
+        return {k: v for k, v in asdict(self).items() if v is not None and k != "gradcam_png"}
+
+
+class Predictor:
+    """A model loaded once with its preprocessing, threshold and Grad-CAM layer.
+
+    Args:
+        model: a model from `rvf.models.create_model`, weights loaded.
+        meta: the checkpoint's `model.json` (see `rvf.checkpoint`).
+        data_cfg: the input config the model was trained with.
+        device: where to run it.
+    """
+
+    def __init__(self, model: torch.nn.Module, meta: dict, data_cfg: DataConfig, device="cpu"):
+        self.device = torch.device(device)
+        self.model = model.to(self.device).eval()
+        self.meta = meta
+        self.data_cfg = data_cfg
+        self.transform = build_eval_transform(data_cfg).to(self.device)
+        self.classes = list(meta.get("classes", ["fake", "real"]))
+        if self.classes[:2] != ["fake", "real"]:
+            raise ValueError(f"expected classes ['fake', 'real'] (logit 0 = fake), got {self.classes}")
+        threshold = meta.get("threshold")
+        self.threshold = float(DEFAULT_THRESHOLD if threshold is None else threshold)
+        # Chosen once per model, never guessed per request.
+        self.cam_layer = get_cam_layer(self.model)
+        # One forward at a time: torch already spreads one pass over every core, and Grad-CAM's
+        # hooks on the shared model would otherwise record another thread's activations.
+        self._lock = threading.Lock()
+
+    @classmethod
+    def from_checkpoint(cls, directory: str | os.PathLike, device: str | torch.device = "cpu") -> "Predictor":
+        """Load `model.safetensors` + `model.json` (raises `CheckpointError` naming the file)."""
+        device = resolve_device(device)
+        model, meta, data_cfg = load_pretrained(directory, device)
+        return cls(model, meta, data_cfg, device)
+
+    # --- facts for the UI and the health check ---
+
+    @property
+    def model_name(self) -> str:
+        return str(self.meta["model_name"])
+
+    @property
+    def image_size(self) -> int:
+        return self.data_cfg.image_size
+
+    def describe(self) -> dict:
+        """Model name, input size, threshold and the valid-set metrics recorded at training."""
+        valid = (self.meta.get("metrics") or {}).get("valid") or {}
+        return {
+            "model": self.model_name,
+            "input_size": self.image_size,
+            "threshold": self.threshold,
+            "epoch": self.meta.get("epoch"),
+            "valid_accuracy": valid.get("accuracy"),
+            "valid_roc_auc": valid.get("roc_auc"),
+        }
+
+    # --- inference ---
+
+    def load(self, src, size: int | None = None) -> torch.Tensor:
+        """Decode one image to a uint8 (3, S, S) tensor exactly as training did.
+
+        Raises:
+            BadImageError: empty, truncated, not an image, or too large to decode safely.
+        """
+        size = size or self.data_cfg.image_size
+        name = os.fspath(src) if isinstance(src, (str, os.PathLike)) else getattr(src, "name", "<upload>")
+        if _is_empty(src):
+            raise BadImageError(f"{name}: empty file (0 bytes)")
+        try:
+            return load_image(src, size, self.data_cfg.interpolation)
+        except Image.DecompressionBombWarning as e:  # an error under `refuse_decompression_bombs`
+            raise BadImageError(f"{name}: image is too large to decode safely ({e})") from e
+
+    @torch.inference_mode()
+    def predict_batch(self, images: torch.Tensor) -> torch.Tensor:
+        """Return P(fake) for a uint8 batch (B, 3, S, S), as a float32 CPU tensor (B,)."""
+        x = self.transform(images.to(self.device))  # (B, 3, S, S) float
+        with self._lock:
+            logits = self.model(x)  # (B, 2)
+        return logits.float().softmax(dim=1)[:, 0].cpu()  # (B,)
+
+    def verdict(self, p_fake: float) -> str:
+        """Return "fake" iff p_fake reaches the calibrated threshold, else "real"."""
+        return "fake" if p_fake >= self.threshold else "real"
+
+    def predict_sources(self, sources: Sequence, names: Sequence[str] | None = None, *,
+                        batch_size: int = 32, gradcam: bool = False,
+                        progress=None) -> list[Prediction]:
+        """Predict paths, file objects or bytes; bad images become error entries, not exceptions.
+
+        Args:
+            sources: what `load_image` accepts, one per image.
+            names: what to call each image in results; defaults to the path or "<upload>".
+            batch_size: images per forward pass.
+            gradcam: also render a Grad-CAM overlay PNG for each good image.
+            progress: optional callable(n) told how many images each batch finished (tqdm.update).
+
+        Returns:
+            One `Prediction` per source, in order.
+        """
+        if names is None:
+            names = [os.fspath(s) if isinstance(s, (str, os.PathLike)) else "<upload>" for s in sources]
+        if len(names) != len(sources):
+            raise ValueError(f"got {len(names)} names for {len(sources)} sources")
+        results: list[Prediction] = []
+        for start in range(0, len(sources), batch_size):
+            chunk = list(zip(sources[start:start + batch_size], names[start:start + batch_size]))
+            results += self._predict_chunk(chunk, gradcam)
+            if progress is not None:
+                progress(len(chunk))
+        return results
+
+    def _predict_chunk(self, chunk, gradcam: bool) -> list[Prediction]:
+        out = [Prediction(name=name, threshold=self.threshold) for _, name in chunk]
+        good, tensors = [], []
+        for i, (src, name) in enumerate(chunk):
+            if isinstance(src, bytes):  # let error messages name it
+                src = io.BytesIO(src)
+                src.name = name
+                chunk[i] = (src, name)
+            try:
+                tensors.append(self.load(src))
+                good.append(i)
+            except BadImageError as e:
+                out[i].error = str(e)
+        if not good:
+            return out
+        batch = torch.stack(tensors)  # (B, 3, S, S) uint8
+        p_fake = self.predict_batch(batch).tolist()
+        for i, p in zip(good, p_fake, strict=True):
+            out[i].p_fake, out[i].p_real, out[i].label = p, 1.0 - p, self.verdict(p)
+        if gradcam:
+            targets = [self.classes.index(out[i].label) for i in good]
+            cams = self.gradcam(batch, targets)  # (B, S, S)
+            for i, cam in zip(good, cams, strict=True):
+                src = chunk[i][0]
+                if hasattr(src, "seek"):
+                    src.seek(0)
+                out[i].gradcam_png = self.overlay_png(src, cam)
+        return out
+
+    # --- Grad-CAM ---
+
+    def gradcam(self, images: torch.Tensor, targets: Sequence[int] | None = None) -> np.ndarray:
+        """Grad-CAM heatmaps for a uint8 batch (B, 3, S, S).
+
+        Args:
+            images: the decoded batch, as from `load`.
+            targets: class index per image to explain (0 = fake, 1 = real); None explains
+                the verdict at the calibrated threshold.
+
+        Returns:
+            float32 array (B, S, S), each map scaled to [0, 1].
+        """
+        from pytorch_grad_cam import GradCAM
+        from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+        if targets is None:
+            targets = [self.classes.index(self.verdict(p)) for p in self.predict_batch(images).tolist()]
+        x = self.transform(images.to(self.device))  # (B, 3, S, S) float
+        with self._lock, torch.enable_grad():
+            cam = GradCAM(self.model, target_layers=[self.cam_layer],
+                          reshape_transform=_tokens_to_grid)
+            try:
+                maps = cam(x, targets=[ClassifierOutputTarget(int(t)) for t in targets])  # (B, S, S)
+            finally:
+                # Not `with GradCAM(...)`: its __exit__ swallows IndexError with a print.
+                cam.activations_and_grads.release()
+                self.model.zero_grad(set_to_none=True)  # free the parameter grads backward made
+        return np.nan_to_num(maps.astype(np.float32), nan=0.0)
+
+    def overlay_png(self, src, cam: np.ndarray, alpha: float = 0.5) -> bytes:
+        """Blend a [0, 1] heatmap (S, S) over the image, resized like the model saw it; PNG bytes.
+
+        The overlay is drawn at max(model size, 256) px so small-input models stay legible.
+        """
+        from pytorch_grad_cam.utils.image import show_cam_on_image
+
+        size = max(self.data_cfg.image_size, MIN_OVERLAY_SIZE)
+        rgb = self.load(src, size).permute(1, 2, 0).numpy().astype(np.float32) / 255.0  # (H, W, 3)
+        heat = torch.from_numpy(np.ascontiguousarray(cam, dtype=np.float32))[None, None]  # (1, 1, S, S)
+        heat = F.interpolate(heat, size=(size, size), mode="bilinear", align_corners=False)[0, 0]
+        overlay = show_cam_on_image(rgb, heat.clamp(0, 1).numpy(), use_rgb=True, image_weight=1 - alpha)
+        buf = io.BytesIO()
+        Image.fromarray(overlay).save(buf, format="PNG", optimize=True)
+        return buf.getvalue()
+
+
+def _is_empty(src) -> bool:
+    if isinstance(src, bytes):
+        return not src
+    if isinstance(src, io.BytesIO):
+        return not src.getbuffer().nbytes
+    if isinstance(src, (str, os.PathLike)):
+        return os.path.isfile(src) and os.path.getsize(src) == 0
+    return False
+
+
+def _tokens_to_grid(t: torch.Tensor) -> torch.Tensor:
+    """Reshape ViT-style tokens (B, N, C) to a (B, C, h, w) map, dropping class/prefix tokens.
+
+    Convolutional maps (B, C, h, w) pass through unchanged.
+    """
+    if t.dim() != 3:
+        return t
+    side = math.isqrt(t.shape[1])
+    grid = t[:, t.shape[1] - side * side:, :]  # (B, h*w, C): prefix tokens come first in timm
+    return grid.reshape(t.shape[0], side, side, t.shape[2]).permute(0, 3, 1, 2)  # (B, C, h, w)
+

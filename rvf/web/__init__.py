@@ -1,0 +1,72 @@
+"""The rvf web app: a page and a JSON API that classify uploaded faces as real or fake.
+
+Run it with the development server (binds 127.0.0.1, debug off):
+
+    python scripts/app.py --checkpoint runs/lenet
+
+or under gunicorn, with the checkpoint from the environment:
+
+    RVF_CHECKPOINT=runs/lenet gunicorn -w 1 --threads 4 -b 127.0.0.1:8000 "rvf.web:create_app()"
+
+Settings can also be passed to the factory: `"rvf.web:create_app({'MAX_CONTENT_LENGTH': 5242880})"`.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from flask import Flask
+
+from rvf.inference import Predictor, refuse_decompression_bombs
+
+__all__ = ["create_app", "init_predictor"]
+
+
+def create_app(test_config: dict | None = None) -> Flask:
+    """Create and configure an instance of the Flask application.
+
+    Args:
+        test_config: settings that override the defaults (and the environment), e.g.
+            `{"TESTING": True, "MODEL_CHECKPOINT": path}`.
+
+    Raises:
+        RuntimeError: when no checkpoint is configured.
+        rvf.checkpoint.CheckpointError: when the checkpoint cannot be loaded.
+    """
+    app = Flask(__name__)
+    app.config.from_mapping(
+        MODEL_CHECKPOINT=os.environ.get("RVF_CHECKPOINT"),  # folder with model.safetensors + model.json
+        DEVICE=os.environ.get("RVF_DEVICE", "cpu"),  # cpu, cuda or auto
+        MAX_CONTENT_LENGTH=10 * 1024 * 1024,  # whole request, bytes; larger uploads get a 413
+        MAX_FILES=32,  # images per request
+        BATCH_SIZE=16,  # images per forward pass
+        TORCH_THREADS=os.environ.get("RVF_TORCH_THREADS"),  # None: torch's default (all cores)
+    )
+    if test_config is not None:
+        app.config.update(test_config)
+
+    init_predictor(app)
+
+    from . import views
+
+    app.register_blueprint(views.bp)
+    return app
+
+
+def init_predictor(app: Flask) -> None:
+    """Load the model once for this app and keep it in `app.extensions["rvf"]`.
+
+    Loading per request would re-read the weights every time; `g` lives for one request only.
+    """
+    checkpoint = app.config.get("MODEL_CHECKPOINT")
+    if not checkpoint:
+        raise RuntimeError("no model checkpoint configured: pass --checkpoint DIR to scripts/app.py "
+                           "or set RVF_CHECKPOINT=DIR (a folder with model.safetensors + model.json)")
+    if app.config.get("TORCH_THREADS"):
+        # Process-wide. One intra-op thread per forward avoids OpenMP's stalls when the cores
+        # are shared (other workers, other jobs): on a busy 2-core box it was ~20x faster.
+        torch.set_num_threads(int(app.config["TORCH_THREADS"]))
+    # Uploads are untrusted: an image between Pillow's warning and error limits is refused too.
+    refuse_decompression_bombs()
+    app.extensions["rvf"] = Predictor.from_checkpoint(checkpoint, device=app.config["DEVICE"])

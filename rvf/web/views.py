@@ -1,0 +1,127 @@
+"""The page and the JSON API.
+
+    GET  /             the upload page
+    GET  /api/health   {"status": "ok", "model": ..., "input_size": ..., "threshold": ..., ...}
+    POST /api/predict  multipart field `image` (one or more files); `?gradcam=1` (or a form
+                       field `gradcam=1`) adds a base64 PNG overlay per image
+
+A predict response is `{"model": name, "results": [...]}` with one entry per file, in order:
+`{"filename", "label", "p_fake", "p_real", "threshold"[, "gradcam_png"]}`, or
+`{"filename", "threshold", "error"}` for a file that could not be read. The status is 200 when
+at least one file was predicted (bad files are error entries beside the good ones) and 422
+when none was, with a top-level "error". Malformed requests get 400, oversize uploads 413;
+every API error body is `{"error": "..."}`.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+
+from flask import Blueprint, current_app, jsonify, render_template, request
+from werkzeug.exceptions import BadRequest, HTTPException, RequestEntityTooLarge
+
+from rvf.inference import Prediction, Predictor
+
+bp = Blueprint("predict", __name__)
+
+FIELD = "image"
+TRUE_VALUES = {"1", "true", "yes", "on"}
+
+
+def get_predictor() -> Predictor:
+    """Return the model this app loaded at startup."""
+    return current_app.extensions["rvf"]
+
+
+@bp.get("/")
+def index():
+    """Show the upload page with the model's name, input size and valid-set metrics."""
+    return render_template(
+        "index.html",
+        info=get_predictor().describe(),
+        max_files=current_app.config["MAX_FILES"],
+        max_bytes=current_app.config["MAX_CONTENT_LENGTH"],
+    )
+
+
+@bp.get("/api/health")
+def health():
+    """Report that the model is loaded, and which one."""
+    return {"status": "ok", **get_predictor().describe()}
+
+
+@bp.post("/api/predict")
+def predict():
+    """Classify every uploaded file; bad files become per-file error entries."""
+    files = request.files.getlist(FIELD)  # reading the form enforces MAX_CONTENT_LENGTH (413)
+    if not files:
+        got = sorted(request.files)
+        raise BadRequest(f"expected multipart/form-data with file field {FIELD!r}"
+                         + (f", got field(s) {got}" if got else ", got no file"))
+    if len(files) > current_app.config["MAX_FILES"]:
+        raise BadRequest(f"too many files: {len(files)} (at most {current_app.config['MAX_FILES']} per request)")
+    blobs = [(safe_name(f.filename), f.read()) for f in files]
+    if not any(f.filename for f in files) and not any(data for _, data in blobs):
+        raise BadRequest(f"no file selected: the {FIELD!r} field is empty")  # an empty <input type=file>
+
+    sources = []
+    for name, data in blobs:
+        stream = io.BytesIO(data)
+        stream.name = name  # BadImageError messages name the file by this
+        sources.append(stream)
+    predictor = get_predictor()
+    results = predictor.predict_sources(
+        sources, [s.name for s in sources],
+        batch_size=current_app.config["BATCH_SIZE"], gradcam=_flag("gradcam"),
+    )
+    body = {"model": predictor.model_name, "results": [_result_json(r) for r in results]}
+    if not any(r.ok for r in results):
+        errors = [r.error for r in results]
+        body["error"] = (errors[0] if len(errors) == 1
+                         else f"none of the {len(errors)} files could be read: " + "; ".join(errors))
+        return body, 422
+    return body
+
+
+def safe_name(raw: str | None) -> str:
+    """Return the basename of a client-supplied filename, for display only (never a path)."""
+    base = (raw or "").replace("\\", "/").rsplit("/", 1)[-1]
+    base = "".join(ch for ch in base if ch.isprintable()).strip()
+    return base[:200] if base not in ("", ".", "..") else "upload"
+
+
+def _flag(name: str) -> bool:
+    return (request.args.get(name) or request.form.get(name) or "").lower() in TRUE_VALUES
+
+
+def _result_json(r: Prediction) -> dict:
+    d = r.to_dict()
+    d["filename"] = d.pop("name")
+    if r.gradcam_png is not None:
+        d["gradcam_png"] = base64.b64encode(r.gradcam_png).decode("ascii")
+    return d
+
+
+@bp.app_errorhandler(HTTPException)
+def api_error(e: HTTPException):
+    """Answer API errors (including 404, 405, 413 and 500) with JSON instead of an HTML page."""
+    if not request.path.startswith("/api/"):
+        return e
+    if isinstance(e, RequestEntityTooLarge):
+        limit = current_app.config["MAX_CONTENT_LENGTH"]
+        message = f"upload too large: the limit is {limit / 2**20:g} MB per request"
+    else:
+        message = e.description or e.name
+    return jsonify(error=message), e.code
+
+
+@bp.after_app_request
+def security_headers(response):
+    """Let the page load only its own scripts and styles, and stop MIME sniffing."""
+    response.headers.setdefault("X-Content-Type-Options", "nosniff")
+    response.headers.setdefault(
+        "Content-Security-Policy",
+        "default-src 'self'; img-src 'self' blob: data:; object-src 'none'; base-uri 'none'; frame-ancestors 'none'",
+    )
+    return response

@@ -1,0 +1,51 @@
+"""Serve the rvf web app (upload page + JSON API) with Flask's built-in server.
+
+Usage:
+    python scripts/app.py --checkpoint runs/lenet [--host 127.0.0.1] [--port 5000] [--device cpu]
+
+It binds 127.0.0.1 unless told otherwise and never runs in debug mode. For anything beyond
+one user, run the same app under gunicorn instead:
+
+    RVF_CHECKPOINT=runs/lenet gunicorn -w 1 --threads 4 -b 127.0.0.1:8000 "rvf.web:create_app()"
+"""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import argparse  # noqa: E402
+
+
+def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description="Serve the rvf real/fake face detector.", add_help=add_help)
+    parser.add_argument("--checkpoint", required=True, help="folder with model.safetensors + model.json")
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
+    parser.add_argument("--port", type=int, default=5000)
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or auto (default: cpu)")
+    parser.add_argument("--max-upload-mb", type=float, default=10.0, help="request size limit (default: 10)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch intra-op threads (default: torch's, all cores; 1 is best on shared cores)")
+    return parser
+
+
+def main(args) -> int:
+    from rvf.checkpoint import CheckpointError
+    from rvf.web import create_app
+
+    try:
+        app = create_app({
+            "MODEL_CHECKPOINT": args.checkpoint,
+            "DEVICE": args.device,
+            "MAX_CONTENT_LENGTH": int(args.max_upload_mb * 1024 * 1024),
+            "TORCH_THREADS": args.threads,
+        })
+    except (CheckpointError, RuntimeError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    app.run(host=args.host, port=args.port, debug=False, threaded=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(get_args_parser().parse_args()))

@@ -1,0 +1,107 @@
+"""Classify face images as real or fake with a trained checkpoint.
+
+Usage:
+    python scripts/predict.py --checkpoint runs/lenet photo.jpg faces/ \
+        [--output preds.csv] [--gradcam-dir cams/] [--batch-size 64] [--device auto]
+
+Folders are searched recursively for image files (.jpg .jpeg .png .bmp .gif .webp .tif
+.tiff); files named explicitly are tried whatever their extension. The CSV (to --output, or
+stdout) has one row per predicted image: path, label ("fake"/"real" at the checkpoint's
+calibrated threshold), p_fake, p_real. Each file that cannot be read gets one line on
+stderr and no row; the others are still predicted.
+
+Exit status: 0 when at least one image was predicted (even if others were bad), 1 when none
+was (no images found, or every one unreadable), 2 for a bad checkpoint, path or option.
+"""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import argparse  # noqa: E402
+import csv  # noqa: E402
+
+
+def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description="Predict real/fake for face images.", add_help=add_help)
+    parser.add_argument("paths", nargs="+", metavar="PATH", help="image files and/or folders (searched recursively)")
+    parser.add_argument("--checkpoint", required=True, help="folder with model.safetensors + model.json")
+    parser.add_argument("--output", default=None, help="CSV file to write (default: stdout)")
+    parser.add_argument("--gradcam-dir", default=None, help="also write a Grad-CAM overlay PNG per image here")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--device", default="auto", help="cpu, cuda or auto (default: auto)")
+    return parser
+
+
+def main(args) -> int:
+    from tqdm import tqdm
+
+    from rvf.checkpoint import CheckpointError
+    from rvf.inference import Predictor, find_images, refuse_decompression_bombs
+    from rvf.utils import atomic_path
+
+    if args.batch_size < 1:
+        print("error: --batch-size must be at least 1", file=sys.stderr)
+        return 2
+    try:
+        files = find_images(args.paths)
+        predictor = Predictor.from_checkpoint(args.checkpoint, device=args.device)
+    except (CheckpointError, FileNotFoundError, ValueError, RuntimeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if not files:
+        print(f"error: no image files found in {' '.join(args.paths)}", file=sys.stderr)
+        return 1
+    refuse_decompression_bombs()  # these files may come from anywhere, like uploads
+
+    gradcam_dir = Path(args.gradcam_dir) if args.gradcam_dir else None
+    if gradcam_dir is not None:
+        gradcam_dir.mkdir(parents=True, exist_ok=True)
+    # A bar for runs longer than one batch, on a terminal only (None: tqdm checks for a TTY).
+    with tqdm(total=len(files), unit="img", disable=True if len(files) <= args.batch_size else None,
+              file=sys.stderr) as bar:
+        results = predictor.predict_sources([str(f) for f in files], batch_size=args.batch_size,
+                                            gradcam=gradcam_dir is not None, progress=bar.update)
+
+    rows, used_names = [], set()
+    for r in results:
+        if not r.ok:
+            print(f"skipped: {r.error}", file=sys.stderr)
+            continue
+        rows.append({"path": r.name, "label": r.label, "p_fake": f"{r.p_fake:.6f}", "p_real": f"{r.p_real:.6f}"})
+        if r.gradcam_png is not None:
+            (gradcam_dir / _unique_name(Path(r.name).stem, used_names)).write_bytes(r.gradcam_png)
+
+    if rows:
+        fields = ["path", "label", "p_fake", "p_real"]
+        if args.output:
+            with atomic_path(args.output) as tmp, open(tmp, "w", newline="") as f:
+                _write_csv(f, fields, rows)
+        else:
+            _write_csv(sys.stdout, fields, rows)
+    n_bad = len(results) - len(rows)
+    n_fake = sum(row["label"] == "fake" for row in rows)
+    print(f"predicted {len(rows)} of {len(results)} images ({n_fake} fake, {len(rows) - n_fake} real)"
+          + (f"; {n_bad} could not be read" if n_bad else "")
+          + (f"; wrote {args.output}" if args.output and rows else ""), file=sys.stderr)
+    return 0 if rows else 1
+
+
+def _write_csv(f, fields, rows) -> None:
+    writer = csv.DictWriter(f, fieldnames=fields)
+    writer.writeheader()
+    writer.writerows(rows)
+
+
+def _unique_name(stem: str, used: set) -> str:
+    """Return `<stem>.gradcam.png`, numbered if two inputs share a stem."""
+    name, n = f"{stem}.gradcam.png", 1
+    while name in used:
+        name, n = f"{stem}.{n}.gradcam.png", n + 1
+    used.add(name)
+    return name
+
+
+if __name__ == "__main__":
+    sys.exit(main(get_args_parser().parse_args()))

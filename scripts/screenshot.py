@@ -1,0 +1,213 @@
+"""Take a screenshot of the web app with results shown, in headless Chromium (docs/screenshot.png).
+
+Usage:
+    python scripts/screenshot.py [--checkpoint runs/lenet] [--images a.jpg b.jpg ...] \
+        [--output docs/screenshot.png] [--width 1000] [--height 900]
+
+Without --checkpoint it serves a random-weight LeNet (its verdicts mean nothing; the page
+looks the same). Without --images it uses two real and two fake faces from
+../shared/data/rvf10k-mini, or generated images when that is absent. It serves the app on a
+free port of 127.0.0.1 from a thread, uploads the images, waits for the verdicts, turns on
+one Grad-CAM overlay and saves the page (PNG, re-encoded with a palette when over 300 KB).
+
+Needs Chromium and its driver (Debian: `apt-get install chromium chromium-driver`). The
+helpers here (`serve`, `chrome`, `upload`) are also what tests/test_browser.py drives.
+"""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import argparse  # noqa: E402
+import contextlib  # noqa: E402
+import io  # noqa: E402
+import logging  # noqa: E402
+import shutil  # noqa: E402
+import tempfile  # noqa: E402
+import threading  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+MINI_VALID = ROOT.parent / "shared" / "data" / "rvf10k-mini" / "rvf10k" / "valid"
+CHROMIUM = "/usr/bin/chromium"
+CHROMEDRIVER = "/usr/bin/chromedriver"
+# What headless Chromium needs in a container: no sandbox (root), no GPU, no /dev/shm, and
+# nothing that phones home or downloads components.
+CHROME_FLAGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                "--no-first-run", "--hide-scrollbars"]
+MAX_PNG_BYTES = 300_000
+
+
+def find_browser() -> tuple[str, str] | None:
+    """Return (chromium, chromedriver) paths, or None when either is missing."""
+    browser = CHROMIUM if Path(CHROMIUM).exists() else shutil.which("chromium")
+    driver = CHROMEDRIVER if Path(CHROMEDRIVER).exists() else shutil.which("chromedriver")
+    return (browser, driver) if browser and driver else None
+
+
+@contextlib.contextmanager
+def serve(app):
+    """Serve `app` on a free port of 127.0.0.1 from a thread; yield its base URL."""
+    from werkzeug.serving import make_server
+
+    server = make_server("127.0.0.1", 0, app, threaded=True)
+    thread = threading.Thread(target=server.serve_forever, name="rvf-web", daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}/"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=10)
+
+
+@contextlib.contextmanager
+def chrome(user_data_dir: str | Path, width: int = 1000, height: int = 760):
+    """Start headless Chromium through chromedriver (never Selenium Manager, which downloads)."""
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    found = find_browser()
+    if found is None:
+        raise RuntimeError(f"Chromium or chromedriver not found ({CHROMIUM}, {CHROMEDRIVER}): "
+                           "apt-get install chromium chromium-driver")
+    browser, driver_path = found
+    options = webdriver.ChromeOptions()
+    options.binary_location = browser
+    for flag in CHROME_FLAGS + [f"--user-data-dir={user_data_dir}", f"--window-size={width},{height}"]:
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(driver_path), options=options)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+def upload(driver, url: str, paths, timeout: float = 60) -> list[dict]:
+    """Open the page, choose `paths` in its file input and wait until every card has a result.
+
+    Returns:
+        One dict per card, in page order: filename, verdict text, P(fake) text, error text.
+    """
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    driver.get(url)
+    driver.find_element(By.ID, "file-input").send_keys("\n".join(str(Path(p).resolve()) for p in paths))
+
+    def done(d):
+        cards = d.find_elements(By.CSS_SELECTOR, ".card")
+        finished = [c for c in cards if c.get_attribute("data-label") or "failed" in c.get_attribute("class")]
+        return len(cards) == len(paths) and len(finished) == len(paths)
+
+    WebDriverWait(driver, timeout).until(done)
+    return [{
+        "filename": card.find_element(By.CSS_SELECTOR, ".filename").text,
+        "verdict": card.find_element(By.CSS_SELECTOR, ".verdict").text,
+        "p_fake": card.find_element(By.CSS_SELECTOR, ".pfake").text,
+        "error": card.find_element(By.CSS_SELECTOR, ".error").text,
+    } for card in driver.find_elements(By.CSS_SELECTOR, ".card")]
+
+
+def show_gradcam(driver, index: int = 0, timeout: float = 60) -> str:
+    """Tick the Grad-CAM toggle of card `index`; wait for the overlay; return its src."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    card = driver.find_elements(By.CSS_SELECTOR, ".card")[index]
+    card.find_element(By.CSS_SELECTOR, ".cam-toggle").click()
+    cam = card.find_element(By.CSS_SELECTOR, ".cam")
+    WebDriverWait(driver, timeout).until(
+        lambda d: cam.is_displayed() and (cam.get_attribute("src") or "").startswith("data:image/png"))
+    return cam.get_attribute("src")
+
+
+def save_png(png: bytes, output: Path, max_bytes: int = MAX_PNG_BYTES) -> Path:
+    """Write a screenshot, re-encoded with a 256-colour palette when it is too large."""
+    from PIL import Image
+
+    if len(png) > max_bytes:
+        img = Image.open(io.BytesIO(png)).convert("RGB").quantize(colors=256, method=Image.Quantize.MEDIANCUT)
+        buf = io.BytesIO()
+        img.save(buf, format="PNG", optimize=True)
+        png = buf.getvalue()
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_bytes(png)
+    return output
+
+
+def default_images(workdir: Path) -> list[Path]:
+    """Two real and two fake faces from rvf10k-mini, or four generated images."""
+    if MINI_VALID.is_dir():
+        paths = sorted((MINI_VALID / "real").glob("*.jpg"))[:2] + sorted((MINI_VALID / "fake").glob("*.jpg"))[:2]
+        if len(paths) == 4:
+            return paths
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(4):
+        p = workdir / f"generated_{i}.jpg"
+        Image.fromarray(rng.integers(0, 256, (256, 256, 3), dtype=np.uint8)).save(p, quality=90)
+        paths.append(p)
+    return paths
+
+
+def random_checkpoint(directory: Path) -> Path:
+    """Save a random-weight LeNet checkpoint (for a screenshot when no trained one is given)."""
+    import torch
+
+    from rvf.checkpoint import save_pretrained
+    from rvf.data.transforms import resolve_data_config
+    from rvf.models import create_model
+
+    torch.manual_seed(0)
+    model = create_model("lenet")
+    meta = {"model_name": "lenet", "model_args": {"num_classes": 2}, "classes": ["fake", "real"],
+            "data_config": resolve_data_config(model).to_dict(), "threshold": 0.5}
+    return save_pretrained(directory, model, meta)
+
+
+def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description="Screenshot the rvf web app with results.", add_help=add_help)
+    parser.add_argument("--checkpoint", default=None, help="checkpoint folder (default: a random-weight LeNet)")
+    parser.add_argument("--images", nargs="+", default=None, help="images to upload (default: 4 faces)")
+    parser.add_argument("--output", default=str(ROOT / "docs" / "screenshot.png"))
+    parser.add_argument("--width", type=int, default=1000)
+    parser.add_argument("--height", type=int, default=900)
+    return parser
+
+
+def main(args) -> int:
+    from rvf.checkpoint import CheckpointError
+    from rvf.web import create_app
+
+    if find_browser() is None:
+        print(f"error: Chromium or chromedriver not found ({CHROMIUM}, {CHROMEDRIVER}); "
+              "install them with: apt-get install chromium chromium-driver", file=sys.stderr)
+        return 2
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # no request log on the console
+    with tempfile.TemporaryDirectory(prefix="rvf-screenshot-") as tmp:
+        tmp = Path(tmp)
+        try:
+            checkpoint = args.checkpoint or random_checkpoint(tmp / "checkpoint")
+            app = create_app({"MODEL_CHECKPOINT": str(checkpoint)})
+        except (CheckpointError, RuntimeError, ValueError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        images = [Path(p) for p in args.images] if args.images else default_images(tmp)
+        with serve(app) as url, chrome(tmp / "profile", args.width, args.height) as driver:
+            results = upload(driver, url, images)
+            show_gradcam(driver, 0)
+            driver.execute_script("window.scrollTo(0, 0)")  # ticking the toggle scrolled the page
+            out = save_png(driver.get_screenshot_as_png(), Path(args.output))
+    for r in results:
+        print(f"{r['filename']}: {r['verdict'] or r['error']} (P(fake) {r['p_fake']})")
+    print(f"wrote {out} ({out.stat().st_size / 1000:.0f} KB)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(get_args_parser().parse_args()))

@@ -1,0 +1,64 @@
+"""The page in a real browser: headless Chromium uploads a face and sees the verdict.
+
+The app runs on a real server thread on 127.0.0.1 (a free port); Selenium drives Chromium
+through /usr/bin/chromedriver. Skipped when Chromium or its driver is not installed.
+"""
+
+import importlib.util
+
+import pytest
+from PIL import Image
+from selenium.webdriver.common.by import By
+
+from conftest import ROOT
+
+
+def load_screenshot_script():
+    spec = importlib.util.spec_from_file_location("screenshot_script", ROOT / "scripts" / "screenshot.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+shot = load_screenshot_script()
+pytestmark = [
+    pytest.mark.skipif(shot.find_browser() is None,
+                       reason=f"needs Chromium and chromedriver ({shot.CHROMIUM}, {shot.CHROMEDRIVER}): "
+                              "apt-get install chromium chromium-driver"),
+    pytest.mark.usefixtures("one_torch_thread"),  # see conftest
+]
+
+
+def test_upload_shows_verdict_probability_and_gradcam(app, client, face_paths, tmp_path):
+    paths = face_paths[:2]
+    expected = []
+    for p in paths:  # what the API says for the same files
+        with open(p, "rb") as f:
+            expected.append(client.post("/api/predict", data={"image": (f, p.name)}).json["results"][0])
+
+    with shot.serve(app) as url, shot.chrome(tmp_path / "profile") as driver:
+        assert url.startswith("http://127.0.0.1:")
+        cards = shot.upload(driver, url, paths)
+        assert "lenet" in driver.find_element(By.ID, "model-info").text
+        assert not any(c["error"] for c in cards), cards
+        # Newest cards come first: the page prepends each card.
+        by_name = {c["filename"]: c for c in cards}
+        for p, res in zip(paths, expected):
+            card = by_name[p.name]
+            assert card["verdict"] == res["label"].capitalize()
+            assert card["p_fake"] == f"{100 * res['p_fake']:.1f} %"
+        src = shot.show_gradcam(driver, 0)
+        assert src.startswith("data:image/png;base64,")
+        png = shot.save_png(driver.get_screenshot_as_png(), tmp_path / "page.png")
+
+    with Image.open(png) as img:
+        assert img.format == "PNG" and img.width > 300
+
+
+def test_bad_file_shows_error(app, tmp_path):
+    bad = tmp_path / "notes.jpg"
+    bad.write_bytes(b"not an image at all")
+    with shot.serve(app) as url, shot.chrome(tmp_path / "profile") as driver:
+        [card] = shot.upload(driver, url, [bad])
+    assert card["verdict"] == "Could not classify"
+    assert "notes.jpg" in card["error"] and "not a readable image" in card["error"]

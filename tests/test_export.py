@@ -1,0 +1,74 @@
+"""Exports give PyTorch's probabilities (atol 1e-4) on real images, for scratch and timm models."""
+
+import importlib.util
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import ROOT, make_checkpoint
+from rvf.export import DEFAULT_ATOL, ExportError, check_parity, default_output, export_checkpoint, load_exported
+from rvf.inference import Predictor
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # see conftest
+
+ATOL = 1e-4  # on probabilities
+assert DEFAULT_ATOL == ATOL
+
+# (model, input size): resnet50 and the timm model at 64 px keep the exports fast on a CPU.
+MODELS = [("lenet", None), ("resnet50", 64), ("timm:resnet18", 64)]
+
+
+@pytest.fixture(scope="module", params=MODELS, ids=[m for m, _ in MODELS])
+def model_checkpoint(request, tmp_path_factory):
+    name, size = request.param
+    return make_checkpoint(tmp_path_factory.mktemp(name.replace(":", "_")), name, image_size=size)
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
+def test_export_matches_pytorch_on_real_images(model_checkpoint, fmt, face_paths, tmp_path):
+    out = export_checkpoint(model_checkpoint, fmt, tmp_path / f"model.{fmt}")
+    assert out.is_file()
+    predictor = Predictor.from_checkpoint(model_checkpoint)
+    images = torch.stack([predictor.load(p) for p in face_paths])  # (4, 3, S, S): a batch size never exported
+    run, meta = load_exported(out, fmt)
+    probs = run(images.numpy())  # (B, 2)
+    assert probs.shape == (len(face_paths), 2)
+    np.testing.assert_allclose(probs[:, 0], predictor.predict_batch(images).numpy(), rtol=0, atol=ATOL)
+    np.testing.assert_allclose(probs.sum(axis=1), 1, atol=1e-5)
+    assert run(images[:1].numpy()).shape == (1, 2)  # the batch axis is dynamic
+    assert meta["model_name"] == predictor.model_name and meta["threshold"] == predictor.threshold
+    assert check_parity(out, fmt, model_checkpoint, images, atol=ATOL) <= ATOL
+
+
+def test_parity_check_catches_a_wrong_export(checkpoint, tmp_path):
+    out = export_checkpoint(checkpoint, "torchscript", tmp_path / "m.pt")
+    other = make_checkpoint(tmp_path / "other", seed=1)  # same architecture, other weights
+    with pytest.raises(ExportError, match="differ"):
+        check_parity(out, "torchscript", other)
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("export_script", ROOT / "scripts" / "export.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def run_script(capsys, *argv):
+    script = load_script()
+    code = script.main(script.get_args_parser().parse_args([str(a) for a in argv]))
+    return code, *capsys.readouterr()
+
+
+def test_export_script_default_output(tmp_path, capsys):
+    ckpt = make_checkpoint(tmp_path / "ckpt")
+    code, out, err = run_script(capsys, "--checkpoint", ckpt, "--format", "onnx")
+    assert code == 0, err
+    assert default_output(ckpt, "onnx") == ckpt / "model.onnx" and (ckpt / "model.onnx").is_file()
+    assert "max |p - p_torch|" in out
+
+
+def test_export_script_bad_checkpoint(tmp_path, capsys):
+    code, out, err = run_script(capsys, "--checkpoint", tmp_path, "--format", "torchscript")
+    assert code == 2 and err.startswith("error:") and "not an rvf checkpoint" in err

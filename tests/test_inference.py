@@ -1,0 +1,168 @@
+"""The Predictor: one preprocessing, one p_fake/threshold rule, Grad-CAM for every model."""
+
+import io
+import threading
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import BAD_IMAGES, VALID_IMAGES, good_jpeg, image_bytes, make_checkpoint
+from rvf.checkpoint import load_pretrained
+from rvf.data.transforms import BadImageError, build_eval_transform, load_image, resolve_data_config
+from rvf.inference import Predictor, find_images, refuse_decompression_bombs, resolve_device
+from rvf.models import create_model, list_models
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # see conftest
+
+
+@pytest.fixture(scope="module")
+def predictor(checkpoint):
+    return Predictor.from_checkpoint(checkpoint)
+
+
+def test_from_checkpoint(predictor):
+    assert predictor.model_name == "lenet"
+    assert predictor.image_size == 64
+    assert predictor.threshold == 0.5
+    assert not predictor.model.training
+
+
+def test_missing_threshold_defaults_to_half(tmp_path):
+    assert Predictor.from_checkpoint(make_checkpoint(tmp_path, threshold=None)).threshold == 0.5
+
+
+def test_predict_batch_is_softmax_of_logit_zero(checkpoint, predictor, face_paths):
+    """The Predictor gives a file exactly what a direct call of the checkpoint's model gives."""
+    model, _, data_cfg = load_pretrained(checkpoint)
+    batch = torch.stack([load_image(p, data_cfg.image_size, data_cfg.interpolation) for p in face_paths])
+    with torch.no_grad():
+        expected = model(build_eval_transform(data_cfg)(batch)).softmax(dim=1)[:, 0]  # (B,)
+    torch.testing.assert_close(predictor.predict_batch(batch), expected)
+    results = predictor.predict_sources([str(p) for p in face_paths], batch_size=3)
+    np.testing.assert_allclose([r.p_fake for r in results], expected.numpy(), rtol=0, atol=1e-6)
+
+
+def test_batching_does_not_change_probabilities(predictor, face_paths):
+    srcs = [str(p) for p in face_paths]
+    one = [r.p_fake for r in predictor.predict_sources(srcs, batch_size=1)]
+    all_ = [r.p_fake for r in predictor.predict_sources(srcs, batch_size=64)]
+    np.testing.assert_allclose(one, all_, rtol=0, atol=1e-6)
+
+
+def test_verdict_at_threshold(predictor):
+    t = predictor.threshold
+    assert predictor.verdict(t) == "fake"
+    assert predictor.verdict(np.nextafter(t, 0)) == "real"
+
+
+def test_sources_of_every_kind(predictor, tmp_path):
+    path = tmp_path / "a.jpg"
+    path.write_bytes(good_jpeg())
+    stream = io.BytesIO(good_jpeg())
+    results = predictor.predict_sources([str(path), path, good_jpeg(), stream], ["p", "pp", "bytes", "stream"])
+    assert [r.name for r in results] == ["p", "pp", "bytes", "stream"]
+    assert len({round(r.p_fake, 6) for r in results}) == 1
+
+
+def test_bad_items_become_errors_in_place(predictor):
+    srcs = [good_jpeg()] + [f() for f in BAD_IMAGES.values()] + [VALID_IMAGES["cmyk.jpg"]()]
+    names = ["good"] + list(BAD_IMAGES) + ["cmyk"]
+    results = predictor.predict_sources(srcs, names)
+    assert [r.ok for r in results] == [True] + [False] * len(BAD_IMAGES) + [True]
+    for r, name in zip(results[1:-1], BAD_IMAGES):
+        assert r.error.startswith(name + ":") and r.label is None and r.p_fake is None
+    assert set(results[1].to_dict()) == {"name", "threshold", "error"}
+
+
+def test_decompression_bomb_warning_becomes_bad_image(predictor):
+    # Outside pytest's "error" filter Pillow would only warn and decode 100 MP; the app's
+    # filter turns that into a refusal.
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("default")
+        refuse_decompression_bombs()
+        with pytest.raises(BadImageError, match="too large"):
+            predictor.load(BAD_IMAGES["warnbomb.png"]())
+
+
+def test_find_images(tmp_path):
+    (tmp_path / "sub" / "deeper").mkdir(parents=True)
+    for rel in ["a.jpg", "sub/b.PNG", "sub/deeper/c.webp", "notes.txt", "sub/d.tiff"]:
+        (tmp_path / rel).write_bytes(b"x")
+    explicit = tmp_path / "notes.txt"
+    found = find_images([tmp_path, explicit, tmp_path / "a.jpg"])
+    rel = [p.relative_to(tmp_path).as_posix() for p in found]
+    assert rel == ["a.jpg", "sub/b.PNG", "sub/d.tiff", "sub/deeper/c.webp", "notes.txt"]
+    with pytest.raises(FileNotFoundError, match="nope"):
+        find_images([tmp_path / "nope"])
+
+
+def test_resolve_device():
+    assert resolve_device("cpu").type == "cpu"
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA"):
+            resolve_device("cuda")
+
+
+# --- Grad-CAM ---
+
+CAM_MODELS = list_models() + ["timm:resnet18", "timm:test_vit"]
+
+
+@pytest.mark.parametrize("name", CAM_MODELS)
+def test_gradcam_every_model(name):
+    torch.manual_seed(0)
+    model = create_model(name)
+    data_cfg = resolve_data_config(model)
+    if data_cfg.image_size > 160:  # keep timm's 224 px models fast: any size works for Grad-CAM
+        data_cfg = resolve_data_config(model, image_size=64)
+    p = Predictor(model, {"model_name": name, "classes": ["fake", "real"]}, data_cfg)
+    s = data_cfg.image_size
+    images = torch.randint(0, 256, (1, 3, s, s), dtype=torch.uint8)
+    cams = p.gradcam(images)
+    assert cams.shape == (1, s, s) and cams.dtype == np.float32
+    assert np.isfinite(cams).all() and cams.min() >= 0 and cams.max() <= 1 + 1e-6
+    assert all(param.grad is None for param in model.parameters())  # no grads left behind
+
+
+def test_gradcam_explains_verdict_by_default(predictor, face_paths):
+    batch = torch.stack([predictor.load(p) for p in face_paths])
+    labels = [predictor.verdict(p) for p in predictor.predict_batch(batch).tolist()]
+    targets = [predictor.classes.index(label) for label in labels]
+    np.testing.assert_allclose(predictor.gradcam(batch), predictor.gradcam(batch, targets), atol=1e-6)
+
+
+def test_overlay_png(predictor, face_paths):
+    results = predictor.predict_sources([str(p) for p in face_paths[:2]] + [b"bad"], gradcam=True)
+    for r in results[:2]:
+        img = Image.open(io.BytesIO(r.gradcam_png))
+        assert img.format == "PNG" and img.mode == "RGB" and img.size == (256, 256)
+    assert results[2].gradcam_png is None
+
+
+def test_concurrent_use_matches_sequential(predictor):
+    """The web app serves requests on threads: Grad-CAM hooks must not mix them up."""
+    inputs = [image_bytes("JPEG", seed=i) for i in range(4)]
+    expected = [predictor.predict_sources([b], gradcam=True)[0] for b in inputs]
+    got, errors = [None] * 8, []
+
+    def work(i):
+        try:
+            got[i] = predictor.predict_sources([inputs[i % 4]], gradcam=bool(i % 2))[0]
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    for i, r in enumerate(got):
+        assert r.p_fake == pytest.approx(expected[i % 4].p_fake, abs=1e-6)
+        if i % 2:
+            assert r.gradcam_png == expected[i % 4].gradcam_png

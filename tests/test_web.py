@@ -1,0 +1,266 @@
+"""The web app through Flask's test client: every route, every bad input."""
+
+import base64
+import io
+
+import pytest
+from PIL import Image
+
+from conftest import BAD_IMAGES, METRICS, VALID_IMAGES, good_jpeg, make_checkpoint
+from rvf.checkpoint import CheckpointError
+from rvf.web import create_app
+from rvf.web.views import safe_name
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # see conftest
+
+
+def post(client, files, query="", **form):
+    """POST (name, bytes) pairs as multipart field `image`."""
+    data = {"image": [(io.BytesIO(b), name) for name, b in files], **form}
+    return client.post("/api/predict" + query, data=data, content_type="multipart/form-data")
+
+
+# --- factory ---
+
+def test_config_defaults(app, checkpoint):
+    assert app.config["MAX_CONTENT_LENGTH"] == 10 * 1024 * 1024
+    assert not app.debug
+    assert app.config["MODEL_CHECKPOINT"] == str(checkpoint)
+
+
+def test_checkpoint_from_environment(monkeypatch, checkpoint):
+    monkeypatch.setenv("RVF_CHECKPOINT", str(checkpoint))
+    assert create_app().extensions["rvf"].model_name == "lenet"
+
+
+def test_missing_checkpoint_fails_at_startup(monkeypatch):
+    monkeypatch.delenv("RVF_CHECKPOINT", raising=False)
+    with pytest.raises(RuntimeError, match="RVF_CHECKPOINT"):
+        create_app({"TESTING": True})
+
+
+def test_bad_checkpoint_fails_at_startup(tmp_path):
+    with pytest.raises(CheckpointError, match="not an rvf checkpoint"):
+        create_app({"TESTING": True, "MODEL_CHECKPOINT": str(tmp_path)})
+
+
+def test_model_loaded_once_per_app(monkeypatch, checkpoint):
+    import rvf.inference
+
+    calls = []
+    real = rvf.inference.load_pretrained
+    monkeypatch.setattr(rvf.inference, "load_pretrained", lambda *a, **k: calls.append(a) or real(*a, **k))
+    app = create_app({"TESTING": True, "MODEL_CHECKPOINT": str(checkpoint)})
+    client = app.test_client()
+    for _ in range(3):
+        assert post(client, [("a.jpg", good_jpeg())]).status_code == 200
+    assert client.get("/").status_code == 200
+    assert len(calls) == 1
+
+
+def test_torch_threads_setting(checkpoint):
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        create_app({"TESTING": True, "MODEL_CHECKPOINT": str(checkpoint), "TORCH_THREADS": "1"})
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_routes(app):
+    rules = {r.rule: r.methods for r in app.url_map.iter_rules()}
+    assert "POST" in rules["/api/predict"] and "GET" in rules["/api/health"] and "GET" in rules["/"]
+
+
+# --- page and health ---
+
+def test_index_shows_model_facts(client):
+    r = client.get("/")
+    assert r.status_code == 200
+    html = r.get_data(as_text=True)
+    assert "lenet" in html and "64×64" in html
+    assert "81.2 %" in html and "0.903" in html  # valid accuracy and AUC from the metrics
+    assert 'name="viewport"' in html
+    assert "Content-Security-Policy" in r.headers
+
+
+def test_index_without_metrics(tmp_path):
+    ckpt = make_checkpoint(tmp_path, metrics=None, threshold=None)
+    r = create_app({"TESTING": True, "MODEL_CHECKPOINT": str(ckpt)}).test_client().get("/")
+    assert r.status_code == 200 and "accuracy" not in r.get_data(as_text=True)
+
+
+@pytest.mark.parametrize("path", ["/static/app.js", "/static/style.css"])
+def test_static_files(client, path):
+    with client.get(path) as r:  # closes the file send_file opened
+        assert r.status_code == 200 and len(r.data) > 100
+
+
+def test_health(client):
+    r = client.get("/api/health")
+    assert r.status_code == 200
+    assert r.json["status"] == "ok"
+    assert r.json["model"] == "lenet"
+    assert r.json["input_size"] == 64
+    assert r.json["threshold"] == 0.5
+    assert r.json["valid_accuracy"] == METRICS["valid"]["accuracy"]
+
+
+# --- predict: good input ---
+
+def test_predict_one(client):
+    r = post(client, [("face.jpg", good_jpeg())])
+    assert r.status_code == 200
+    assert r.json["model"] == "lenet"
+    [res] = r.json["results"]
+    assert set(res) == {"filename", "label", "p_fake", "p_real", "threshold"}
+    assert res["filename"] == "face.jpg"
+    assert 0 <= res["p_fake"] <= 1 and res["p_fake"] + res["p_real"] == pytest.approx(1)
+    assert res["label"] == ("fake" if res["p_fake"] >= res["threshold"] else "real")
+
+
+@pytest.mark.parametrize("name", sorted(VALID_IMAGES))
+def test_predict_formats_and_modes(client, name):
+    r = post(client, [(name, VALID_IMAGES[name]())])
+    assert r.status_code == 200, r.json
+    assert r.json["results"][0]["label"] in ("fake", "real")
+
+
+def test_predict_several_files_in_order(client):
+    files = [(f"f{i}.png", VALID_IMAGES[n]()) for i, n in enumerate(["rgb.png", "gray.png", "cmyk.jpg"])]
+    r = post(client, files)
+    assert r.status_code == 200
+    assert [x["filename"] for x in r.json["results"]] == ["f0.png", "f1.png", "f2.png"]
+
+
+@pytest.mark.parametrize("query, form", [("?gradcam=1", {}), ("", {"gradcam": "1"}), ("?gradcam=true", {})])
+def test_predict_gradcam(client, query, form):
+    r = post(client, [("face.jpg", good_jpeg())], query, **form)
+    assert r.status_code == 200
+    png = base64.b64decode(r.json["results"][0]["gradcam_png"])
+    img = Image.open(io.BytesIO(png))
+    assert img.format == "PNG" and img.size == (256, 256)  # drawn at >= 256 px for a 64 px model
+
+
+def test_predict_without_gradcam_has_no_png(client):
+    assert "gradcam_png" not in post(client, [("a.jpg", good_jpeg())], "?gradcam=0").json["results"][0]
+
+
+def test_threshold_decides_label(tmp_path):
+    for threshold, label in [(0.0, "fake"), (1.0 + 1e-9, "real")]:
+        ckpt = make_checkpoint(tmp_path / str(threshold), threshold=threshold)
+        client = create_app({"TESTING": True, "MODEL_CHECKPOINT": str(ckpt)}).test_client()
+        res = post(client, [("a.jpg", good_jpeg())]).json["results"][0]
+        assert res["label"] == label and res["threshold"] == threshold
+
+
+@pytest.mark.parametrize("raw, shown", [
+    ("../../etc/passwd.jpg", "passwd.jpg"),
+    ("/abs/path/x.jpg", "x.jpg"),
+    ("..", "upload"),
+    ("<script>alert(1)</script>.jpg", "script>.jpg"),  # after the last '/': text only, shown via textContent
+])
+def test_filename_is_sanitized_basename(client, raw, shown):
+    r = post(client, [(raw, good_jpeg())])
+    assert r.status_code == 200 and r.json["results"][0]["filename"] == shown
+
+
+@pytest.mark.parametrize("raw, shown", [
+    # Werkzeug's test client cannot send these raw, so the helper is tested directly.
+    ("C:\\Users\\me\\face.png", "face.png"),
+    ("a\x00b\n.jpg", "ab.jpg"),
+    ("", "upload"),
+    (None, "upload"),
+    ("x" * 300 + ".jpg", "x" * 200),
+])
+def test_safe_name(raw, shown):
+    assert safe_name(raw) == shown
+
+
+# --- predict: bad input ---
+
+@pytest.mark.parametrize("name", sorted(BAD_IMAGES))
+def test_bad_image_is_422_json(client, name):
+    r = post(client, [(name, BAD_IMAGES[name]())])
+    assert r.status_code == 422
+    assert r.is_json and name in r.json["error"]
+    assert r.json["results"][0]["filename"] == name and "label" not in r.json["results"][0]
+
+
+def test_bomb_messages_are_clear(client):
+    assert "too large" in post(client, [("b.png", BAD_IMAGES["bomb.png"]())]).json["error"]
+    assert "too large" in post(client, [("w.png", BAD_IMAGES["warnbomb.png"]())]).json["error"]
+    assert "empty file" in post(client, [("e.jpg", b"")]).json["error"]
+
+
+def test_one_bad_file_among_good_ones_is_200_with_error_entry(client):
+    r = post(client, [("a.jpg", good_jpeg()), ("b.txt", b"nope"), ("c.png", VALID_IMAGES["rgba.png"]())])
+    assert r.status_code == 200
+    a, b, c = r.json["results"]
+    assert a["label"] and c["label"]
+    assert "error" in b and "label" not in b and b["filename"] == "b.txt"
+
+
+def test_all_bad_files_is_422(client):
+    r = post(client, [("a.txt", b"x"), ("b.jpg", good_jpeg()[:900])])
+    assert r.status_code == 422
+    assert "none of the 2 files" in r.json["error"]
+
+
+def test_upload_over_limit_is_413_json(client):
+    big = b"\xff\xd8" + b"\0" * (10 * 1024 * 1024 + 10)
+    r = post(client, [("big.jpg", big)])
+    # The test client spooled the body to a temp file the app rightly never read: close it.
+    r.request.environ["wsgi.input"].close()
+    assert r.status_code == 413
+    assert r.is_json and "10 MB" in r.json["error"]
+
+
+def test_upload_limit_is_configurable(checkpoint):
+    config = {"TESTING": True, "MODEL_CHECKPOINT": str(checkpoint), "MAX_CONTENT_LENGTH": 60_000}
+    client = create_app(config).test_client()
+    assert post(client, [("a.png", VALID_IMAGES["rgb.png"]())]).status_code == 413
+    assert post(client, [("a.jpg", good_jpeg())]).status_code == 200
+
+
+def test_wrong_field_name_is_400(client):
+    r = client.post("/api/predict", data={"file": (io.BytesIO(good_jpeg()), "a.jpg")})
+    assert r.status_code == 400
+    assert "'image'" in r.json["error"] and "file" in r.json["error"]
+
+
+def test_no_multipart_is_400(client):
+    for r in [client.post("/api/predict"), client.post("/api/predict", json={"image": "x"})]:
+        assert r.status_code == 400 and "'image'" in r.json["error"]
+
+
+def test_empty_file_field_is_400(client):
+    r = client.post("/api/predict", data={"image": (io.BytesIO(b""), "")})  # a form submitted with no file chosen
+    assert r.status_code == 400 and "no file selected" in r.json["error"]
+
+
+def test_too_many_files_is_400(app, client):
+    n = app.config["MAX_FILES"] + 1
+    r = post(client, [(f"{i}.jpg", b"x") for i in range(n)])
+    assert r.status_code == 400 and "too many files" in r.json["error"]
+
+
+@pytest.mark.parametrize("method, path, code", [
+    ("get", "/api/predict", 405), ("post", "/api/health", 405), ("get", "/api/nope", 404)])
+def test_api_http_errors_are_json(client, method, path, code):
+    r = getattr(client, method)(path)
+    assert r.status_code == code and r.is_json and r.json["error"]
+
+
+def test_non_api_404_stays_html(client):
+    r = client.get("/nope")
+    assert r.status_code == 404 and not r.is_json
+
+
+def test_unexpected_error_is_json_500(checkpoint, monkeypatch):
+    app = create_app({"MODEL_CHECKPOINT": str(checkpoint)})  # not TESTING: errors are handled, not raised
+    monkeypatch.setattr(app.extensions["rvf"], "predict_sources", lambda *a, **k: 1 / 0)
+    r = post(app.test_client(), [("a.jpg", good_jpeg())])
+    assert r.status_code == 500 and r.is_json and "error" in r.json
