@@ -1,0 +1,229 @@
+"""Tests for the model factory: every registered model, the timm: path and weights files."""
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+from torch import nn
+
+from rvf.models import _registry, create_model, get_cam_layer, is_model, list_models, register_model
+
+MODEL_NAMES = list_models()
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+def _cam_output_shape(model: nn.Module, x: torch.Tensor) -> tuple[torch.Size, torch.Tensor]:
+    """Run `model(x)` and return the shape of the Grad-CAM layer's output and the logits."""
+    shapes = []
+    handle = get_cam_layer(model).register_forward_hook(lambda mod, inp, out: shapes.append(out.shape))
+    try:
+        y = model(x)
+    finally:
+        handle.remove()
+    return shapes[-1], y
+
+
+def test_registry_lists_the_seven_models():
+    assert MODEL_NAMES == ["alexnet", "alexnet_bn", "inception_v1", "lenet", "resnet50", "vgg16", "vgg16_bn"]
+    assert list_models("vgg*") == ["vgg16", "vgg16_bn"]
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
+@torch.no_grad()
+def test_model_forward_any_size(name):
+    model = create_model(name).eval()
+    for size in (32, 64, 256):
+        cam_shape, y = _cam_output_shape(model, torch.randn(2, 3, size, size))
+        assert y.shape == (2, model.num_classes) == (2, 2)
+        assert torch.isfinite(y).all()
+        assert len(cam_shape) == 4 and cam_shape[0] == 2, f"Grad-CAM layer output {cam_shape} at {size}px"
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_model_backward(name):
+    model = create_model(name, num_classes=3).train()
+    y = model(torch.randn(2, 3, 64, 64))
+    assert y.shape == (2, 3)
+    F.cross_entropy(y, torch.tensor([0, 2])).backward()
+    grads = {n: p.grad for n, p in model.named_parameters()}
+    assert all(g is not None and torch.isfinite(g).all() for g in grads.values())
+    assert grads["fc.weight"].abs().sum() > 0
+    first_conv = next(g for n, g in grads.items() if g.dim() == 4)
+    assert first_conv.abs().sum() > 0, "no gradient reaches the first convolution"
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
+@torch.no_grad()
+def test_model_interface(name):
+    model = create_model(name, in_chans=1, drop_rate=0.1).eval()
+    cfg = model.pretrained_cfg
+    assert model.default_cfg is cfg
+    assert cfg["input_size"] == (3, 64, 64) and cfg["mean"] == cfg["std"] == (0.5, 0.5, 0.5)
+    assert cfg["architecture"] == name
+    assert model.get_classifier() is model.get_submodule(cfg["classifier"])
+
+    x = torch.randn(2, 1, 64, 64)
+    features = model.forward_features(x)
+    assert features.dim() == 4 and features.shape[1] == model.num_features
+    assert model.forward_head(features, pre_logits=True).shape == (2, model.head_hidden_size)
+    assert torch.equal(model.forward_head(features), model(x))
+
+    model.reset_classifier(5)
+    assert model.num_classes == 5 and model(x).shape == (2, 5)
+    model.reset_classifier(0)
+    assert model(x).shape == (2, model.head_hidden_size)
+
+
+def test_inception_aux_logits():
+    model = create_model("inception_v1", aux_logits=True).train()
+    outputs = model(torch.randn(2, 3, 64, 64))
+    assert [o.shape for o in outputs] == [(2, 2)] * 3
+    assert model.eval()(torch.randn(2, 3, 64, 64)).shape == (2, 2)
+
+
+def test_none_kwargs_are_dropped():
+    model = create_model("lenet", drop_rate=None, in_chans=None)
+    assert model.head_drop.p == 0.0 and model.features[0].in_channels == 3
+
+
+def test_unknown_name_lists_valid_names():
+    with pytest.raises(ValueError, match="Unknown model 'vgg17'") as e:
+        create_model("vgg17")
+    for name in MODEL_NAMES:
+        assert name in str(e.value)
+    assert "timm:" in str(e.value)
+
+
+def test_timm_name_without_prefix_suggests_prefix():
+    with pytest.raises(ValueError, match="timm:efficientnet_b0"):
+        create_model("efficientnet_b0")
+
+
+def test_is_model():
+    assert is_model("lenet") and is_model("timm:resnet18") and is_model("timm:resnet18.a1_in1k")
+    assert not is_model("resnet18") and not is_model("timm:lenet") and not is_model("nope")
+
+
+def test_register_model_warns_on_overwrite(monkeypatch):
+    monkeypatch.setattr(_registry, "_model_entrypoints", dict(_registry._model_entrypoints))
+
+    def tiny_test_model(pretrained=False, num_classes=2, **kwargs):
+        return nn.Linear(4, num_classes)
+
+    register_model(tiny_test_model)
+    assert "tiny_test_model" in list_models() and create_model("tiny_test_model", num_classes=3).out_features == 3
+    with pytest.warns(UserWarning, match="Overwriting tiny_test_model"):
+        register_model(tiny_test_model)
+
+
+@pytest.mark.parametrize("name, kwargs", [("lenet", {}), ("inception_v1", {"aux_logits": True})])
+def test_scratch_pretrained_file(tmp_path, name, kwargs):
+    src = create_model(name, num_classes=3, **kwargs)
+    path = tmp_path / "weights.safetensors"
+    save_file(src.state_dict(), str(path))
+
+    same = create_model(name, num_classes=3, pretrained_file=path, **kwargs)
+    for k, v in src.state_dict().items():
+        assert torch.equal(same.state_dict()[k], v), k
+
+    other = create_model(name, num_classes=2, pretrained_file=path, **kwargs)
+    assert other.get_classifier().out_features == 2
+    classifiers = other.pretrained_cfg["classifier"]
+    classifiers = (classifiers,) if isinstance(classifiers, str) else classifiers
+    for k, v in src.state_dict().items():
+        if not any(k.startswith(c + ".") for c in classifiers):
+            assert torch.equal(other.state_dict()[k], v), k
+
+
+def test_scratch_pretrained_torch_file(tmp_path):
+    src = create_model("lenet")
+    path = tmp_path / "weights.pth"
+    torch.save(src.state_dict(), path)
+    model = create_model("lenet", pretrained_file=path)
+    assert torch.equal(model.features[0].weight, src.features[0].weight)
+
+
+def test_scratch_pretrained_file_must_match_backbone(tmp_path):
+    path = tmp_path / "weights.safetensors"
+    save_file(create_model("lenet").state_dict(), str(path))
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        create_model("lenet", in_chans=1, pretrained_file=path)
+
+
+def test_scratch_pretrained_needs_a_file(tmp_path):
+    with pytest.raises(RuntimeError, match="pretrained_file"):
+        create_model("vgg16", pretrained=True)
+    with pytest.raises(FileNotFoundError):
+        create_model("lenet", pretrained_file=tmp_path / "missing.safetensors")
+
+
+@torch.no_grad()
+def test_timm_model():
+    model = create_model("timm:resnet18", num_classes=3).eval()
+    assert model.num_classes == 3
+    assert model(torch.randn(2, 3, 64, 64)).shape == (2, 3)
+    assert "input_size" in model.pretrained_cfg
+
+
+def test_timm_pretrained_file(tmp_path):
+    src = create_model("timm:test_resnet", num_classes=1000)
+    path = tmp_path / "test_resnet.safetensors"
+    save_file(src.state_dict(), str(path))
+
+    model = create_model("timm:test_resnet", num_classes=2, pretrained_file=path)
+    assert model.get_classifier().out_features == 2
+    loaded = model.state_dict()
+    for k, v in src.state_dict().items():
+        if not k.startswith("fc."):
+            assert torch.equal(loaded[k], v), k
+
+
+def test_timm_unknown_name():
+    with pytest.raises(ValueError, match="Unknown timm model 'resnet_18'.*timm:resnet18"):
+        create_model("timm:resnet_18")
+
+
+def test_timm_download_failure_suggests_pretrained_file(monkeypatch):
+    def offline(*args, **kwargs):
+        raise OSError("Name or service not known")
+
+    monkeypatch.setattr(timm, "create_model", offline)
+    with pytest.raises(RuntimeError, match="pretrained_file=") as e:
+        create_model("timm:resnet18", pretrained=True)
+    assert isinstance(e.value.__cause__, OSError)
+
+
+@pytest.mark.parametrize("name, module", [
+    ("resnet18", "layer4"), ("efficientnet_b0", "blocks.6"), ("convnext_nano", "stages.3"), ("test_resnet", "layer4"),
+])
+@torch.no_grad()
+def test_timm_cam_layer(name, module):
+    model = create_model(f"timm:{name}").eval()
+    assert get_cam_layer(model) is model.get_submodule(module)
+    cam_shape, _ = _cam_output_shape(model, torch.randn(1, 3, 64, 64))
+    assert len(cam_shape) == 4
+
+
+def test_cam_layer_fallback_without_feature_info():
+    model = create_model("timm:test_resnet")
+    del model.feature_info
+    assert get_cam_layer(model) is model.layer4
+
+    class Tiny(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem = nn.Conv2d(3, 4, 3)
+            self.body = nn.Sequential(nn.Conv2d(4, 8, 3), nn.ReLU(inplace=True))
+
+        def forward_features(self, x):
+            return self.body(self.stem(x))
+
+    tiny = Tiny()
+    assert get_cam_layer(tiny) is tiny.body  # the outermost module that outputs the features
+    with pytest.raises(ValueError, match="forward_features"):
+        get_cam_layer(nn.Linear(2, 2))
