@@ -1,4 +1,4 @@
-"""Train a real-vs-fake face detector on rvf10k with one Accelerate loop.
+r"""Train a real-vs-fake face detector on rvf10k with one Accelerate loop.
 
     # the seed's LeNet recipe on a local copy of rvf10k, on whatever this machine has
     accelerate launch scripts/train.py --config configs/lenet.yaml --data-dir ~/data/rvf10k
@@ -39,11 +39,11 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser.add_argument("--data-dir", help="rvf10k root (Kaggle layout or ROOT/{train,valid}/{real,fake}); "
                                            "default: download from Kaggle")
     parser.add_argument("--output-dir", help="where checkpoints and reports go (default runs/<model>)")
-    parser.add_argument("--epochs", type=int)
+    parser.add_argument("--epochs", type=int, help="number of epochs (with --resume: the new total)")
     parser.add_argument("--batch-size", type=int, help="per process")
-    parser.add_argument("--lr", type=float)
+    parser.add_argument("--lr", type=float, help="peak learning rate")
     parser.add_argument("--image-size", type=int, help="default: the model's declared input size")
-    parser.add_argument("--seed", type=int)
+    parser.add_argument("--seed", type=int, help="seeds weights, holdout split, shuffling and augmentation")
     parser.add_argument("--tracker", choices=["wandb", "tensorboard", "none"],
                         help="default wandb (offline when no API key is set)")
     parser.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"],
@@ -53,7 +53,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser.add_argument("--overwrite", action="store_true", help="replace a run already in the output dir")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override any config key (repeatable), e.g. --set hflip=0.5 --set crop_scale=[0.8,1]")
-    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config (every key, with its value) and exit")
     return parser
 
 
