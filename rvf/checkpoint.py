@@ -4,17 +4,24 @@ The JSON holds everything needed to rebuild and use the model without the traini
 config or any pickle: `create_model(meta["model_name"], **meta["model_args"])`, the input
 size, mean, std and interpolation, the class names, the decision threshold and the metrics.
 (Accelerate's `save_state` folders are the other artifact: they exist only to resume.)
+
+Pickled weights (`.pt`, `.pth`, `.ckpt`, `.bin`, `.pkl`) are refused unless the caller passes
+`allow_pickle=True` (`--allow-pickle` in the scripts), and even then are read with
+`torch.load(weights_only=True)`, which rebuilds tensors and plain containers only.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
+import uuid
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from rvf.data.transforms import DataConfig
 from rvf.utils import atomic_path, atomic_write_text
@@ -33,8 +40,10 @@ class CheckpointError(ValueError):
 def save_pretrained(directory: str | os.PathLike, model: torch.nn.Module, meta: dict[str, Any]) -> Path:
     """Write `model.safetensors` and `model.json` atomically into `directory`.
 
-    The weights are written first and the JSON last, each by rename, so a reader that finds
-    a JSON always finds the weights it describes.
+    The weights are written first and the JSON last, each by rename. Both carry one random
+    save id (`weights_id` in the JSON): two renames are not one atomic step, and a kill between
+    them would otherwise pair new weights with the old JSON (and its threshold) unnoticed;
+    `load_pretrained` refuses such a pair.
 
     Args:
         directory: output folder.
@@ -46,8 +55,10 @@ def save_pretrained(directory: str | os.PathLike, model: torch.nn.Module, meta: 
             raise ValueError(f"checkpoint meta lacks {key!r}")
     directory = Path(directory)
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    save_id = uuid.uuid4().hex
     with atomic_path(directory / WEIGHTS_NAME) as tmp:
-        save_file(state, str(tmp), metadata={"format": "pt", "model_name": meta["model_name"]})
+        save_file(state, str(tmp), metadata={"format": "pt", "model_name": meta["model_name"], "save_id": save_id})
+    meta = {**meta, "weights_id": save_id}
     atomic_write_text(directory / META_NAME, json.dumps(meta, indent=2, default=_jsonable))
     return directory
 
@@ -62,18 +73,14 @@ def _jsonable(o):
     raise TypeError(f"{type(o).__name__} is not JSON serialisable")
 
 
-def read_meta(directory: str | os.PathLike) -> dict:
-    """Read and check `model.json` of a checkpoint folder."""
+def read_meta(directory: str | os.PathLike, allow_pickle: bool = False) -> dict:
+    """Read and check `model.json` of a checkpoint folder (and that its weights file is there)."""
     directory = Path(directory)
     meta_path = directory / META_NAME
     if not directory.is_dir():
         raise CheckpointError(f"checkpoint folder {directory} does not exist")
-    if not meta_path.is_file() or not (directory / WEIGHTS_NAME).is_file():
-        pickles = sorted(p.name for p in directory.iterdir() if p.suffix in PICKLE_SUFFIXES)
-        hint = (f" It holds pickle file(s) {pickles}: rvf loads only safetensors + JSON, because "
-                f"unpickling can run arbitrary code." if pickles else "")
-        raise CheckpointError(f"{directory} is not an rvf checkpoint: expected {WEIGHTS_NAME} and {META_NAME} "
-                              f"(written by scripts/train.py).{hint}")
+    if not meta_path.is_file() or _weights_path(directory, allow_pickle) is None:
+        raise CheckpointError(_not_a_checkpoint(directory, allow_pickle))
     try:
         meta = json.loads(meta_path.read_text())
     except json.JSONDecodeError as e:
@@ -84,32 +91,96 @@ def read_meta(directory: str | os.PathLike) -> dict:
     return meta
 
 
-def load_pretrained(directory: str | os.PathLike, device: str | torch.device = "cpu"):
-    """Rebuild a model from a checkpoint folder, without unpickling anything.
+def _pickles(directory: Path) -> list[Path]:
+    return sorted(p for p in directory.iterdir() if p.suffix in PICKLE_SUFFIXES and p.is_file())
+
+
+def _weights_path(directory: Path, allow_pickle: bool) -> Path | None:
+    """Return `model.safetensors`, else (only with `allow_pickle`) the folder's one pickle file."""
+    if (directory / WEIGHTS_NAME).is_file():
+        return directory / WEIGHTS_NAME
+    pickles = _pickles(directory) if allow_pickle else []
+    return pickles[0] if len(pickles) == 1 else None
+
+
+def _not_a_checkpoint(directory: Path, allow_pickle: bool) -> str:
+    names = [p.name for p in _pickles(directory)]
+    if not names:
+        hint = ""
+    elif not allow_pickle:
+        hint = (f" It holds pickle file(s) {names}: rvf loads only safetensors + JSON, because unpickling can "
+                f"run arbitrary code; to load a state dict from one with torch.load(weights_only=True), pass "
+                f"--allow-pickle to scripts/predict.py or scripts/app.py (allow_pickle=True in Python).")
+    elif len(names) > 1:
+        hint = f" It holds several pickle files {names}: keep only the one to load."
+    else:
+        hint = f" It holds {names} but no {META_NAME}, which names the model to build for those weights."
+    return (f"{directory} is not an rvf checkpoint: expected {WEIGHTS_NAME} and {META_NAME} "
+            f"(written by scripts/train.py).{hint}")
+
+
+def load_pretrained(directory: str | os.PathLike, device: str | torch.device = "cpu", allow_pickle: bool = False):
+    """Rebuild a model from a checkpoint folder, without unpickling anything by default.
+
+    Args:
+        directory: folder with `model.json` and `model.safetensors`.
+        device: where to put the model.
+        allow_pickle: when the folder has no `model.safetensors`, read the state dict from its
+            one `.pt`/`.pth`/`.ckpt`/`.bin`/`.pkl` file with `torch.load(weights_only=True)`.
+            Off by default: unpickling a file from an unknown source can run code, and
+            `weights_only=True` (which refuses anything but tensors and plain containers)
+            is then the only guard.
 
     Returns:
         (model in eval mode on `device`, meta dict, `DataConfig`).
 
     Raises:
-        CheckpointError: naming the file, for a missing/invalid checkpoint, an unknown model
-            name or weights whose shapes do not match the model.
+        CheckpointError: naming the file, for a missing/invalid checkpoint, a pickle without
+            `allow_pickle`, weights and JSON from different saves, an unknown model name or
+            weights whose shapes do not match the model.
     """
     from rvf.models import create_model
 
     directory = Path(directory)
-    meta = read_meta(directory)
+    meta = read_meta(directory, allow_pickle)
+    weights = _weights_path(directory, allow_pickle)
     try:
         model = create_model(meta["model_name"], **meta["model_args"])
     except (ValueError, RuntimeError, TypeError) as e:
         raise CheckpointError(f"{directory / META_NAME}: cannot build model {meta['model_name']!r}: {e}") from e
-    try:
-        state = load_file(str(directory / WEIGHTS_NAME), device="cpu")
-    except Exception as e:  # safetensors raises its own error types for corrupt headers
-        raise CheckpointError(f"{directory / WEIGHTS_NAME} is not a valid safetensors file: {e}") from e
+    state = _read_safetensors(weights, meta) if weights.name == WEIGHTS_NAME else _read_pickle(weights)
     try:
         model.load_state_dict(state, strict=True)
-    except RuntimeError as e:
-        raise CheckpointError(f"{directory / WEIGHTS_NAME} does not match model {meta['model_name']!r}: "
-                              f"{str(e).splitlines()[0]} ...") from e
+    except RuntimeError as e:  # torch's first line only says "Error(s) in loading state_dict"
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        detail = (lines[1] if len(lines) > 1 else lines[0])[:300]
+        raise CheckpointError(f"{weights} does not match model {meta['model_name']!r} "
+                              f"(model_args {meta['model_args']}): {detail}") from e
     model.to(device).eval()
     return model, meta, DataConfig.from_dict(meta["data_config"])
+
+
+def _read_safetensors(path: Path, meta: dict) -> dict[str, torch.Tensor]:
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            save_id = (f.metadata() or {}).get("save_id")
+            state = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # safetensors raises its own error types for corrupt headers
+        raise CheckpointError(f"{path} is not a valid safetensors file: {e}") from e
+    if meta.get("weights_id") is not None and save_id != meta["weights_id"]:
+        raise CheckpointError(f"{path} and {META_NAME} are from different saves (a save was interrupted between "
+                              f"the two files): retrain, or --resume the run that wrote them")
+    return state
+
+
+def _read_pickle(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # weights_only refuses any global outside torch's allow-list
+        found = re.search(r"GLOBAL ([\w.]+)", str(e))  # torch names the global it would not import
+        detail = (f"it refers to {found.group(1)}, which weights_only=True does not allow" if found
+                  else (str(e).strip().splitlines() or [type(e).__name__])[0])
+        raise CheckpointError(f"{path}: cannot load it with torch.load(weights_only=True): {detail}") from e
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{path} does not hold a state dict (parameter name -> tensor)")
+    return state

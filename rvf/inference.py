@@ -139,10 +139,15 @@ class Predictor:
         self._lock = threading.Lock()
 
     @classmethod
-    def from_checkpoint(cls, directory: str | os.PathLike, device: str | torch.device = "cpu") -> "Predictor":
-        """Load `model.safetensors` + `model.json` (raises `CheckpointError` naming the file)."""
+    def from_checkpoint(cls, directory: str | os.PathLike, device: str | torch.device = "cpu",
+                        allow_pickle: bool = False) -> "Predictor":
+        """Load `model.safetensors` + `model.json` (raises `CheckpointError` naming the file).
+
+        `allow_pickle` also accepts a `.pt`/`.pth`/... state dict, read with
+        `torch.load(weights_only=True)` (see `rvf.checkpoint.load_pretrained`).
+        """
         device = resolve_device(device)
-        model, meta, data_cfg = load_pretrained(directory, device)
+        model, meta, data_cfg = load_pretrained(directory, device, allow_pickle=allow_pickle)
         return cls(model, meta, data_cfg, device)
 
     # --- facts for the UI and the health check ---

@@ -26,6 +26,10 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser.add_argument("--max-upload-mb", type=float, default=10.0, help="request size limit (default: 10)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch intra-op threads (default: torch's, all cores; 1 is best on shared cores)")
+    parser.add_argument("--allow-pickle", action="store_true",
+                        help="load weights from a .pt/.pth/.ckpt/.bin state dict when the folder has no "
+                             "model.safetensors (read with torch.load(weights_only=True)); off by default "
+                             "because unpickling a file can run code")
     return parser
 
 
@@ -39,6 +43,7 @@ def main(args) -> int:
             "DEVICE": args.device,
             "MAX_CONTENT_LENGTH": int(args.max_upload_mb * 1024 * 1024),
             "TORCH_THREADS": args.threads,
+            "ALLOW_PICKLE": args.allow_pickle,
         })
     except (CheckpointError, RuntimeError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -31,6 +31,10 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser.add_argument("--gradcam-dir", default=None, help="also write a Grad-CAM overlay PNG per image here")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--device", default="auto", help="cpu, cuda or auto (default: auto)")
+    parser.add_argument("--allow-pickle", action="store_true",
+                        help="load weights from a .pt/.pth/.ckpt/.bin state dict when the folder has no "
+                             "model.safetensors (read with torch.load(weights_only=True)); off by default "
+                             "because unpickling a file can run code")
     return parser
 
 
@@ -46,7 +50,7 @@ def main(args) -> int:
         return 2
     try:
         files = find_images(args.paths)
-        predictor = Predictor.from_checkpoint(args.checkpoint, device=args.device)
+        predictor = Predictor.from_checkpoint(args.checkpoint, device=args.device, allow_pickle=args.allow_pickle)
     except (CheckpointError, FileNotFoundError, ValueError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -38,6 +38,7 @@ def create_app(test_config: dict | None = None) -> Flask:
     app.config.from_mapping(
         MODEL_CHECKPOINT=os.environ.get("RVF_CHECKPOINT"),  # folder with model.safetensors + model.json
         DEVICE=os.environ.get("RVF_DEVICE", "cpu"),  # cpu, cuda or auto
+        ALLOW_PICKLE=False,  # True: also load a .pt/.pth state dict, with torch.load(weights_only=True)
         MAX_CONTENT_LENGTH=10 * 1024 * 1024,  # whole request, bytes; larger uploads get a 413
         MAX_FILES=32,  # images per request
         BATCH_SIZE=16,  # images per forward pass
@@ -69,4 +70,5 @@ def init_predictor(app: Flask) -> None:
         torch.set_num_threads(int(app.config["TORCH_THREADS"]))
     # Uploads are untrusted: an image between Pillow's warning and error limits is refused too.
     refuse_decompression_bombs()
-    app.extensions["rvf"] = Predictor.from_checkpoint(checkpoint, device=app.config["DEVICE"])
+    app.extensions["rvf"] = Predictor.from_checkpoint(checkpoint, device=app.config["DEVICE"],
+                                                      allow_pickle=bool(app.config["ALLOW_PICKLE"]))
