@@ -1,0 +1,297 @@
+"""Benchmark rvf's training path against the plain loop, on the same data, model and steps.
+
+    python scripts/benchmark.py --data-dir ROOT --model lenet
+    python scripts/benchmark.py --data-dir ROOT --model alexnet --repeats 2 --scaling 0
+    python scripts/benchmark.py --synthetic 7000 --model lenet --device cuda   # no data needed
+
+Times, in one process and one run (so machine noise hits both alike):
+1. baseline: the seed's loop: torchvision ImageFolder + Resize + ToTensor, DataLoader with
+   num_workers = cores, fp32, decode every image every epoch;
+2. rvf: the decode-once uint8 cache (memory-mapped), augmentation and normalisation on the
+   device, no per-step host sync.
+For each: training images/s (median of --repeats epochs after a warm-up epoch), data-only
+images/s, the ratio, the one-time cache build, a projected 20-epoch run (cache build
+included), peak RSS, inference throughput and single-image latency, and how rvf's epoch
+time scales with dataset size (least-squares fit). Writes JSON and a Markdown table.
+"""
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, add_help=add_help,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data-dir", type=Path, help="rvf10k root (either layout)")
+    parser.add_argument("--synthetic", type=int, default=0, metavar="N",
+                        help="use N random 256px images instead of --data-dir (e.g. on a machine without the data)")
+    parser.add_argument("--model", default="lenet")
+    parser.add_argument("--image-size", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=3, help="timed epochs per variant (median reported)")
+    parser.add_argument("--max-steps", type=int, default=0, help="cap steps per epoch (0: full epoch)")
+    parser.add_argument("--scaling", type=int, default=1, help="1: also time rvf epochs at 1/7, 1/2 and all of train")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--mixed-precision", default="no", choices=["no", "bf16"], help="rvf path only")
+    parser.add_argument("--channels-last", action="store_true", help="rvf path only")
+    parser.add_argument("--skip-baseline", action="store_true")
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    return parser
+
+
+class PeakRSS:
+    """Sample the RSS of this process and its children (DataLoader workers) in a thread."""
+
+    def __init__(self, interval: float = 0.05):
+        import psutil
+
+        self.proc, self.interval, self.peak = psutil.Process(), interval, 0
+        self._stop = threading.Event()
+
+    def _total(self) -> int:
+        total = self.proc.memory_info().rss
+        for c in self.proc.children(recursive=True):
+            try:
+                total += c.memory_info().rss
+            except Exception:  # a worker that just exited
+                pass
+        return total
+
+    def __enter__(self):
+        self.peak = self._total()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self):
+        while not self._stop.wait(self.interval):
+            self.peak = max(self.peak, self._total())
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+
+def _synthetic_folder(root: Path, n: int) -> Path:
+    """Write n random 256px JPEGs into root/train/{fake,real} (for machines without rvf10k)."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        d = root / "train" / ("fake", "real")[i % 2]
+        d.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (256, 256, 3), dtype=np.uint8)).save(d / f"{i:05d}.jpg", quality=90)
+    return root
+
+
+def time_epochs(step_fn, loader, repeats: int, max_steps: int) -> tuple[float, int]:
+    """Run one warm-up epoch, then `repeats` timed ones; return (median seconds, images/epoch)."""
+    times, n_img = [], 0
+    for r in range(repeats + 1):
+        n = 0
+        t0 = time.perf_counter()
+        for i, (x, y) in enumerate(loader):
+            if max_steps and i >= max_steps:
+                break
+            step_fn(x, y)
+            n += len(y)
+        step_fn.sync()
+        if r > 0:
+            times.append(time.perf_counter() - t0)
+        n_img = n
+    return statistics.median(times), n_img
+
+
+class Step:
+    """One optimizer step of the model on a batch; `data_only` just touches the batch."""
+
+    def __init__(self, model, transform, device, data_only=False, autocast_dtype=None, channels_last=False):
+        import torch
+
+        self.torch, self.model, self.transform, self.device = torch, model, transform, device
+        self.data_only, self.autocast_dtype, self.channels_last = data_only, autocast_dtype, channels_last
+        self.opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+        self.loss_fn = torch.nn.CrossEntropyLoss()
+        self.acc = torch.zeros((), device=device)
+
+    def __call__(self, x, y):
+        torch = self.torch
+        x = x.to(self.device, non_blocking=True)
+        y = y.to(self.device, non_blocking=True)
+        x = self.transform(x)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        if self.data_only:
+            self.acc += x.float().mean()
+            return
+        with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
+            loss = self.loss_fn(self.model(x), y)
+        loss.backward()
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        self.acc += loss.detach()
+
+    def sync(self):
+        self.acc.item()  # one host sync per epoch: the device has finished the epoch's work
+
+
+def main(args) -> int:
+    import numpy as np
+    import torch
+    import torchvision
+    from torch.utils.data import DataLoader
+    from torchvision import transforms as T
+
+    from rvf.data import RVF10K, build_cache, build_train_transform, collate_batch, load_image, resolve_data_config
+    from rvf.data.transforms import build_eval_transform
+    from rvf.models import create_model
+    from rvf.utils import device_name
+
+    device = torch.device(args.device)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    tmp = Path(tempfile.mkdtemp(prefix="rvf-bench-"))
+    data_dir = args.data_dir or _synthetic_folder(tmp / "data", args.synthetic)
+    if not args.data_dir and not args.synthetic:
+        print("error: pass --data-dir ROOT or --synthetic N", file=sys.stderr)
+        return 2
+    train = RVF10K(data_dir, "train")
+    split_dir = Path(train.samples[0][0]).parents[1]  # ROOT[/rvf10k]/train, for ImageFolder
+    res = {"model": args.model, "image_size": args.image_size, "batch_size": args.batch_size, "device": device_name(device),
+           "cores": cores, "torch": torch.__version__, "images": len(train), "data": str(data_dir),
+           "command": "python " + " ".join([sys.argv[0], *sys.argv[1:]])}
+
+    def fresh_model():
+        torch.manual_seed(0)
+        return create_model(args.model).to(device)
+
+    def report(key, seconds, n):
+        res[key] = {"epoch_seconds": round(seconds, 3), "images_per_second": round(n / seconds, 1), "images": n}
+        print(f"{key:>22}: {seconds:7.2f} s/epoch  {n / seconds:9.1f} img/s", flush=True)
+
+    # 1) baseline: the seed's loop
+    if not args.skip_baseline:
+        tf = T.Compose([T.Resize((args.image_size, args.image_size)), T.ToTensor()])
+        base_ds = torchvision.datasets.ImageFolder(str(split_dir), transform=tf)
+        base_loader = DataLoader(base_ds, batch_size=args.batch_size, shuffle=True, num_workers=cores,
+                                 pin_memory=device.type == "cuda")
+        with PeakRSS() as mem:
+            report("baseline_data_only", *time_epochs(Step(fresh_model(), torch.nn.Identity(), device, data_only=True),
+                                                      base_loader, args.repeats, args.max_steps))
+            report("baseline_train", *time_epochs(Step(fresh_model(), torch.nn.Identity(), device), base_loader,
+                                                  args.repeats, args.max_steps))
+        res["baseline_peak_rss_mb"] = round(mem.peak / 2**20, 1)
+
+    # 2) rvf: decode once (cold, timed), then train from the memory map
+    model = fresh_model()
+    data_cfg = resolve_data_config(model, image_size=args.image_size)
+    t0 = time.perf_counter()
+    cached = build_cache(train.samples, args.image_size, cache_dir=tmp / "cache", name="bench", progress=False)
+    res["cache_build_seconds"] = round(time.perf_counter() - t0, 2)
+    res["cache_mb"] = round(cached.nbytes / 2**20, 1)
+    print(f"{'cache build':>22}: {res['cache_build_seconds']:7.2f} s for {len(cached)} images "
+          f"({res['cache_mb']} MB)", flush=True)
+    train_tf = build_train_transform(data_cfg, hflip=0.5).to(device)
+    autocast = torch.bfloat16 if args.mixed_precision == "bf16" else None
+    rvf_loader = DataLoader(cached, batch_size=args.batch_size, shuffle=True, collate_fn=collate_batch,
+                            pin_memory=device.type == "cuda")
+    with PeakRSS() as mem:
+        report("rvf_data_only", *time_epochs(Step(model, train_tf, device, data_only=True), rvf_loader,
+                                             args.repeats, args.max_steps))
+        report("rvf_train", *time_epochs(Step(fresh_model(), train_tf, device, autocast_dtype=autocast,
+                                              channels_last=args.channels_last), rvf_loader,
+                                         args.repeats, args.max_steps))
+    res["rvf_peak_rss_mb"] = round(mem.peak / 2**20, 1)
+
+    if "baseline_train" in res:
+        b, r = res["baseline_train"]["epoch_seconds"], res["rvf_train"]["epoch_seconds"]
+        res["speedup_epoch"] = round(b / r, 2)
+        res["speedup_data_only"] = round(res["baseline_data_only"]["epoch_seconds"] / res["rvf_data_only"]["epoch_seconds"], 2)
+        res["projected_20_epochs_seconds"] = {"baseline": round(20 * b, 1),
+                                              "rvf_incl_cache_build": round(20 * r + res["cache_build_seconds"], 1)}
+        res["speedup_20_epochs_incl_cache"] = round(20 * b / (20 * r + res["cache_build_seconds"]), 2)
+
+    # 3) inference: throughput over the cache, and one JPEG end to end (decode -> logits)
+    model = fresh_model().eval()
+    eval_tf = build_eval_transform(data_cfg).to(device)
+    with torch.no_grad():
+        x, _ = cached.__getitems__(list(range(min(256, len(cached)))))
+        x = x.to(device)
+        for _ in range(2):
+            model(eval_tf(x))
+        ts = []
+        for _ in range(5):
+            t0 = time.perf_counter()
+            model(eval_tf(x)).float().sum().item()
+            ts.append(time.perf_counter() - t0)
+        res["inference_images_per_second"] = round(len(x) / statistics.median(ts), 1)
+        path = train.samples[0][0]
+        lat = []
+        for _ in range(30):
+            t0 = time.perf_counter()
+            model(eval_tf(load_image(path, data_cfg.image_size, data_cfg.interpolation).to(device))).softmax(1)[0, 0].item()
+            lat.append(time.perf_counter() - t0)
+        res["single_image_latency_ms"] = round(1000 * statistics.median(lat[5:]), 2)
+    print(f"{'inference':>22}: {res['inference_images_per_second']} img/s (batch {len(x)}), "
+          f"single JPEG {res['single_image_latency_ms']} ms", flush=True)
+
+    # 4) scaling: rvf epoch time vs number of images
+    if args.scaling:
+        pts = []
+        for frac in (1 / 7, 1 / 2, 1.0):
+            n = max(args.batch_size, int(len(cached) * frac))
+            part = cached.subset(np.random.default_rng(0).permutation(len(cached))[:n])
+            loader = DataLoader(part, batch_size=args.batch_size, shuffle=True, collate_fn=collate_batch)
+            sec, n_img = time_epochs(Step(fresh_model(), train_tf, device), loader, 2, 0)
+            pts.append((n_img, sec))
+            print(f"{'scaling':>22}: {n_img:6d} images -> {sec:6.2f} s", flush=True)
+        xs, ys = np.array(pts, dtype=float).T
+        slope, intercept = np.polyfit(xs, ys, 1)
+        pred = slope * xs + intercept
+        r2 = 1 - ((ys - pred) ** 2).sum() / max(((ys - ys.mean()) ** 2).sum(), 1e-12)
+        res["scaling"] = {"points": [{"images": int(a), "seconds": round(b, 3)} for a, b in pts],
+                          "fit": f"seconds = {slope * 1000:.4f} ms/img x N + {intercept:.3f} s", "r2": round(float(r2), 5)}
+        print(f"{'scaling fit':>22}: {res['scaling']['fit']}  (R^2 = {res['scaling']['r2']})", flush=True)
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = f"{args.model}-{args.image_size}px-{device.type}"
+    (args.out / f"{stem}.json").write_text(json.dumps(res, indent=2))
+    (args.out / f"{stem}.md").write_text(_markdown(res))
+    print(_markdown(res))
+    return 0
+
+
+def _markdown(r: dict) -> str:
+    rows = [f"**{r['model']} at {r['image_size']}px, batch {r['batch_size']}, on {r['device']}** "
+            f"(torch {r['torch']}, {r['images']} train images)", "",
+            "| path | train img/s | epoch (s) | data-only img/s | peak RSS (MB) |", "|---|---|---|---|---|"]
+    for name in ("baseline", "rvf"):
+        if f"{name}_train" in r:
+            t, d = r[f"{name}_train"], r[f"{name}_data_only"]
+            rows.append(f"| {name} | {t['images_per_second']} | {t['epoch_seconds']} | {d['images_per_second']} "
+                        f"| {r[f'{name}_peak_rss_mb']} |")
+    rows.append("")
+    if "speedup_epoch" in r:
+        rows.append(f"- speed-up per epoch (warm cache): **{r['speedup_epoch']}x**; data only: {r['speedup_data_only']}x")
+        rows.append(f"- 20 epochs incl. the one-time cache build: **{r['speedup_20_epochs_incl_cache']}x** "
+                    f"({r['projected_20_epochs_seconds']['baseline']} s vs {r['projected_20_epochs_seconds']['rvf_incl_cache_build']} s)")
+    rows.append(f"- cache build: {r['cache_build_seconds']} s for {r['cache_mb']} MB")
+    rows.append(f"- inference: {r['inference_images_per_second']} img/s; one JPEG end to end: {r['single_image_latency_ms']} ms")
+    if "scaling" in r:
+        pts = ", ".join(f"{p['images']} img: {p['seconds']} s" for p in r["scaling"]["points"])
+        rows.append(f"- scaling: {pts}; fit {r['scaling']['fit']}, R^2 {r['scaling']['r2']}")
+    rows.append(f"- command: `{r['command']}`")
+    return "\n".join(rows) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main(get_args_parser().parse_args()))
