@@ -5,8 +5,9 @@ Usage:
         [--output docs/screenshot.png] [--width 1000] [--height 900]
 
 Without --checkpoint it serves a random-weight LeNet (its verdicts mean nothing; the page
-looks the same). Without --images it uses two real and two fake faces from
-../shared/data/rvf10k-mini, or generated images when that is absent. It serves the app on a
+looks the same). Without --images it uploads four drawn cartoon faces, so the screenshot
+committed to docs/ holds no dataset image (--dataset-faces uses rvf10k-mini faces instead,
+for a look on your own machine). It serves the app on a
 free port of 127.0.0.1 from a thread, uploads the images, waits for the verdicts, turns on
 one Grad-CAM overlay and saves the page (PNG, re-encoded with a palette when over 300 KB).
 
@@ -137,22 +138,35 @@ def save_png(png: bytes, output: Path, max_bytes: int = MAX_PNG_BYTES) -> Path:
     return output
 
 
-def default_images(workdir: Path) -> list[Path]:
-    """Two real and two fake faces from rvf10k-mini, or four generated images."""
-    if MINI_VALID.is_dir():
+def drawn_faces(workdir: Path, n: int = 4) -> list[Path]:
+    """Draw `n` simple cartoon faces (so the committed screenshot holds no dataset image)."""
+    from PIL import Image, ImageDraw, ImageFilter
+
+    skins = [(224, 172, 140), (150, 105, 80), (240, 200, 170), (190, 140, 100)]
+    paths = []
+    for i in range(n):
+        img = Image.new("RGB", (256, 256), (90 + 40 * i, 130, 170 - 30 * i))
+        d = ImageDraw.Draw(img)
+        d.ellipse((58, 40, 198, 220), fill=skins[i % 4])  # face
+        d.pieslice((50, 24, 206, 130), 180, 360, fill=(60 - 10 * i, 40, 30))  # hair
+        for x in (95, 161):
+            d.ellipse((x - 13, 112, x + 13, 130), fill="white")
+            d.ellipse((x - 6, 115, x + 6, 127), fill=(60, 40 + 30 * i, 30))
+        d.line((128, 130, 122, 165, 134, 165), fill=(150, 90, 70), width=3)  # nose
+        d.arc((98, 160, 158, 198), 15, 165, fill=(170, 60, 60), width=4)  # mouth
+        p = workdir / f"drawn_face_{i}.jpg"
+        img.filter(ImageFilter.GaussianBlur(1.2)).save(p, quality=92)
+        paths.append(p)
+    return paths
+
+
+def default_images(workdir: Path, dataset_faces: bool = False) -> list[Path]:
+    """Drawn faces; with `dataset_faces`, two real and two fake rvf10k-mini faces (local use only)."""
+    if dataset_faces and MINI_VALID.is_dir():
         paths = sorted((MINI_VALID / "real").glob("*.jpg"))[:2] + sorted((MINI_VALID / "fake").glob("*.jpg"))[:2]
         if len(paths) == 4:
             return paths
-    import numpy as np
-    from PIL import Image
-
-    rng = np.random.default_rng(0)
-    paths = []
-    for i in range(4):
-        p = workdir / f"generated_{i}.jpg"
-        Image.fromarray(rng.integers(0, 256, (256, 256, 3), dtype=np.uint8)).save(p, quality=90)
-        paths.append(p)
-    return paths
+    return drawn_faces(workdir)
 
 
 def random_checkpoint(directory: Path) -> Path:
@@ -173,7 +187,9 @@ def random_checkpoint(directory: Path) -> Path:
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Screenshot the rvf web app with results.", add_help=add_help)
     parser.add_argument("--checkpoint", default=None, help="checkpoint folder (default: a random-weight LeNet)")
-    parser.add_argument("--images", nargs="+", default=None, help="images to upload (default: 4 faces)")
+    parser.add_argument("--images", nargs="+", default=None, help="images to upload (default: 4 drawn faces)")
+    parser.add_argument("--dataset-faces", action="store_true",
+                        help="upload rvf10k-mini faces instead of drawn ones (never commit the result)")
     parser.add_argument("--output", default=str(ROOT / "docs" / "screenshot.png"))
     parser.add_argument("--width", type=int, default=1000)
     parser.add_argument("--height", type=int, default=900)
@@ -197,7 +213,7 @@ def main(args) -> int:
         except (CheckpointError, RuntimeError, ValueError) as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
-        images = [Path(p) for p in args.images] if args.images else default_images(tmp)
+        images = [Path(p) for p in args.images] if args.images else default_images(tmp, args.dataset_faces)
         with serve(app) as url, chrome(tmp / "profile", args.width, args.height) as driver:
             results = upload(driver, url, images)
             show_gradcam(driver, 0)
