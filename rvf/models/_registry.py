@@ -2,8 +2,8 @@
 
 Modelled on timm's `_registry.py` (a plain dict filled by `@register_model`), `_factory.py`
 (`create_model`, which prunes `None` kwargs) and the part of `_builder.py` that attaches a
-model's config and loads its weights, plus `init_classifier`, the one init rule that all
-families share. rvf needs little of each, so they share one file.
+model's config and loads its weights. rvf needs little of each, so they share one file; what
+the model classes themselves share (init, classifier interface) is in `_base.py`.
 
 Two kinds of name reach `create_model`:
     - registered names (`lenet`, `vgg16_bn`, ...): rvf's own from-scratch models;
@@ -24,6 +24,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
+from ._base import init_classifier
 from ._timm import TIMM_PREFIX, create_timm_model, is_timm_model, timm_close_matches
 
 __all__ = [
@@ -175,18 +176,6 @@ def build_model_with_cfg(
             )
         load_pretrained(model, cfg["file"])
     return model
-
-
-@torch.no_grad()
-def init_classifier(fc: nn.Module) -> None:
-    """Give a linear classifier N(0, 0.01) weights and zero bias (no-op for an identity).
-
-    Small weights make the first predictions near-uniform (loss near log(C)) whatever the
-    features' scale, as in torchvision's and timm's inits.
-    """
-    if isinstance(fc, nn.Linear):
-        nn.init.normal_(fc.weight, 0, 0.01)
-        nn.init.zeros_(fc.bias)
 
 
 def _read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:

@@ -19,14 +19,15 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from ._base import ClassifierMixin, init_weights
 from ._registry import (
-    DEFAULT_INPUT_SIZE, DEFAULT_MEAN, DEFAULT_STD, build_model_with_cfg, init_classifier, register_model,
+    DEFAULT_INPUT_SIZE, DEFAULT_MEAN, DEFAULT_STD, build_model_with_cfg, register_model,
 )
 
 __all__ = ["LeNet"]
 
 
-class LeNet(nn.Module):
+class LeNet(ClassifierMixin, nn.Module):
     """LeNet-5 with an input-size-independent head.
 
     Args:
@@ -71,33 +72,7 @@ class LeNet(nn.Module):
         )
         self.head_drop = nn.Dropout(drop_rate)
         self.fc = nn.Linear(hidden_sizes[1], num_classes) if num_classes > 0 else nn.Identity()
-        self.init_weights()
-
-    @torch.no_grad()
-    def init_weights(self) -> None:
-        """Kaiming init for convs and hidden linears, N(0, 0.01) for the classifier."""
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                # fan_out keeps the gradient scale steady through ReLU layers going backwards.
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
-                # Hidden linears: Kaiming (fan_in) keeps the signal's scale through F5 and F6.
-                # torchvision's N(0, 0.01) for every linear would shrink it ~10x per layer here
-                # (it suits 4096-wide layers), which made LeNet start visibly slower.
-                nn.init.kaiming_normal_(m.weight, mode="fan_in", nonlinearity="relu")
-                nn.init.zeros_(m.bias)
-        init_classifier(self.fc)
-
-    def get_classifier(self) -> nn.Module:
-        """Return the final linear layer."""
-        return self.fc
-
-    def reset_classifier(self, num_classes: int) -> None:
-        """Replace the classifier with a fresh one of `num_classes` outputs (0: identity)."""
-        self.num_classes = num_classes
-        self.fc = nn.Linear(self.head_hidden_size, num_classes) if num_classes > 0 else nn.Identity()
-        init_classifier(self.fc)
+        init_weights(self)  # Kaiming fan_out convs; see rvf.models._base
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Return the S4 feature map, (B, 16, H', W')."""
@@ -109,10 +84,6 @@ class LeNet(nn.Module):
         x = self.pre_logits(x)  # (B, 84)
         x = self.head_drop(x)
         return x if pre_logits else self.fc(x)  # (B, num_classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Return logits, (B, num_classes)."""
-        return self.forward_head(self.forward_features(x))
 
 
 def _create_lenet(variant: str, pretrained: bool = False, **kwargs) -> LeNet:

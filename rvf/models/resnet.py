@@ -21,6 +21,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from ._base import ClassifierMixin
 from ._registry import (
     DEFAULT_INPUT_SIZE, DEFAULT_MEAN, DEFAULT_STD, build_model_with_cfg, init_classifier, register_model,
 )
@@ -76,7 +77,7 @@ class Bottleneck(nn.Module):
         return self.act3(x + shortcut)
 
 
-class ResNet(nn.Module):
+class ResNet(ClassifierMixin, nn.Module):
     """ResNet with a 7x7 stem, four stages and global average pooling.
 
     Args:
@@ -146,15 +147,6 @@ class ResNet(nn.Module):
                 if hasattr(m, "zero_init_last"):
                     m.zero_init_last()
 
-    def get_classifier(self) -> nn.Module:
-        """Return the final linear layer."""
-        return self.fc
-
-    def reset_classifier(self, num_classes: int) -> None:
-        """Replace the classifier with a fresh one of `num_classes` outputs (0: identity)."""
-        self.num_classes = num_classes
-        self.fc = nn.Linear(self.head_hidden_size, num_classes) if num_classes > 0 else nn.Identity()
-        init_classifier(self.fc)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Return the layer4 feature map, (B, 2048, H/32, W/32)."""
@@ -170,10 +162,6 @@ class ResNet(nn.Module):
         x = self.global_pool(x).flatten(1)  # (B, 2048)
         x = self.head_drop(x)
         return x if pre_logits else self.fc(x)  # (B, num_classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Return logits, (B, num_classes)."""
-        return self.forward_head(self.forward_features(x))
 
 
 def _create_resnet(variant: str, pretrained: bool = False, **kwargs) -> ResNet:

@@ -29,8 +29,9 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from ._base import ClassifierMixin, init_weights
 from ._registry import (
-    DEFAULT_INPUT_SIZE, DEFAULT_MEAN, DEFAULT_STD, build_model_with_cfg, init_classifier, register_model,
+    DEFAULT_INPUT_SIZE, DEFAULT_MEAN, DEFAULT_STD, build_model_with_cfg, register_model,
 )
 
 __all__ = ["VGG"]
@@ -42,7 +43,7 @@ cfgs: dict[str, list[int | str]] = {
 }
 
 
-class VGG(nn.Module):
+class VGG(ClassifierMixin, nn.Module):
     """VGG with an adaptive max-pool head and a small MLP.
 
     Args:
@@ -96,38 +97,7 @@ class VGG(nn.Module):
         )
         self.head_drop = nn.Dropout(drop_rate)
         self.fc = nn.Linear(head_hidden_size, num_classes) if num_classes > 0 else nn.Identity()
-        self.init_weights()
-
-    @torch.no_grad()
-    def init_weights(self) -> None:
-        """Kaiming init for convs and hidden linears, N(0, 0.01) for the classifier."""
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                # fan_out keeps the gradient scale steady through 13 ReLU layers going
-                # backwards; without BN this is what lets plain VGG16 start learning.
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
-                # Hidden linears: Kaiming (fan_in) keeps the signal's scale through the head.
-                # torchvision's N(0, 0.01) for every linear suits 4096-wide layers but shrinks
-                # the signal ~3x per 1024-wide layer, which made training start slower.
-                nn.init.kaiming_normal_(m.weight, mode="fan_in", nonlinearity="relu")
-                nn.init.zeros_(m.bias)
-        init_classifier(self.fc)
-
-    def get_classifier(self) -> nn.Module:
-        """Return the final linear layer."""
-        return self.fc
-
-    def reset_classifier(self, num_classes: int) -> None:
-        """Replace the classifier with a fresh one of `num_classes` outputs (0: identity)."""
-        self.num_classes = num_classes
-        self.fc = nn.Linear(self.head_hidden_size, num_classes) if num_classes > 0 else nn.Identity()
-        init_classifier(self.fc)
+        init_weights(self)  # Kaiming fan_out convs; see rvf.models._base
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Return the conv5 feature map before the last pool, (B, 512, H/16, W/16)."""
@@ -139,10 +109,6 @@ class VGG(nn.Module):
         x = self.pre_logits(x)  # (B, head_hidden_size)
         x = self.head_drop(x)
         return x if pre_logits else self.fc(x)  # (B, num_classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Return logits, (B, num_classes)."""
-        return self.forward_head(self.forward_features(x))
 
 
 def _create_vgg(variant: str, pretrained: bool = False, **kwargs) -> VGG:
