@@ -1,0 +1,152 @@
+"""How a detector holds up when images are degraded the way they are on the web.
+
+Each perturbation is applied to the decoded image at its native resolution (as a re-upload
+or a re-share would do), *then* the image goes through the model's own resize and eval
+transform, so the "clean" row equals `evaluate.py` on the same split.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageFilter
+from torch.utils.data import DataLoader, Dataset
+
+from rvf.checkpoint import load_pretrained
+from rvf.data import RVF10K, build_eval_transform, open_rgb
+from rvf.data.transforms import to_uint8
+from rvf.metrics import classification_metrics
+
+__all__ = ["PERTURBATIONS", "Perturbation", "evaluate_robustness"]
+
+
+class Perturbation:
+    """A named, picklable, deterministic image degradation.
+
+    Args:
+        kind: "clean", "jpeg" (value = quality), "scale" (value = down-scale factor, then
+            back up), "blur" (value = Gaussian radius in pixels) or "noise" (value = std of
+            additive Gaussian noise on the 0..255 scale, seeded per image).
+        value: the kind's parameter.
+    """
+
+    def __init__(self, kind: str, value: float = 0.0):
+        if kind not in ("clean", "jpeg", "scale", "blur", "noise"):
+            raise ValueError(f"unknown perturbation {kind!r}")
+        self.kind, self.value = kind, value
+
+    @property
+    def name(self) -> str:
+        return "clean" if self.kind == "clean" else f"{self.kind} {self.value:g}"
+
+    def __call__(self, img: Image.Image, seed: int = 0) -> Image.Image:
+        if self.kind == "jpeg":
+            buf = io.BytesIO()
+            img.save(buf, "JPEG", quality=int(self.value))
+            return Image.open(io.BytesIO(buf.getvalue())).convert("RGB")
+        if self.kind == "scale":
+            w, h = img.size
+            small = img.resize((max(1, round(w * self.value)), max(1, round(h * self.value))), Image.Resampling.BILINEAR)
+            return small.resize((w, h), Image.Resampling.BILINEAR)
+        if self.kind == "blur":
+            return img.filter(ImageFilter.GaussianBlur(self.value))
+        if self.kind == "noise":
+            rng = np.random.default_rng(seed)
+            arr = np.asarray(img, dtype=np.float32) + rng.normal(0, self.value, (img.size[1], img.size[0], 3))
+            return Image.fromarray(np.clip(arr + 0.5, 0, 255).astype(np.uint8))
+        return img
+
+
+PERTURBATIONS = [
+    Perturbation("clean"),
+    Perturbation("jpeg", 95), Perturbation("jpeg", 75), Perturbation("jpeg", 50),
+    Perturbation("scale", 0.5), Perturbation("scale", 0.25),
+    Perturbation("blur", 1.0), Perturbation("noise", 8.0),
+]
+
+
+class _Perturbed(Dataset):
+    def __init__(self, samples, perturbation: Perturbation, size: int, interpolation: str):
+        self.samples, self.p, self.size, self.interpolation = samples, perturbation, size, interpolation
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, i):
+        path, label = self.samples[i]
+        return to_uint8(self.p(open_rgb(path), seed=i), self.size, self.interpolation), label
+
+
+def evaluate_robustness(checkpoint, data_dir, split: str = "valid", output_dir=None, limit: int | None = None,
+                        batch_size: int = 128, num_workers: int | None = None, perturbations=None,
+                        device: str = "cpu") -> dict:
+    """Evaluate a checkpoint on `split` under each perturbation; write a table, JSON and plot.
+
+    Args:
+        checkpoint: a training run's folder (model.safetensors + model.json).
+        data_dir: dataset root (either layout).
+        split: which split to degrade.
+        output_dir: where robustness.{json,md,png} go; default CHECKPOINT/robustness-SPLIT.
+        limit: use a stratified subset of this many images (quick looks).
+        perturbations: list of `Perturbation`; default `PERTURBATIONS`.
+
+    Returns:
+        {"rows": [{"perturbation", "accuracy", "roc_auc", "delta_accuracy", ...}], ...}
+    """
+    import os
+
+    from rvf import reports
+    from rvf.data import holdout_split
+    from rvf.utils import atomic_write_text, device_name
+
+    checkpoint = Path(checkpoint)
+    output_dir = Path(output_dir) if output_dir else checkpoint / f"robustness-{split}"
+    model, meta, data_cfg = load_pretrained(checkpoint, device=device)
+    transform = build_eval_transform(data_cfg).to(device)
+    ds = RVF10K(data_dir, split)
+    samples = ds.samples
+    if limit and limit < len(samples):
+        keep, _ = holdout_split(ds.targets, 1 - limit / len(samples), seed=0)
+        samples = [samples[i] for i in keep]
+    workers = num_workers if num_workers is not None else min(8, os.cpu_count() or 1)
+    threshold = meta.get("threshold", 0.5)
+    rows = []
+    for p in perturbations or PERTURBATIONS:
+        loader = DataLoader(_Perturbed(samples, p, data_cfg.image_size, data_cfg.interpolation),
+                            batch_size=batch_size, num_workers=workers)
+        probs, labels = [], []
+        with torch.no_grad():
+            for x, y in loader:
+                probs.append(model(transform(x.to(device))).float().softmax(1).cpu())
+                labels.append(y)
+        m = classification_metrics(torch.cat(labels).numpy(), torch.cat(probs).numpy(), threshold=threshold)
+        rows.append({"perturbation": p.name, "accuracy": m["accuracy"], "roc_auc": m["roc_auc"],
+                     "average_precision": m["average_precision"], "accuracy_at_threshold": m["accuracy_at_threshold"]})
+    clean = rows[0]["accuracy"] if rows and rows[0]["perturbation"] == "clean" else None
+    for r in rows:
+        r["delta_accuracy"] = None if clean is None else r["accuracy"] - clean
+    result = {"model": meta["model_name"], "checkpoint": str(checkpoint), "split": split, "n": len(samples),
+              "image_size": data_cfg.image_size, "device": device_name(device), "rows": rows}
+
+    output_dir.mkdir(parents=True, exist_ok=True)
+    reports.write_json(output_dir / "robustness.json", result)
+    lines = [f"# Robustness of `{meta['model_name']}` on {split} ({len(samples)} images)", "",
+             "| perturbation | accuracy % | change (points) | ROC AUC | AP |", "|---|---|---|---|---|"]
+    for r in rows:
+        delta = "" if r["delta_accuracy"] is None else f"{100 * r['delta_accuracy']:+.2f}"
+        lines.append(f"| {r['perturbation']} | {100 * r['accuracy']:.2f} | {delta} | {r['roc_auc']:.4f} "
+                     f"| {r['average_precision']:.4f} |")
+    atomic_write_text(output_dir / "robustness.md", "\n".join(lines) + "\n")
+    plt = reports._plt()
+    fig, ax = plt.subplots(figsize=(7, 3.4))
+    ax.bar([r["perturbation"] for r in rows], [100 * r["accuracy"] for r in rows], color="tab:blue")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_ylim(40, 100)
+    ax.grid(axis="y", alpha=0.3)
+    ax.tick_params(axis="x", rotation=30)
+    ax.set_title(f"{meta['model_name']}: accuracy under degradation ({split})")
+    reports._save(fig, output_dir / "robustness.png")
+    return result
