@@ -41,6 +41,9 @@ log = logging.getLogger(__name__)
 
 STATE_DIR = "checkpoints"  # Accelerate save_state folders, for resuming only
 STATE_MARKER = "rvf_state.json"  # written last inside a state folder: marks it complete
+RUN_OUTPUTS = (STATE_DIR, "wandb", "model.safetensors", "model.json", "config.yaml", "metrics.json",
+               "classification_report.txt", "*.png", "architecture.txt", "events.out.tfevents.*", "rvf",
+               "eval-*", "robustness-*")  # what --overwrite removes
 
 
 class RunDirError(RuntimeError):
@@ -218,7 +221,10 @@ def prepare_output_dir(out: Path, resume: bool, overwrite: bool) -> None:
         if not overwrite:
             raise RunDirError(f"output dir {out} already holds a run; pass --resume {out} to continue it "
                               f"or --overwrite to replace it")
-        shutil.rmtree(out)
+        # Remove only what a run writes: --output-dir might be a folder that holds other things.
+        for name in RUN_OUTPUTS:
+            for p in out.glob(name):
+                shutil.rmtree(p) if p.is_dir() else p.unlink()
     out.mkdir(parents=True, exist_ok=True)
 
 

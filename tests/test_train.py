@@ -94,6 +94,16 @@ def test_resume_is_exact(data_dir, tmp_path):
     assert all(np.allclose(wa[k].numpy(), wb[k].numpy(), atol=1e-6) for k in wa)
 
 
+def test_overwrite_removes_only_what_a_run_wrote(data_dir, tmp_path):
+    cfg = _cfg(data_dir, tmp_path, epochs=1)
+    train(cfg)
+    mine = tmp_path / "run" / "notes.txt"
+    mine.write_text("not rvf's")
+    train(cfg, overwrite=True)
+    assert mine.read_text() == "not rvf's"
+    assert (tmp_path / "run" / "model.safetensors").is_file() and latest_state(tmp_path / "run").name == "epoch_0"
+
+
 def test_per_file_path_matches_the_cache(data_dir, tmp_path):
     a = train(_cfg(data_dir, tmp_path / "a", epochs=1))
     b = train(_cfg(data_dir, tmp_path / "b", epochs=1, cache=False, num_workers=0))
