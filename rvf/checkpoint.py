@@ -30,6 +30,9 @@ __all__ = ["CheckpointError", "WEIGHTS_NAME", "META_NAME", "save_pretrained", "l
 
 WEIGHTS_NAME = "model.safetensors"
 META_NAME = "model.json"
+ALLOW_PICKLE_HELP = ("load weights from a .pt/.pth/.ckpt/.bin state dict when the folder has no "
+                     "model.safetensors (read with torch.load(weights_only=True)); off by default "
+                     "because unpickling a file can run code")
 PICKLE_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".pkl")
 
 

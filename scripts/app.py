@@ -16,6 +16,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import argparse  # noqa: E402
 
+from rvf.checkpoint import ALLOW_PICKLE_HELP  # noqa: E402
+
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Serve the rvf real/fake face detector.", add_help=add_help)
@@ -27,9 +29,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser.add_argument("--threads", type=int, default=None,
                         help="torch intra-op threads (default: torch's, all cores; 1 is best on shared cores)")
     parser.add_argument("--allow-pickle", action="store_true",
-                        help="load weights from a .pt/.pth/.ckpt/.bin state dict when the folder has no "
-                             "model.safetensors (read with torch.load(weights_only=True)); off by default "
-                             "because unpickling a file can run code")
+                        help=ALLOW_PICKLE_HELP)
     return parser
 
 

@@ -20,6 +20,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import argparse  # noqa: E402
+
+from rvf.checkpoint import ALLOW_PICKLE_HELP  # noqa: E402
 import csv  # noqa: E402
 
 
@@ -32,9 +34,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--device", default="auto", help="cpu, cuda or auto (default: auto)")
     parser.add_argument("--allow-pickle", action="store_true",
-                        help="load weights from a .pt/.pth/.ckpt/.bin state dict when the folder has no "
-                             "model.safetensors (read with torch.load(weights_only=True)); off by default "
-                             "because unpickling a file can run code")
+                        help=ALLOW_PICKLE_HELP)
     return parser
 
 

@@ -46,7 +46,8 @@ def init_weights(model: nn.Module, conv_mode: str = "fan_out") -> None:
 
 class ClassifierMixin:
     """timm's classifier interface for a model with one head `fc` fed by `head_hidden_size`
-    features, and `forward` = `forward_head(forward_features(x))`."""
+    features, and `forward` = `forward_head(forward_features(x))`. The default `forward_head`
+    is the pooled-MLP head of LeNet, AlexNet and VGG; ResNet overrides it."""
 
     fc: nn.Module
     head_hidden_size: int
@@ -61,6 +62,14 @@ class ClassifierMixin:
         self.num_classes = num_classes
         self.fc = nn.Linear(self.head_hidden_size, num_classes) if num_classes > 0 else nn.Identity()
         init_classifier(self.fc)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """Map a feature map to logits (or to the last hidden layer if `pre_logits`):
+        `global_pool` -> flatten -> `pre_logits` (the hidden MLP) -> `head_drop` -> `fc`."""
+        x = self.global_pool(x).flatten(1)  # (B, C * pool_size**2)
+        x = self.pre_logits(x)  # (B, head_hidden_size)
+        x = self.head_drop(x)
+        return x if pre_logits else self.fc(x)  # (B, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Return logits, (B, num_classes)."""

@@ -99,13 +99,6 @@ class AlexNet(ClassifierMixin, nn.Module):
         """Return the conv5 feature map, (B, 256, H', W')."""
         return self.features(x)  # (B, 256, 3, 3) at 64 px, (B, 256, 15, 15) at 256 px
 
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        """Map a feature map to logits (or to the last hidden layer if `pre_logits`)."""
-        x = self.global_pool(x).flatten(1)  # (B, 256 * pool_size**2)
-        x = self.pre_logits(x)  # (B, head_hidden_size)
-        x = self.head_drop(x)
-        return x if pre_logits else self.fc(x)  # (B, num_classes)
-
 
 def _create_alexnet(variant: str, pretrained: bool = False, **kwargs) -> AlexNet:
     arch = variant.split("_")[0]  # alexnet_bn shares alexnet's layer table

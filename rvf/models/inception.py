@@ -29,6 +29,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from ._base import init_weights
 from ._registry import (
     DEFAULT_INPUT_SIZE, DEFAULT_MEAN, DEFAULT_STD, build_model_with_cfg, init_classifier, register_model,
 )
@@ -204,23 +205,12 @@ class GoogLeNet(nn.Module):
 
     @torch.no_grad()
     def init_weights(self) -> None:
-        """Kaiming (fan_in) init for convs and hidden linears, N(0, 0.01) for classifiers."""
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                # fan_in, not the fan_out used elsewhere in rvf: the 1x1 reductions (832 -> 48
-                # channels) would amplify the signal ~100x by inception5b with fan_out, which
-                # BatchNorm hides in training but running statistics and norm_layer=None do not.
-                nn.init.kaiming_normal_(m.weight, mode="fan_in", nonlinearity="relu")
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
-                # The auxiliary heads' hidden layer: Kaiming (fan_in) keeps the signal's scale.
-                nn.init.kaiming_normal_(m.weight, mode="fan_in", nonlinearity="relu")
-                nn.init.zeros_(m.bias)
-        for head in (self, self.aux1, self.aux2):
+        """Kaiming (fan_in) init for convs and hidden linears, N(0, 0.01) for all classifiers."""
+        # fan_in, not the fan_out used elsewhere in rvf: the 1x1 reductions (832 -> 48 channels)
+        # would amplify the signal ~100x by inception5b with fan_out, which BatchNorm hides in
+        # training but running statistics and norm_layer=None do not.
+        init_weights(self, conv_mode="fan_in")
+        for head in (self.aux1, self.aux2):
             if head is not None:
                 init_classifier(head.fc)
 

@@ -78,13 +78,6 @@ class LeNet(ClassifierMixin, nn.Module):
         """Return the S4 feature map, (B, 16, H', W')."""
         return self.features(x)  # (B, 16, 13, 13) at 64 px
 
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        """Map a feature map to logits (or to the F6 output if `pre_logits`)."""
-        x = self.global_pool(x).flatten(1)  # (B, 16 * 13 * 13)
-        x = self.pre_logits(x)  # (B, 84)
-        x = self.head_drop(x)
-        return x if pre_logits else self.fc(x)  # (B, num_classes)
-
 
 def _create_lenet(variant: str, pretrained: bool = False, **kwargs) -> LeNet:
     return build_model_with_cfg(LeNet, variant, pretrained, default_cfgs[variant], **kwargs)

@@ -103,13 +103,6 @@ class VGG(ClassifierMixin, nn.Module):
         """Return the conv5 feature map before the last pool, (B, 512, H/16, W/16)."""
         return self.features(x)  # (B, 512, 4, 4) at 64 px
 
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        """Map a feature map to logits (or to the last hidden layer if `pre_logits`)."""
-        x = self.global_pool(x).flatten(1)  # (B, 512 * pool_size**2)
-        x = self.pre_logits(x)  # (B, head_hidden_size)
-        x = self.head_drop(x)
-        return x if pre_logits else self.fc(x)  # (B, num_classes)
-
 
 def _create_vgg(variant: str, pretrained: bool = False, **kwargs) -> VGG:
     arch = variant.split("_")[0]  # vgg16_bn shares vgg16's layer table
