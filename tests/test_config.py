@@ -38,6 +38,7 @@ def test_yaml_then_overrides(tmp_path):
     ("crop_scale: [1]\n", r"crop_scale must be a list of two numbers"),
     ("- just\n- a list\n", r"must hold a mapping"),
     ("model: [unclosed\n", r"is not valid YAML"),
+    ("mixed_precision: no\n", r"mixed_precision must be a string, got False .*put the value in quotes"),
 ])
 def test_bad_yaml_names_the_key_and_file(tmp_path, text, match):
     f = tmp_path / "c.yaml"
@@ -55,6 +56,17 @@ def test_missing_file_and_bad_override():
         parse_override("epochs")
     assert parse_override("crop-scale=[0.8, 1.0]") == ("crop_scale", [0.8, 1.0])
     assert parse_override("pretrained_file=") == ("pretrained_file", None)
+    # string fields keep the text: YAML alone would turn `no` into false
+    assert parse_override("mixed_precision=no") == ("mixed_precision", "no")
+    assert parse_override("run-name=007") == ("run_name", "007")
+    assert parse_override("mixed_precision=null") == ("mixed_precision", None)
+    assert load_config(None, dict([parse_override("mixed_precision=no")])).mixed_precision == "no"
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*_best.yaml")), ids=lambda p: p.stem)
+def test_best_configs_load_and_name_their_model(path):
+    cfg = load_config(path)
+    assert cfg.model == path.stem.removesuffix("_best") and cfg.image_size == 64 and cfg.pretrained is False
 
 
 def test_train_script_resolves_flags_over_yaml():
