@@ -29,13 +29,14 @@ from tqdm.auto import tqdm
 import rvf
 from rvf import CLASSES
 from rvf.checkpoint import save_pretrained
-from rvf.config import TrainConfig
-from rvf.data import (RVF10K, ToUint8, build_cache, build_eval_transform, build_train_transform,
+from rvf.config import ConfigError, TrainConfig
+from rvf.data import (RVF10K, DeviceLoader, ToUint8, build_cache, build_eval_transform, build_train_transform,
                       collate_batch, holdout_split, resolve_data_config)
 from rvf.metrics import calibrate_threshold, classification_metrics
 from rvf.utils import atomic_write_text, count_parameters, device_name
 
-__all__ = ["RunDirError", "Splits", "load_splits", "evaluate", "train_one_epoch", "train"]
+__all__ = ["RunDirError", "Splits", "load_splits", "build_optimizer", "build_scheduler", "evaluate", "train_one_epoch",
+           "train"]
 
 log = logging.getLogger(__name__)
 
@@ -116,6 +117,27 @@ def _cores() -> int:
 
 
 # ----------------------------------------------------------------------------- optimisation
+
+def build_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
+    """timm's optimizer factory, with torch's fused kernel where the optimizer has one.
+
+    A fused step is one vectorised kernel per parameter instead of ~10 element-wise ops: on
+    this project's 2-core CPU, Adam's step over AlexNet's 57 M parameters drops from 88 ms to
+    4 ms, a third of the step time at 64 px. timm's own optimizers (lamb, lion...) have no
+    `fused` argument and are built as they are.
+    """
+    import inspect
+
+    from timm.optim import create_optimizer_v2, get_optimizer_class
+
+    kwargs = {}
+    if cfg.fused_optimizer:
+        cls = get_optimizer_class(cfg.optimizer, bind_defaults=False)
+        if cls.__module__.startswith("torch.optim") and "fused" in inspect.signature(cls).parameters:
+            kwargs["fused"] = True
+    return create_optimizer_v2(model, opt=cfg.optimizer, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                               momentum=cfg.momentum, **kwargs)
+
 
 def build_scheduler(cfg: TrainConfig, optimizer, steps_per_epoch: int):
     """A per-step LR schedule from torch's own schedulers: optional linear warmup, then
@@ -274,7 +296,7 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> di
     accelerator = Accelerator(
         mixed_precision=cfg.mixed_precision, log_with=log_with, project_dir=str(out),
         # A seeded sampler gives each epoch the same order whether or not the run was resumed.
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, non_blocking=torch.cuda.is_available()),
     )
     if accelerator.is_main_process:
         prepare_output_dir(out, resume, overwrite)
@@ -294,27 +316,38 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> di
     with accelerator.main_process_first():
         splits = load_splits(cfg, data_cfg, progress=accelerator.is_local_main_process)
     eval_bs = cfg.eval_batch_size or 2 * cfg.batch_size
-    train_loader = _loader(splits.fit, cfg.batch_size, cfg, train=True)
+    # On a GPU the whole uint8 train split lives on the device and batches are indexed there:
+    # no DataLoader, no per-step host-to-device copy (see rvf.data.device_loader).
+    device_data = cfg.device_data if cfg.device_data is not None else (cfg.cache and accelerator.device.type != "cpu")
+    if device_data and not cfg.cache:
+        raise ConfigError("device_data: true needs cache: true (the device holds the decoded uint8 split)")
+    if device_data:
+        train_loader = DeviceLoader(splits.fit, cfg.batch_size, accelerator.device, seed=cfg.seed,
+                                    rank=accelerator.process_index, world_size=accelerator.num_processes)
+        steps_per_epoch = len(train_loader) * accelerator.num_processes  # as one process would count them
+    else:
+        train_loader = _loader(splits.fit, cfg.batch_size, cfg, train=True)
+        steps_per_epoch = len(train_loader)
     holdout_loader = _loader(splits.holdout, eval_bs, cfg, train=False)
     valid_loader = _loader(splits.valid, eval_bs, cfg, train=False)
     train_tf = build_train_transform(data_cfg, hflip=cfg.hflip, scale=cfg.crop_scale,
                                      brightness=cfg.brightness, contrast=cfg.contrast).to(accelerator.device)
     eval_tf = build_eval_transform(data_cfg).to(accelerator.device)
     accelerator.print(f"data: {splits.root} | fit {splits.counts['fit']}, holdout {splits.counts['holdout']}, "
-                      f"valid {splits.counts['valid']} | {data_cfg.image_size}px {data_cfg.interpolation}")
+                      f"valid {splits.counts['valid']} | {data_cfg.image_size}px {data_cfg.interpolation}"
+                      + (f" | train split on {accelerator.device} ({train_loader.nbytes / 2**20:.0f} MB)" if device_data else ""))
 
     # 3) optimizer, schedule, loss (the schedule counts single-process steps: Accelerate
     #    steps it once per process per optimizer step)
-    from timm.optim import create_optimizer_v2
-
-    optimizer = create_optimizer_v2(model, opt=cfg.optimizer, lr=cfg.lr, weight_decay=cfg.weight_decay,
-                                    momentum=cfg.momentum)
-    scheduler = build_scheduler(cfg, optimizer, len(train_loader))
+    optimizer = build_optimizer(cfg, model)
+    scheduler = build_scheduler(cfg, optimizer, steps_per_epoch)
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
 
     # 4) one line makes it all device- and process-aware
-    model, optimizer, train_loader, holdout_loader, valid_loader, scheduler = accelerator.prepare(
-        model, optimizer, train_loader, holdout_loader, valid_loader, scheduler)
+    model, optimizer, holdout_loader, valid_loader, scheduler = accelerator.prepare(
+        model, optimizer, holdout_loader, valid_loader, scheduler)
+    if not device_data:
+        train_loader = accelerator.prepare(train_loader)
     ema = None
     if cfg.ema_decay:
         from timm.utils import ModelEmaV3
@@ -391,7 +424,7 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> di
         "images_per_second": float(np.mean([h["images_per_second"] for h in run["history"]])) if run["history"] else None,
         "params": n_params, "image_size": data_cfg.image_size, "counts": splits.counts,
         "device": device_name(accelerator.device), "num_processes": accelerator.num_processes,
-        "mixed_precision": accelerator.mixed_precision, "torch": torch.__version__,
+        "mixed_precision": accelerator.mixed_precision, "device_data": bool(device_data), "torch": torch.__version__,
     }
     if accelerator.is_main_process:
         unwrapped = accelerator.unwrap_model(eval_model)

@@ -7,8 +7,9 @@
 Times, in one process and one run (so machine noise hits both alike):
 1. baseline: the seed's loop: torchvision ImageFolder + Resize + ToTensor, DataLoader with
    num_workers = cores, fp32, decode every image every epoch;
-2. rvf: the decode-once uint8 cache (memory-mapped), augmentation and normalisation on the
-   device, no per-step host sync.
+2. rvf: the decode-once uint8 cache (memory-mapped; on a GPU the whole split resident on the
+   device, as `train()` does by default there), augmentation and normalisation on the device,
+   rvf's optimizer (torch's fused kernel), no per-step host sync.
 For each: training images/s (median of --repeats epochs after a warm-up epoch), data-only
 images/s, the ratio, the one-time cache build, a projected 20-epoch run (cache build
 included), peak RSS, inference throughput and single-image latency, and how rvf's epoch
@@ -34,6 +35,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser.add_argument("--data-dir", type=Path, help="rvf10k root (either layout)")
     parser.add_argument("--synthetic", type=int, default=0, metavar="N",
                         help="use N random 256px images instead of --data-dir (e.g. on a machine without the data)")
+    parser.add_argument("--synthetic-dir", type=Path, default=None,
+                        help="write the --synthetic images here (train N, valid 3N/7, as rvf10k) and keep them, "
+                             "e.g. to train on them next")
     parser.add_argument("--model", default="lenet")
     parser.add_argument("--image-size", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=64)
@@ -42,7 +46,10 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser.add_argument("--scaling", type=int, default=1, help="1: also time rvf epochs at 1/7, 1/2 and all of train")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--mixed-precision", default="no", choices=["no", "bf16"], help="rvf path only")
-    parser.add_argument("--channels-last", action="store_true", help="rvf path only")
+    parser.add_argument("--channels-last", type=int, default=1, help="rvf path: 1 = NHWC model and batches (as in training)")
+    parser.add_argument("--device-data", choices=["auto", "on", "off"], default="auto",
+                        help="rvf path: keep the uint8 split on the device (auto: on for GPUs, as in training)")
+    parser.add_argument("--fused-optimizer", type=int, default=1, help="rvf path: 1 = torch's fused Adam (as in training)")
     parser.add_argument("--skip-baseline", action="store_true")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     return parser
@@ -82,15 +89,17 @@ class PeakRSS:
 
 
 def _synthetic_folder(root: Path, n: int) -> Path:
-    """Write n random 256px JPEGs into root/train/{fake,real} (for machines without rvf10k)."""
+    """Write random 256px JPEGs, rvf10k's shape and split ratio, into root/{train,valid}/{fake,real}:
+    n train and 3n/7 valid images (for machines the real data cannot reach)."""
     import numpy as np
     from PIL import Image
 
     rng = np.random.default_rng(0)
-    for i in range(n):
-        d = root / "train" / ("fake", "real")[i % 2]
-        d.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(rng.integers(0, 256, (256, 256, 3), dtype=np.uint8)).save(d / f"{i:05d}.jpg", quality=90)
+    for split, count in (("train", n), ("valid", max(2, 3 * n // 7))):
+        for i in range(count):
+            d = root / split / ("fake", "real")[i % 2]
+            d.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(rng.integers(0, 256, (256, 256, 3), dtype=np.uint8)).save(d / f"{i:05d}.jpg", quality=90)
     return root
 
 
@@ -99,6 +108,8 @@ def time_epochs(step_fn, loader, repeats: int, max_steps: int) -> tuple[float, i
     times, n_img = [], 0
     for r in range(repeats + 1):
         n = 0
+        if hasattr(loader, "set_epoch"):  # DeviceLoader: a fresh permutation per epoch, as in training
+            loader.set_epoch(r)
         t0 = time.perf_counter()
         for i, (x, y) in enumerate(loader):
             if max_steps and i >= max_steps:
@@ -115,12 +126,14 @@ def time_epochs(step_fn, loader, repeats: int, max_steps: int) -> tuple[float, i
 class Step:
     """One optimizer step of the model on a batch; `data_only` just touches the batch."""
 
-    def __init__(self, model, transform, device, data_only=False, autocast_dtype=None, channels_last=False):
+    def __init__(self, model, transform, device, data_only=False, autocast_dtype=None, channels_last=False,
+                 fused=False):
         import torch
 
         self.torch, self.model, self.transform, self.device = torch, model, transform, device
         self.data_only, self.autocast_dtype, self.channels_last = data_only, autocast_dtype, channels_last
-        self.opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+        # The baseline's optimizer is torch's default Adam; rvf's is what `train()` builds.
+        self.opt = torch.optim.Adam(model.parameters(), lr=1e-4, fused=fused or None)
         self.loss_fn = torch.nn.CrossEntropyLoss()
         self.acc = torch.zeros((), device=device)
 
@@ -152,7 +165,8 @@ def main(args) -> int:
     from torch.utils.data import DataLoader
     from torchvision import transforms as T
 
-    from rvf.data import RVF10K, build_cache, build_train_transform, collate_batch, load_image, resolve_data_config
+    from rvf.data import (RVF10K, DeviceLoader, build_cache, build_train_transform, collate_batch, load_image,
+                          resolve_data_config)
     from rvf.data.transforms import build_eval_transform
     from rvf.models import create_model
     from rvf.utils import device_name
@@ -160,10 +174,10 @@ def main(args) -> int:
     device = torch.device(args.device)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     tmp = Path(tempfile.mkdtemp(prefix="rvf-bench-"))
-    data_dir = args.data_dir or _synthetic_folder(tmp / "data", args.synthetic)
     if not args.data_dir and not args.synthetic:
         print("error: pass --data-dir ROOT or --synthetic N", file=sys.stderr)
         return 2
+    data_dir = args.data_dir or _synthetic_folder(args.synthetic_dir or tmp / "data", args.synthetic)
     train = RVF10K(data_dir, "train")
     split_dir = Path(train.samples[0][0]).parents[1]  # ROOT[/rvf10k]/train, for ImageFolder
     res = {"model": args.model, "image_size": args.image_size, "batch_size": args.batch_size, "device": device_name(device),
@@ -174,8 +188,11 @@ def main(args) -> int:
         torch.manual_seed(0)
         return create_model(args.model).to(device)
 
+    raw = {}  # unrounded seconds for the ratios (a tiny epoch rounds to 0.000)
+
     def report(key, seconds, n):
-        res[key] = {"epoch_seconds": round(seconds, 3), "images_per_second": round(n / seconds, 1), "images": n}
+        raw[key] = seconds
+        res[key] = {"epoch_seconds": round(seconds, 4), "images_per_second": round(n / seconds, 1), "images": n}
         print(f"{key:>22}: {seconds:7.2f} s/epoch  {n / seconds:9.1f} img/s", flush=True)
 
     # 1) baseline: the seed's loop
@@ -202,20 +219,25 @@ def main(args) -> int:
           f"({res['cache_mb']} MB)", flush=True)
     train_tf = build_train_transform(data_cfg, hflip=0.5).to(device)
     autocast = torch.bfloat16 if args.mixed_precision == "bf16" else None
-    rvf_loader = DataLoader(cached, batch_size=args.batch_size, shuffle=True, collate_fn=collate_batch,
-                            pin_memory=device.type == "cuda")
+    device_data = args.device_data == "on" or (args.device_data == "auto" and device.type != "cpu")
+    res["rvf_device_data"], res["rvf_fused_optimizer"] = device_data, bool(args.fused_optimizer)
+    if device_data:
+        rvf_loader = DeviceLoader(cached, args.batch_size, device, drop_last=False)
+    else:
+        rvf_loader = DataLoader(cached, batch_size=args.batch_size, shuffle=True, collate_fn=collate_batch,
+                                pin_memory=device.type == "cuda")
     with PeakRSS() as mem:
         report("rvf_data_only", *time_epochs(Step(model, train_tf, device, data_only=True), rvf_loader,
                                              args.repeats, args.max_steps))
         report("rvf_train", *time_epochs(Step(fresh_model(), train_tf, device, autocast_dtype=autocast,
-                                              channels_last=args.channels_last), rvf_loader,
-                                         args.repeats, args.max_steps))
+                                              channels_last=args.channels_last, fused=args.fused_optimizer),
+                                         rvf_loader, args.repeats, args.max_steps))
     res["rvf_peak_rss_mb"] = round(mem.peak / 2**20, 1)
 
     if "baseline_train" in res:
-        b, r = res["baseline_train"]["epoch_seconds"], res["rvf_train"]["epoch_seconds"]
+        b, r = raw["baseline_train"], raw["rvf_train"]
         res["speedup_epoch"] = round(b / r, 2)
-        res["speedup_data_only"] = round(res["baseline_data_only"]["epoch_seconds"] / res["rvf_data_only"]["epoch_seconds"], 2)
+        res["speedup_data_only"] = round(raw["baseline_data_only"] / raw["rvf_data_only"], 2)
         res["projected_20_epochs_seconds"] = {"baseline": round(20 * b, 1),
                                               "rvf_incl_cache_build": round(20 * r + res["cache_build_seconds"], 1)}
         res["speedup_20_epochs_incl_cache"] = round(20 * b / (20 * r + res["cache_build_seconds"]), 2)
@@ -251,7 +273,7 @@ def main(args) -> int:
             n = max(args.batch_size, int(len(cached) * frac))
             part = cached.subset(np.random.default_rng(0).permutation(len(cached))[:n])
             loader = DataLoader(part, batch_size=args.batch_size, shuffle=True, collate_fn=collate_batch)
-            sec, n_img = time_epochs(Step(fresh_model(), train_tf, device), loader, 2, 0)
+            sec, n_img = time_epochs(Step(fresh_model(), train_tf, device, fused=args.fused_optimizer), loader, 2, 0)
             pts.append((n_img, sec))
             print(f"{'scaling':>22}: {n_img:6d} images -> {sec:6.2f} s", flush=True)
         xs, ys = np.array(pts, dtype=float).T
@@ -284,6 +306,8 @@ def _markdown(r: dict) -> str:
         rows.append(f"- speed-up per epoch (warm cache): **{r['speedup_epoch']}x**; data only: {r['speedup_data_only']}x")
         rows.append(f"- 20 epochs incl. the one-time cache build: **{r['speedup_20_epochs_incl_cache']}x** "
                     f"({r['projected_20_epochs_seconds']['baseline']} s vs {r['projected_20_epochs_seconds']['rvf_incl_cache_build']} s)")
+    rows.append(f"- rvf path: split resident on the device: {r.get('rvf_device_data', False)}; "
+                f"fused optimizer: {r.get('rvf_fused_optimizer', False)}")
     rows.append(f"- cache build: {r['cache_build_seconds']} s for {r['cache_mb']} MB")
     rows.append(f"- inference: {r['inference_images_per_second']} img/s; one JPEG end to end: {r['single_image_latency_ms']} ms")
     if "scaling" in r:

@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from rvf.data import (RVF10K, BadImageError, DatasetError, DataConfig, build_cache, build_eval_transform,
+from rvf.data import (RVF10K, BadImageError, DatasetError, DataConfig, DeviceLoader, build_cache, build_eval_transform,
                       build_train_transform, collate_batch, holdout_split, load_image, resolve_data_config)
 from rvf.data.download import DownloadError, download_rvf10k
 from synth import SHARED_MINI, face, make_folder_dataset, make_kaggle_dataset
@@ -205,6 +205,38 @@ def test_cache_loader_batches(tmp_path):
     batches = list(loader)
     assert [len(y) for _, y in batches] == [5, 5, 2]
     assert batches[0][0].dtype == torch.uint8 and batches[0][0].shape == (5, 3, 16, 16)
+
+
+def test_device_loader_epochs_shards_and_contents(tmp_path):
+    root = make_folder_dataset(tmp_path / "d", n=7)  # 14 images
+    cached = build_cache(RVF10K(root, "train").samples, 16, cache_dir=tmp_path / "c", progress=False)
+    part = cached.subset(np.arange(1, 14)[::-1])  # 13 images, out of file order
+    rows = {img.numpy().tobytes(): int(y) for img, y in (part[i] for i in range(len(part)))}
+
+    def epoch(loader, e):
+        loader.set_epoch(e)
+        xs, ys = zip(*loader)
+        return torch.cat(xs), torch.cat(ys)
+
+    full = DeviceLoader(part, 4, "cpu", drop_last=False, seed=3)
+    assert len(full) == 4 and full.nbytes == 13 * 3 * 16 * 16
+    x, y = epoch(full, 0)
+    # every image exactly once per epoch, with its own label
+    assert sorted(img.numpy().tobytes() for img in x) == sorted(rows)
+    assert all(rows[img.numpy().tobytes()] == int(t) for img, t in zip(x, y))
+    # the order is a function of (seed, epoch) only: a resumed run sees the same batches
+    again = DeviceLoader(part, 4, "cpu", drop_last=False, seed=3)
+    assert torch.equal(epoch(again, 0)[0], x) and not torch.equal(epoch(again, 1)[0], x)
+    # DDP: equal, disjoint shards; drop_last drops the ragged batch
+    shards = [DeviceLoader(part, 4, "cpu", seed=3, rank=r, world_size=2) for r in range(2)]
+    assert [len(s) for s in shards] == [1, 1]
+    shards = [DeviceLoader(part, 2, "cpu", seed=3, rank=r, world_size=2) for r in range(2)]
+    got = [epoch(s, 5)[0] for s in shards]
+    assert [len(g) for g in got] == [6, 6]
+    keys = [{img.numpy().tobytes() for img in g} for g in got]
+    assert not keys[0] & keys[1]
+    with pytest.raises(ValueError, match="batch_size"):
+        DeviceLoader(part, 0, "cpu")
 
 
 def test_holdout_is_stratified_and_seeded():

@@ -77,9 +77,10 @@ def test_learns_the_synthetic_task(data_dir, tmp_path):
     assert m["valid"]["accuracy"] >= 0.9 and m["valid"]["roc_auc"] >= 0.95
 
 
-def test_resume_is_exact(data_dir, tmp_path):
-    full = train(_cfg(data_dir, tmp_path / "a", epochs=3, hflip=0.5))
-    cfg = _cfg(data_dir, tmp_path / "b", epochs=2, hflip=0.5)
+@pytest.mark.parametrize("device_data", [False, True], ids=["dataloader", "device_data"])
+def test_resume_is_exact(data_dir, tmp_path, device_data):
+    full = train(_cfg(data_dir, tmp_path / "a", epochs=3, hflip=0.5, device_data=device_data))
+    cfg = _cfg(data_dir, tmp_path / "b", epochs=2, hflip=0.5, device_data=device_data)
     train(cfg)
     with pytest.raises(RunDirError, match="already holds a run"):
         train(cfg)
@@ -89,9 +90,18 @@ def test_resume_is_exact(data_dir, tmp_path):
         assert a["train_loss"] == pytest.approx(b["train_loss"], abs=1e-6)
         assert a["holdout_loss"] == pytest.approx(b["holdout_loss"], abs=1e-6)
     assert full["valid"]["accuracy"] == resumed["valid"]["accuracy"]
+    assert full["device_data"] is device_data
     wa = load_file(str(tmp_path / "a" / "run" / "model.safetensors"))
     wb = load_file(str(tmp_path / "b" / "run" / "model.safetensors"))
     assert all(np.allclose(wa[k].numpy(), wb[k].numpy(), atol=1e-6) for k in wa)
+
+
+def test_device_data_learns_and_needs_the_cache(data_dir, tmp_path):
+    m = train(_cfg(data_dir, tmp_path, epochs=6, device_data=True, model_args={"drop_rate": 0.0}))
+    assert m["device_data"] and m["valid"]["accuracy"] >= 0.9
+    assert [round(h["epoch"]) for h in m["history"]] == list(range(1, 7))
+    with pytest.raises(ValueError, match="device_data: true needs cache: true"):
+        train(_cfg(data_dir, tmp_path / "x", device_data=True, cache=False))
 
 
 def test_overwrite_removes_only_what_a_run_wrote(data_dir, tmp_path):

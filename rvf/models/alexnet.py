@@ -24,7 +24,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from ._base import ClassifierMixin, init_weights
+from ._base import AdaptiveMaxPool2d, ClassifierMixin, init_weights
 from ._registry import (
     DEFAULT_INPUT_SIZE, DEFAULT_MEAN, DEFAULT_STD, build_model_with_cfg, register_model,
 )
@@ -83,7 +83,7 @@ class AlexNet(ClassifierMixin, nn.Module):
         self.features = nn.Sequential(*layers)
         self.num_features = prev_chs
 
-        self.global_pool = nn.AdaptiveMaxPool2d(pool_size)
+        self.global_pool = AdaptiveMaxPool2d(pool_size)
         self.pre_logits = nn.Sequential(
             nn.Linear(prev_chs * pool_size * pool_size, head_hidden_size),
             act_layer(inplace=True),

@@ -19,7 +19,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from ._base import ClassifierMixin, init_weights
+from ._base import AdaptiveMaxPool2d, ClassifierMixin, init_weights
 from ._registry import (
     DEFAULT_INPUT_SIZE, DEFAULT_MEAN, DEFAULT_STD, build_model_with_cfg, register_model,
 )
@@ -63,7 +63,7 @@ class LeNet(ClassifierMixin, nn.Module):
             nn.MaxPool2d(2),  # S4
         )
         # Fixes F5's input size for any image size; an identity at 64 px (see module docstring).
-        self.global_pool = nn.AdaptiveMaxPool2d(pool_size)
+        self.global_pool = AdaptiveMaxPool2d(pool_size)
         self.pre_logits = nn.Sequential(
             nn.Linear(widths[1] * pool_size * pool_size, hidden_sizes[0]),  # F5
             act_layer(inplace=True),

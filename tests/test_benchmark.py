@@ -1,0 +1,27 @@
+"""scripts/benchmark.py runs end to end on a tiny synthetic set (a smoke test, not a timing)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("device_data", ["off", "on"])
+def test_benchmark_smoke(tmp_path, device_data):
+    out = tmp_path / "bench"
+    r = subprocess.run([sys.executable, "scripts/benchmark.py", "--synthetic", "48", "--image-size", "32",
+                        "--batch-size", "16", "--repeats", "1", "--scaling", "1", "--device-data", device_data,
+                        "--out", str(out)], capture_output=True, text=True, timeout=300, cwd=ROOT,
+                       env={"RVF_CACHE_DIR": str(tmp_path / "cache"), "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)})
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads((out / "lenet-32px-cpu.json").read_text())
+    assert res["rvf_device_data"] is (device_data == "on") and res["rvf_fused_optimizer"] is True
+    for key in ("baseline_train", "rvf_train", "baseline_data_only", "rvf_data_only"):
+        assert res[key]["images"] == 48 and res[key]["images_per_second"] > 0, key
+    assert res["speedup_epoch"] > 0 and res["cache_build_seconds"] >= 0 and res["rvf_peak_rss_mb"] > 0
+    assert len(res["scaling"]["points"]) == 3 and "ms/img" in res["scaling"]["fit"]
+    assert "speed-up per epoch" in (out / "lenet-32px-cpu.md").read_text()
