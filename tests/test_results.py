@@ -1,0 +1,56 @@
+"""Published results: the README's table is generated from results/, and publishing copies
+only small report files."""
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from rvf.leaderboard import README_END, README_START, collect_runs, readme_table
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "results" / "rvf10k"
+
+
+def _published_rows():
+    return collect_runs(sorted(p for p in RESULTS.iterdir() if p.is_dir()))
+
+
+def test_readme_table_is_the_published_results():
+    text = (ROOT / "README.md").read_text()
+    block = text.split(README_START, 1)[1].split(README_END, 1)[0]
+    assert block.strip() == readme_table(_published_rows()).strip(), \
+        "README results table is stale: run python scripts/publish_results.py"
+
+
+def test_every_published_run_is_a_committed_config():
+    for row in _published_rows():
+        assert (ROOT / "configs" / f"{row['run']}.yaml").is_file(), row["run"]
+
+
+def test_publish_copies_reports_only_and_rewrites_the_table(tmp_path):
+    run = tmp_path / "runs" / "lenet"
+    shutil.copytree(RESULTS / "lenet", run)
+    for junk in ("model.safetensors", "samples.png"):
+        (run / junk).write_bytes(b"x")
+    (run / "checkpoints" / "epoch_0").mkdir(parents=True)
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# x\n\n{README_START}\nold\n{README_END}\n\nafter\n")
+    results = tmp_path / "results"
+    cmd = [sys.executable, "scripts/publish_results.py", str(run), "--results", str(results), "--readme", str(readme)]
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert r.returncode == 0, r.stderr
+    published = {p.name for p in (results / "lenet").iterdir()}
+    assert "metrics.json" in published and "curves.png" in published
+    assert not published & {"model.safetensors", "samples.png", "checkpoints"}
+    assert (results / "leaderboard.md").is_file() and (results / "leaderboard.png").is_file()
+    text = readme.read_text()
+    assert "\nold\n" not in text and "`configs/lenet.yaml`" in text and text.endswith("\n\nafter\n")
+    r = subprocess.run(cmd[:2] + cmd[3:], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert r.returncode == 0 and "already up to date" in r.stdout
+    # bad input: a run that never finished, a README without markers
+    r = subprocess.run(cmd[:2] + [str(tmp_path), *cmd[3:]], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert r.returncode == 2 and "no metrics.json" in r.stderr
+    readme.write_text("# no markers\n")
+    r = subprocess.run(cmd[:2] + cmd[3:], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert r.returncode == 2 and "no results markers" in r.stderr
