@@ -85,3 +85,16 @@ def test_train_script_bad_config_is_one_clear_line(tmp_path):
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2
     assert r.stderr.strip().splitlines() == [f"error: {f}: unknown config key(s): batchsize (did you mean batch_size?)"]
+
+
+def test_imagenet_config_is_ready_to_fine_tune():
+    """The pretrained config names a real timm model and ImageNet's input pipeline (the
+    weights themselves need the hub, which this project's machines cannot reach)."""
+    from rvf.data import resolve_data_config
+    from rvf.models import create_model
+
+    cfg = load_config(ROOT / "configs" / "efficientnet_b0_imagenet.yaml")
+    assert cfg.pretrained and cfg.model == "timm:efficientnet_b0"
+    model = create_model(cfg.model, pretrained=False, num_classes=2)
+    data_cfg = resolve_data_config(model, image_size=cfg.image_size)
+    assert data_cfg.image_size == 224 and data_cfg.mean == pytest.approx((0.485, 0.456, 0.406), abs=1e-3)
