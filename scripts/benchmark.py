@@ -130,6 +130,8 @@ class Step:
                  fused=False):
         import torch
 
+        if channels_last:  # weights and batches both NHWC, as train() does
+            model = model.to(memory_format=torch.channels_last)
         self.torch, self.model, self.transform, self.device = torch, model, transform, device
         self.data_only, self.autocast_dtype, self.channels_last = data_only, autocast_dtype, channels_last
         # The baseline's optimizer is torch's default Adam; rvf's is what `train()` builds.
@@ -273,7 +275,8 @@ def main(args) -> int:
             n = max(args.batch_size, int(len(cached) * frac))
             part = cached.subset(np.random.default_rng(0).permutation(len(cached))[:n])
             loader = DataLoader(part, batch_size=args.batch_size, shuffle=True, collate_fn=collate_batch)
-            sec, n_img = time_epochs(Step(fresh_model(), train_tf, device, fused=args.fused_optimizer), loader, 2, 0)
+            sec, n_img = time_epochs(Step(fresh_model(), train_tf, device, autocast_dtype=autocast,
+                                          channels_last=args.channels_last, fused=args.fused_optimizer), loader, 2, 0)
             pts.append((n_img, sec))
             print(f"{'scaling':>22}: {n_img:6d} images -> {sec:6.2f} s", flush=True)
         xs, ys = np.array(pts, dtype=float).T
