@@ -25,3 +25,22 @@ def test_benchmark_smoke(tmp_path, device_data):
     assert res["speedup_epoch"] > 0 and res["cache_build_seconds"] >= 0 and res["rvf_peak_rss_mb"] > 0
     assert len(res["scaling"]["points"]) == 3 and "ms/img" in res["scaling"]["fit"]
     assert "speed-up per epoch" in (out / "lenet-32px-cpu.md").read_text()
+
+
+def test_probe_training_traces_each_lr(tmp_path):
+    sys.path.insert(0, str(ROOT / "tests"))
+    from synth import make_folder_dataset
+
+    data = make_folder_dataset(tmp_path / "d", n=8, size=32)
+    out = tmp_path / "probe.json"
+    r = subprocess.run([sys.executable, "scripts/probe_training.py", "--data-dir", str(data), "--model", "vgg16",
+                        "--image-size", "32", "--batch-size", "8", "--steps", "4", "--every", "2",
+                        "--lrs", "1e-3", "1e-5", "--out", str(out)], capture_output=True, text=True, timeout=300,
+                       cwd=ROOT, env={"RVF_CACHE_DIR": str(tmp_path / "cache"), "PATH": "/usr/bin:/bin",
+                                      "HOME": str(tmp_path)})
+    assert r.returncode == 0, r.stderr[-3000:]
+    traces = json.loads(out.read_text())["traces"]
+    assert set(traces) == {"0.001", "1e-05"}
+    for rows in traces.values():
+        assert [row["step"] for row in rows] == [1, 2, 4]
+        assert all(0 <= row["dead_last_conv"] <= 1 and 0 <= row["dead_head"] <= 1 and row["loss"] > 0 for row in rows)
