@@ -68,7 +68,7 @@ class TrainConfig:
     mixed_precision: Optional[str] = None  # no | fp16 | bf16; None: the Accelerate config's
     channels_last: bool = True  # NHWC weights and batches: faster convs on GPUs, and on a 2-core CPU too (LeNet 1.4x)
     compile: bool = False  # torch.compile the model
-    device_data: Optional[bool] = None  # whole uint8 train split on the device, batches indexed there; None: on for GPUs
+    device_data: Optional[bool] = None  # whole uint8 train split on the device, batches indexed there; None: on for GPUs, and on a CPU for splits up to 256 MB
     fused_optimizer: bool = True  # torch's fused optimizer kernel where there is one (adam, adamw, sgd...)
 
     # --- tracking and output ---

@@ -31,7 +31,7 @@ from rvf import CLASSES
 from rvf.checkpoint import save_pretrained
 from rvf.config import ConfigError, TrainConfig
 from rvf.data import (RVF10K, DeviceLoader, ToUint8, build_cache, build_eval_transform, build_train_transform,
-                      collate_batch, holdout_split, resolve_data_config)
+                      collate_batch, holdout_split, resolve_data_config, use_device_data)
 from rvf.metrics import calibrate_threshold, classification_metrics
 from rvf.utils import atomic_write_text, count_parameters, device_name
 
@@ -347,9 +347,10 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> di
     with accelerator.main_process_first():
         splits = load_splits(cfg, data_cfg, progress=accelerator.is_local_main_process)
     eval_bs = cfg.eval_batch_size or 2 * cfg.batch_size
-    # On a GPU the whole uint8 train split lives on the device and batches are indexed there:
-    # no DataLoader, no per-step host-to-device copy (see rvf.data.device_loader).
-    device_data = cfg.device_data if cfg.device_data is not None else (cfg.cache and accelerator.device.type != "cpu")
+    # On a GPU (and on a CPU for a small split) the whole uint8 train split lives on the device
+    # and batches are indexed there: no DataLoader, no per-step copy (rvf.data.device_loader).
+    fit_bytes = len(splits.fit) * 3 * data_cfg.image_size ** 2
+    device_data = use_device_data(cfg.device_data, accelerator.device, fit_bytes, cache=cfg.cache)
     if device_data and not cfg.cache:
         raise ConfigError("device_data: true needs cache: true (the device holds the decoded uint8 split)")
     if device_data:

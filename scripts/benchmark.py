@@ -48,7 +48,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser.add_argument("--mixed-precision", default="no", choices=["no", "bf16"], help="rvf path only")
     parser.add_argument("--channels-last", type=int, default=1, help="rvf path: 1 = NHWC model and batches (as in training)")
     parser.add_argument("--device-data", choices=["auto", "on", "off"], default="auto",
-                        help="rvf path: keep the uint8 split on the device (auto: on for GPUs, as in training)")
+                        help="rvf path: keep the uint8 split on the device (auto: as training decides)")
     parser.add_argument("--fused-optimizer", type=int, default=1, help="rvf path: 1 = torch's fused Adam (as in training)")
     parser.add_argument("--skip-baseline", action="store_true")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
@@ -168,7 +168,7 @@ def main(args) -> int:
     from torchvision import transforms as T
 
     from rvf.data import (RVF10K, DeviceLoader, build_cache, build_train_transform, collate_batch, load_image,
-                          resolve_data_config)
+                          resolve_data_config, use_device_data)
     from rvf.data.transforms import build_eval_transform
     from rvf.models import create_model
     from rvf.utils import device_name
@@ -221,7 +221,7 @@ def main(args) -> int:
           f"({res['cache_mb']} MB)", flush=True)
     train_tf = build_train_transform(data_cfg, hflip=0.5).to(device)
     autocast = torch.bfloat16 if args.mixed_precision == "bf16" else None
-    device_data = args.device_data == "on" or (args.device_data == "auto" and device.type != "cpu")
+    device_data = use_device_data({"on": True, "off": False, "auto": None}[args.device_data], device, cached.nbytes)
     res["rvf_device_data"], res["rvf_fused_optimizer"] = device_data, bool(args.fused_optimizer)
     if device_data:
         rvf_loader = DeviceLoader(cached, args.batch_size, device, drop_last=False)

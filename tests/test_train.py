@@ -115,7 +115,8 @@ def test_overwrite_removes_only_what_a_run_wrote(data_dir, tmp_path):
 
 
 def test_per_file_path_matches_the_cache(data_dir, tmp_path):
-    a = train(_cfg(data_dir, tmp_path / "a", epochs=1))
+    # same DataLoader order on both sides; only where the pixels come from differs
+    a = train(_cfg(data_dir, tmp_path / "a", epochs=1, device_data=False))
     b = train(_cfg(data_dir, tmp_path / "b", epochs=1, cache=False, num_workers=0))
     assert a["history"][0]["train_loss"] == pytest.approx(b["history"][0]["train_loss"], abs=1e-5)
     assert a["valid"]["accuracy"] == b["valid"]["accuracy"]
@@ -220,6 +221,6 @@ def test_two_process_ddp_counts_each_image_once(data_dir, tmp_path):
 def test_lenet_learns_rvf10k_mini(tmp_path):
     m = train(TrainConfig(model="lenet", data_dir=str(SHARED_MINI), output_dir=str(tmp_path / "run"),
                           epochs=8, batch_size=32, lr=1e-3, tracker="none", cache_dir=str(tmp_path / "cache")))
-    # 400 valid images; chance is 0.5. Measured: 0.675 accuracy, 0.722 AUC (README "Tests").
+    # 400 valid images; chance is 0.5. Measured: 0.6725 accuracy, 0.739 AUC (README "Tests").
     assert m["valid"]["accuracy"] >= 0.60, m["valid"]
     assert m["valid"]["roc_auc"] >= 0.65

@@ -21,7 +21,20 @@ import torch
 
 from .cache import DecodedImages
 
-__all__ = ["DeviceLoader"]
+__all__ = ["DeviceLoader", "CPU_RESIDENT_MAX_BYTES", "use_device_data"]
+
+# On a CPU the "device" is host memory, which already holds the memory-mapped cache: a copy
+# pays (LeNet at 64 px: 2.28 -> 2.18 s per epoch) only while it is small next to RAM, and a
+# 256 px split (1.2 GB) stays memory-mapped, never copied per process.
+CPU_RESIDENT_MAX_BYTES = 256 * 2**20
+
+
+def use_device_data(setting: bool | None, device: torch.device, nbytes: int, cache: bool = True) -> bool:
+    """Resolve the `device_data` config: an explicit True/False wins; None means on for any
+    accelerator, and on a CPU only for a split of at most `CPU_RESIDENT_MAX_BYTES`."""
+    if setting is not None:
+        return setting
+    return cache and (torch.device(device).type != "cpu" or nbytes <= CPU_RESIDENT_MAX_BYTES)
 
 
 class DeviceLoader:
