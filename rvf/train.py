@@ -349,7 +349,7 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> di
     eval_bs = cfg.eval_batch_size or 2 * cfg.batch_size
     # On a GPU (and on a CPU for a small split) the whole uint8 train split lives on the device
     # and batches are indexed there: no DataLoader, no per-step copy (rvf.data.device_loader).
-    fit_bytes = len(splits.fit) * 3 * data_cfg.image_size ** 2
+    fit_bytes = splits.fit.nbytes if cfg.cache else 0  # no cache: a per-file Subset, never resident
     device_data = use_device_data(cfg.device_data, accelerator.device, fit_bytes, cache=cfg.cache)
     if device_data and not cfg.cache:
         raise ConfigError("device_data: true needs cache: true (the device holds the decoded uint8 split)")

@@ -219,7 +219,7 @@ def test_device_loader_epochs_shards_and_contents(tmp_path):
         return torch.cat(xs), torch.cat(ys)
 
     full = DeviceLoader(part, 4, "cpu", drop_last=False, seed=3)
-    assert len(full) == 4 and full.nbytes == 13 * 3 * 16 * 16
+    assert len(full) == 4 and full.nbytes == part.nbytes == 13 * 3 * 16 * 16
     x, y = epoch(full, 0)
     # every image exactly once per epoch, with its own label
     assert sorted(img.numpy().tobytes() for img in x) == sorted(rows)

@@ -95,7 +95,8 @@ class DecodedImages(Dataset):
 
     @property
     def nbytes(self) -> int:
-        return int(np.prod(self.images.shape))
+        """Bytes of this split's (or subset's) decoded images."""
+        return len(self.indices) * int(np.prod(self.images.shape[1:]))
 
 
 def collate_batch(batch):
