@@ -33,7 +33,7 @@ from rvf.config import ConfigError, TrainConfig
 from rvf.data import (RVF10K, DeviceLoader, ToUint8, build_cache, build_eval_transform, build_train_transform,
                       collate_batch, holdout_split, resolve_data_config, use_device_data)
 from rvf.metrics import calibrate_threshold, classification_metrics
-from rvf.utils import atomic_write_text, count_parameters, device_name
+from rvf.utils import atomic_write_text, count_parameters, device_name, resolve_mixed_precision
 
 __all__ = ["RunDirError", "Splits", "load_splits", "build_optimizer", "build_scheduler", "evaluate", "train_one_epoch",
            "train"]
@@ -316,16 +316,22 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> di
     Returns:
         The metrics written to `metrics.json`.
     """
-    from accelerate import Accelerator
-    from accelerate.utils import DataLoaderConfiguration, set_seed
+    from accelerate import Accelerator, PartialState
+    from accelerate.utils import DataLoaderConfiguration, parse_flag_from_env, set_seed
 
     from rvf import reports, tracking
     from rvf.models import create_model
 
     out = cfg.resolved_output_dir()
     log_with, init_kwargs, tracker_note = tracking.resolve_tracker(cfg, out)
+    # PartialState is the process/device state the Accelerator below will share; its device
+    # decides what "auto" precision means (bf16 only where the hardware does bf16 maths). It
+    # reads `--cpu` from the environment as AcceleratorState would, or a CPU DDP run
+    # (torchrun + ACCELERATE_USE_CPU) would start as one process.
+    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
     accelerator = Accelerator(
-        mixed_precision=cfg.mixed_precision, log_with=log_with, project_dir=str(out),
+        mixed_precision=resolve_mixed_precision(cfg.mixed_precision, state.device),
+        log_with=log_with, project_dir=str(out),
         # A seeded sampler gives each epoch the same order whether or not the run was resumed.
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, non_blocking=torch.cuda.is_available()),
     )

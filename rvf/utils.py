@@ -66,3 +66,35 @@ def device_name(device) -> str:
             if line.startswith("model name"):
                 return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} cores)"
     return f"{platform.processor() or platform.machine()} ({os.cpu_count()} cores)"
+
+
+def has_native_bf16(device) -> bool:
+    """Whether `device` runs bfloat16 matrix maths in hardware: a CUDA GPU that supports it
+    (Ampere and later), or a CPU with AVX512-BF16 or AMX (e.g. AMD Zen 4, Intel Sapphire
+    Rapids). Elsewhere bf16 autocast is emulated and slower than fp32."""
+    import torch
+
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        # Private but stable helpers (torch >= 2.1); a torch without them gets fp32.
+        checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+        return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
+    return False
+
+
+def resolve_mixed_precision(setting: str | None, device) -> str | None:
+    """Resolve the `mixed_precision` config for Accelerate.
+
+    "auto" takes what the launcher asked for (`accelerate launch --mixed_precision fp16`, or
+    its config file) when that is not "no", else bf16 where `device` has native bf16, else
+    "no". None leaves it to Accelerate, i.e. exactly the launcher's setting; "no", "fp16" and
+    "bf16" are used as given.
+    """
+    if setting != "auto":
+        return setting
+    launcher = os.environ.get("ACCELERATE_MIXED_PRECISION", "no").lower()
+    if launcher != "no":
+        return launcher
+    return "bf16" if has_native_bf16(device) else "no"

@@ -9,7 +9,8 @@ Times, in one process and one run (so machine noise hits both alike):
    num_workers = cores, fp32, decode every image every epoch;
 2. rvf: the decode-once uint8 cache (memory-mapped; on a GPU the whole split resident on the
    device, as `train()` does by default there), augmentation and normalisation on the device,
-   rvf's optimizer (torch's fused kernel), no per-step host sync.
+   rvf's optimizer (torch's fused kernel), bf16 autocast where the device does bf16 in
+   hardware (as training's default `mixed_precision: auto`), no per-step host sync.
 For each: training images/s (median of --repeats epochs after a warm-up epoch), data-only
 images/s, the ratio, the one-time cache build, a projected 20-epoch run (cache build
 included), peak RSS, inference throughput and single-image latency, and how rvf's epoch
@@ -45,7 +46,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser.add_argument("--max-steps", type=int, default=0, help="cap steps per epoch (0: full epoch)")
     parser.add_argument("--scaling", type=int, default=1, help="1: also time rvf epochs at 1/7, 1/2 and all of train")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
-    parser.add_argument("--mixed-precision", default="no", choices=["no", "bf16"], help="rvf path only")
+    parser.add_argument("--mixed-precision", default="auto", choices=["auto", "no", "bf16"],
+                        help="rvf path only (the plain loop is fp32); auto: bf16 where the device does it "
+                             "in hardware, as training decides")
     parser.add_argument("--channels-last", type=int, default=1, help="rvf path: 1 = NHWC model and batches (as in training)")
     parser.add_argument("--device-data", choices=["auto", "on", "off"], default="auto",
                         help="rvf path: keep the uint8 split on the device (auto: as training decides)")
@@ -171,7 +174,7 @@ def main(args) -> int:
                           resolve_data_config, use_device_data)
     from rvf.data.transforms import build_eval_transform
     from rvf.models import create_model
-    from rvf.utils import device_name
+    from rvf.utils import device_name, resolve_mixed_precision
 
     device = torch.device(args.device)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
@@ -220,7 +223,9 @@ def main(args) -> int:
     print(f"{'cache build':>22}: {res['cache_build_seconds']:7.2f} s for {len(cached)} images "
           f"({res['cache_mb']} MB)", flush=True)
     train_tf = build_train_transform(data_cfg, hflip=0.5).to(device)
-    autocast = torch.bfloat16 if args.mixed_precision == "bf16" else None
+    precision = resolve_mixed_precision(args.mixed_precision, device)
+    autocast = torch.bfloat16 if precision == "bf16" else None
+    res["rvf_mixed_precision"] = precision
     device_data = use_device_data({"on": True, "off": False, "auto": None}[args.device_data], device, cached.nbytes)
     res["rvf_device_data"], res["rvf_fused_optimizer"] = device_data, bool(args.fused_optimizer)
     if device_data:
@@ -310,7 +315,8 @@ def _markdown(r: dict) -> str:
         rows.append(f"- 20 epochs incl. the one-time cache build: **{r['speedup_20_epochs_incl_cache']}x** "
                     f"({r['projected_20_epochs_seconds']['baseline']} s vs {r['projected_20_epochs_seconds']['rvf_incl_cache_build']} s)")
     rows.append(f"- rvf path: split resident on the device: {r.get('rvf_device_data', False)}; "
-                f"fused optimizer: {r.get('rvf_fused_optimizer', False)}")
+                f"fused optimizer: {r.get('rvf_fused_optimizer', False)}; "
+                f"precision: {r.get('rvf_mixed_precision', 'no')} (baseline: fp32)")
     rows.append(f"- cache build: {r['cache_build_seconds']} s for {r['cache_mb']} MB")
     rows.append(f"- inference: {r['inference_images_per_second']} img/s; one JPEG end to end: {r['single_image_latency_ms']} ms")
     if "scaling" in r:

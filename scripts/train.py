@@ -46,8 +46,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, help="seeds weights, holdout split, shuffling and augmentation")
     parser.add_argument("--tracker", choices=["wandb", "tensorboard", "none"],
                         help="default wandb (offline when no API key is set)")
-    parser.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"],
-                        help="default: the Accelerate config's")
+    parser.add_argument("--mixed-precision", choices=["auto", "no", "fp16", "bf16"],
+                        help="default auto: the launcher's if it asked for one, else bf16 where the "
+                             "GPU or CPU does bf16 in hardware, else fp32 ('no')")
     parser.add_argument("--resume", type=Path, metavar="RUN_DIR",
                         help="continue the run in RUN_DIR from its last saved epoch (its config.yaml is the base)")
     parser.add_argument("--overwrite", action="store_true", help="replace a run already in the output dir")

@@ -98,3 +98,34 @@ def test_imagenet_config_is_ready_to_fine_tune():
     model = create_model(cfg.model, pretrained=False, num_classes=2)
     data_cfg = resolve_data_config(model, image_size=cfg.image_size)
     assert data_cfg.image_size == 224 and data_cfg.mean == pytest.approx((0.485, 0.456, 0.406), abs=1e-3)
+
+
+@pytest.mark.parametrize("setting, launcher, native, want", [
+    ("auto", None, True, "bf16"),  # hardware bf16 and no launcher choice: bf16
+    ("auto", None, False, "no"),  # emulated bf16 is slower than fp32
+    ("auto", "no", True, "bf16"),  # accelerate launch always exports its default "no"
+    ("auto", "fp16", True, "fp16"),  # an explicit launcher choice wins
+    ("no", "fp16", True, "no"),  # and so does the config's own
+    ("bf16", None, False, "bf16"),
+    (None, "fp16", True, None),  # None: Accelerate reads the launcher's itself
+])
+def test_mixed_precision_auto(monkeypatch, setting, launcher, native, want):
+    from rvf import utils
+
+    if launcher is None:
+        monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
+    else:
+        monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", launcher)
+    monkeypatch.setattr(utils, "has_native_bf16", lambda device: native)
+    assert utils.resolve_mixed_precision(setting, "cpu") == want
+
+
+def test_native_bf16_detection_is_a_bool():
+    import torch
+
+    from rvf.utils import has_native_bf16
+
+    assert has_native_bf16("cpu") in (True, False)
+    assert has_native_bf16("meta") is False
+    if not torch.cuda.is_available():
+        assert has_native_bf16("cuda") is False
