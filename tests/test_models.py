@@ -57,6 +57,22 @@ def test_model_backward(name):
     assert first_conv.abs().sum() > 0, "no gradient reaches the first convolution"
 
 
+@torch.no_grad()
+def test_plain_vgg16_keeps_the_signal_at_init():
+    # Without BatchNorm, an init that shrinks activations layer by layer lets Adam's first
+    # bias updates swamp the input: plain VGG16 with fan_out init sat near chance on rvf10k.
+    # (AlexNet's five fan_out convs shrink it to ~0.12 and it learns; thirteen do not.)
+    name = "vgg16"
+    model = create_model(name).eval()
+    stds = []
+    hooks = [m.register_forward_hook(lambda mod, inp, out: stds.append(out.std().item()))
+             for m in model.modules() if isinstance(m, nn.ReLU)]
+    model.forward_features(torch.randn(16, 3, 64, 64))
+    for h in hooks:
+        h.remove()
+    assert 0.3 < stds[-1] < 5, f"{name}: std of the last conv activation at init is {stds[-1]:.3f}"
+
+
 @pytest.mark.parametrize("name", MODEL_NAMES)
 @torch.no_grad()
 def test_model_interface(name):

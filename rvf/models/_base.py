@@ -41,8 +41,9 @@ def init_weights(model: nn.Module, conv_mode: str = "fan_out") -> None:
     """Kaiming for convs (`conv_mode`) and hidden linears (fan_in), BN as identity, and
     `init_classifier` for `model.fc`.
 
-    fan_out keeps the gradient scale steady through ReLU stacks going backwards; without BN
-    that is what lets plain VGG16 start learning. Hidden linears get Kaiming fan_in rather
+    fan_out (torchvision's choice) keeps the gradient's scale steady going backwards; fan_in
+    keeps the activations' scale going forwards, which is what a deep stack without BN needs
+    (plain VGG16 passes "fan_in", see rvf.models.vgg). Hidden linears get Kaiming fan_in rather
     than torchvision's N(0, 0.01), which suits 4096-wide layers but shrinks the signal ~3x
     per 1024-wide layer (and ~10x per LeNet layer) and made training start visibly slower.
     """

@@ -16,12 +16,20 @@ from upsampled copies of 2x2 values. Here:
       about 3M parameters next to 14.7M in the convolutions. It is quick to train on a CPU
       and less prone to overfit a few thousand faces.
     - `vgg16_bn` passes `norm_layer=nn.BatchNorm2d` (BatchNorm after every convolution).
-    - Initialisation is Kaiming-normal (fan_out) for convs, as in torchvision: with
-      PyTorch's default init each conv + ReLU keeps about 1/6 of the signal's variance, so
-      thirteen of them leave almost nothing to learn from, a likely reason why VGG16
-      without BN never learned in the seed (Adam, lr 1e-4, 64 px). The head's hidden
-      linears are Kaiming (fan_in) too, and only the classifier gets torchvision's
-      N(0, 0.01), which would shrink the signal ~3x per 1024-wide hidden layer.
+    - Initialisation is Kaiming-normal with fan_in for the convolutions, which keeps the
+      signal's scale through the stack: at init the last conv's ReLU output has std 1.45 for a
+      unit-variance input. torchvision's fan_out shrinks it ~16x (std 0.09: the first conv has
+      fan_in 27 against fan_out 576, and every stage that doubles the channels halves the
+      variance again). With activations that small, Adam's first steps on the zero-initialised
+      conv biases (lr 1e-4 per step, whatever the gradient's size) outweigh the input, and the
+      network drifts to an input-independent output: on rvf10k the logits' spread fell from
+      0.086 to 0.012 in 30 steps (scripts/probe_training.py) and a 20-epoch run sat at 50-57 %
+      for 6 epochs, the seed's "VGG16 never learned" under the seed's own protocol (Adam
+      1e-4). fan_in fixes it without changing the protocol. (Keras' default, glorot_uniform,
+      shrinks the signal further still, having no ReLU gain, which is likely what stalled the
+      seed's own VGG16; not measured here.) The head's hidden linears
+      are Kaiming (fan_in) too, and only the classifier gets torchvision's N(0, 0.01), which
+      would shrink the signal ~3x per 1024-wide hidden layer.
 """
 
 from collections.abc import Callable
@@ -97,7 +105,7 @@ class VGG(ClassifierMixin, nn.Module):
         )
         self.head_drop = nn.Dropout(drop_rate)
         self.fc = nn.Linear(head_hidden_size, num_classes) if num_classes > 0 else nn.Identity()
-        init_weights(self)  # Kaiming fan_out convs; see rvf.models._base
+        init_weights(self, conv_mode="fan_in")  # see the module docstring
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Return the conv5 feature map before the last pool, (B, 512, H/16, W/16)."""
