@@ -1,4 +1,4 @@
-"""scripts/benchmark.py runs end to end on a tiny synthetic set (a smoke test, not a timing)."""
+"""The benchmark scripts run end to end on tiny inputs (smoke tests, not timings)."""
 
 import json
 import subprocess
@@ -44,3 +44,16 @@ def test_probe_training_traces_each_lr(tmp_path):
     for rows in traces.values():
         assert [row["step"] for row in rows] == [1, 2, 4]
         assert all(0 <= row["dead_last_conv"] <= 1 and 0 <= row["dead_head"] <= 1 and row["loss"] > 0 for row in rows)
+
+
+def test_precision_benchmark_smoke(tmp_path):
+    out = tmp_path / "precision.json"
+    r = subprocess.run([sys.executable, "benchmarks/precision.py", "--models", "lenet", "alexnet_bn",
+                        "--image-size", "32", "--batch-size", "4", "--steps", "1", "--out", str(out)],
+                       capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert res["native_bf16"] in (True, False) and [m["model"] for m in res["models"]] == ["lenet", "alexnet_bn"]
+    for row in res["models"]:
+        assert row["fp32_ms"] > 0 and row["bf16_ms"] > 0 and row["speedup"] > 0
+    assert "native bf16" in r.stdout
