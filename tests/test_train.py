@@ -221,6 +221,7 @@ def test_two_process_ddp_counts_each_image_once(data_dir, tmp_path):
 def test_lenet_learns_rvf10k_mini(tmp_path):
     m = train(TrainConfig(model="lenet", data_dir=str(SHARED_MINI), output_dir=str(tmp_path / "run"),
                           epochs=8, batch_size=32, lr=1e-3, tracker="none", cache_dir=str(tmp_path / "cache")))
-    # 400 valid images; chance is 0.5. Measured: 0.6725 accuracy, 0.739 AUC (README "Tests").
+    # 400 valid images; chance is 0.5. Measured: 0.6700 accuracy, 0.729 AUC with bf16 autocast on an
+    # AVX512-BF16 CPU, 0.6725 and 0.739 in fp32 (README "Tests").
     assert m["valid"]["accuracy"] >= 0.60, m["valid"]
     assert m["valid"]["roc_auc"] >= 0.65
