@@ -66,7 +66,7 @@ class TrainConfig:
 
     # --- speed ---
     # auto | no | fp16 | bf16 | None. auto: the launcher's choice if it made one, else bf16 where
-    # the device does bf16 in hardware (recent GPUs; CPUs with AVX512-BF16/AMX: 1.3-2x per step
+    # the device does bf16 in hardware (recent GPUs; CPUs with AVX512-BF16/AMX: 1.2-2x per step
     # on an EPYC), else fp32. None: exactly the Accelerate config's, "no" included.
     mixed_precision: Optional[str] = "auto"
     channels_last: bool = True  # NHWC weights and batches: faster convs on GPUs, and on a 2-core CPU too (LeNet 1.4x)
