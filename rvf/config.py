@@ -57,12 +57,15 @@ class TrainConfig:
     label_smoothing: float = 0.0
     grad_clip: Optional[float] = None  # max gradient norm
     ema_decay: Optional[float] = None  # keep an EMA of the weights (timm ModelEmaV3), e.g. 0.999
+    aux_weight: float = 0.3  # loss weight of each auxiliary head (inception_v1 with model_args {aux_logits: true}; the paper's 0.3)
 
     # --- augmentation (applied per sample, on the training device) ---
     hflip: float = 0.0  # probability of a horizontal flip
     crop_scale: tuple[float, float] = (1.0, 1.0)  # random-resized-crop area range; (1, 1) = off
+    translate: int = 0  # random shift of up to N pixels (reflect padding): no resampling, so texture stays intact
     brightness: float = 0.0
     contrast: float = 0.0
+    erase: float = 0.0  # probability of erasing a random rectangle with noise (timm RandomErasing)
 
     # --- speed ---
     # auto | no | fp16 | bf16 | None. auto: the launcher's choice if it made one, else bf16 where

@@ -182,8 +182,15 @@ def train_one_epoch(model, loader, transform, criterion, optimizer, scheduler, a
         x = transform(images)  # uint8 (B, 3, H, W) -> augmented, normalised float
         if cfg.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        logits = model(x)  # (B, 2)
-        loss = criterion(logits, labels)
+        out = model(x)  # (B, 2), or (logits, aux1, ...) from a model with auxiliary heads
+        if isinstance(out, (tuple, list)):
+            # Auxiliary classifiers (Inception v1's `aux_logits`) add their own losses, each
+            # weighted by `aux_weight`; only the main head is counted in accuracy and used at eval.
+            logits, *aux = out
+            loss = criterion(logits, labels) + cfg.aux_weight * sum(criterion(a, labels) for a in aux)
+        else:
+            logits = out
+            loss = criterion(logits, labels)
         accelerator.backward(loss)
         if cfg.grad_clip:
             accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -368,8 +375,9 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> di
         steps_per_epoch = len(train_loader)
     holdout_loader = _loader(splits.holdout, eval_bs, cfg, train=False)
     valid_loader = _loader(splits.valid, eval_bs, cfg, train=False)
-    train_tf = build_train_transform(data_cfg, hflip=cfg.hflip, scale=cfg.crop_scale,
-                                     brightness=cfg.brightness, contrast=cfg.contrast).to(accelerator.device)
+    train_tf = build_train_transform(data_cfg, hflip=cfg.hflip, scale=cfg.crop_scale, translate=cfg.translate,
+                                     brightness=cfg.brightness, contrast=cfg.contrast,
+                                     erase=cfg.erase).to(accelerator.device)
     eval_tf = build_eval_transform(data_cfg).to(accelerator.device)
     accelerator.print(f"data: {splits.root} | fit {splits.counts['fit']}, holdout {splits.counts['holdout']}, "
                       f"valid {splits.counts['valid']} | {data_cfg.image_size}px {data_cfg.interpolation}"

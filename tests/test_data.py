@@ -273,6 +273,36 @@ def test_train_augment_is_per_sample():
     assert z.shape == (64, 3, 16, 16) and torch.isfinite(z).all()
 
 
+def test_translate_moves_whole_pixels_per_sample():
+    cfg = DataConfig(16, (0.0,) * 3, (1 / 255,) * 3)  # normalisation is the identity on 0..255
+    torch.manual_seed(0)
+    x = torch.randint(0, 256, (32, 3, 16, 16), dtype=torch.uint8)
+    y = build_train_transform(cfg, translate=3)(x)
+    assert y.shape == x.shape
+    padded = torch.nn.functional.pad(x.float(), (3, 3, 3, 3), mode="reflect")
+    shifts = []
+    for i in range(len(x)):
+        # Each output is exactly one window of the reflect-padded input: no resampling.
+        hits = [(dy, dx) for dy in range(7) for dx in range(7)
+                if torch.equal(y[i], padded[i, :, dy:dy + 16, dx:dx + 16])]
+        assert hits, f"sample {i} is not a whole-pixel shift"
+        shifts.append(hits[0])
+    assert len(set(shifts)) > 5  # drawn per sample
+
+
+def test_random_erasing_touches_only_some_samples():
+    cfg = DataConfig(16, (0.5,) * 3, (0.5,) * 3)
+    x = torch.full((64, 3, 16, 16), 128, dtype=torch.uint8)
+    torch.manual_seed(0)
+    import random
+    random.seed(0)  # timm's RandomErasing draws with Python's random
+    y = build_train_transform(cfg, erase=0.5)(x)
+    clean = build_eval_transform(cfg)(x)
+    erased = (y != clean).flatten(1).any(1)
+    assert 10 < erased.sum() < 54
+    assert torch.isfinite(y).all()
+
+
 # ------------------------------------------------------------------ download
 
 def test_download_without_network_fails_fast_with_instructions(tmp_path):

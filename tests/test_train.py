@@ -77,6 +77,23 @@ def test_learns_the_synthetic_task(data_dir, tmp_path):
     assert m["valid"]["accuracy"] >= 0.9 and m["valid"]["roc_auc"] >= 0.95
 
 
+@pytest.mark.parametrize("aux_weight", [0.0, 0.3])
+def test_auxiliary_heads_train_with_their_weight(data_dir, tmp_path, aux_weight):
+    import torch
+
+    from rvf.models import create_model
+
+    args = {"aux_logits": True}
+    m = train(_cfg(data_dir, tmp_path, model="inception_v1", epochs=1, model_args=args, aux_weight=aux_weight))
+    assert np.isfinite(m["history"][0]["train_loss"]) and m["valid"]["n"] == 24
+    torch.manual_seed(42)  # train() seeds with cfg.seed before building the model: the same start
+    start = create_model("inception_v1", num_classes=2, **args).state_dict()
+    trained = load_file(str(tmp_path / "run" / "model.safetensors"))
+    aux_moved = not torch.equal(trained["aux1.fc.weight"], start["aux1.fc.weight"])
+    assert not torch.equal(trained["fc.weight"], start["fc.weight"])
+    assert aux_moved == (aux_weight > 0)  # the heads learn exactly when their loss counts
+
+
 @pytest.mark.parametrize("device_data", [False, True], ids=["dataloader", "device_data"])
 def test_resume_is_exact(data_dir, tmp_path, device_data):
     full = train(_cfg(data_dir, tmp_path / "a", epochs=3, hflip=0.5, device_data=device_data))

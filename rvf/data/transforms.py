@@ -226,15 +226,22 @@ class TrainAugment(nn.Module):
         hflip: probability of a horizontal flip.
         scale: (min, max) area fraction of a random resized crop; (1, 1) disables it.
         ratio: (min, max) aspect ratio of that crop.
+        translate: shift each image by up to this many pixels in x and y, filling the edge by
+            reflection. Whole-pixel moves copy pixels exactly, unlike a resized crop, which
+            resamples (blurs) the fine texture a fake detector reads.
         brightness, contrast: jitter strength; 0 disables it.
+        erase: probability of timm's `RandomErasing` (one rectangle of per-pixel noise, on the
+            normalised image).
     """
 
-    def __init__(self, mean, std, *, hflip=0.0, scale=(1.0, 1.0), ratio=(3 / 4, 4 / 3),
-                 brightness=0.0, contrast=0.0):
+    def __init__(self, mean, std, *, hflip=0.0, scale=(1.0, 1.0), ratio=(3 / 4, 4 / 3), translate=0,
+                 brightness=0.0, contrast=0.0, erase=0.0):
         super().__init__()
         self.normalize = Normalize(mean, std)
         self.hflip, self.scale, self.ratio = float(hflip), tuple(scale), tuple(ratio)
+        self.translate = int(translate)
         self.brightness, self.contrast = float(brightness), float(contrast)
+        self.erase = float(erase)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, dev = x.shape[0], x.device
@@ -244,13 +251,33 @@ class TrainAugment(nn.Module):
         if self.hflip > 0:
             flip = torch.rand(b, 1, 1, 1, device=dev) < self.hflip
             x = torch.where(flip, x.flip(-1), x)
+        if self.translate > 0:
+            x = self._random_translate(x)
         if self.brightness > 0 or self.contrast > 0:
             gain = 1 + (torch.rand(b, 1, 1, 1, device=dev) * 2 - 1) * self.brightness
             c = 1 + (torch.rand(b, 1, 1, 1, device=dev) * 2 - 1) * self.contrast
             mean = x.mean(dim=(1, 2, 3), keepdim=True)
             x = ((x - mean) * c + mean) * gain
             x = x.clamp(0, 255)
-        return x * self.normalize.scale + self.normalize.shift
+        x = x * self.normalize.scale + self.normalize.shift
+        if self.erase > 0:
+            from timm.data.random_erasing import RandomErasing
+
+            # Per-sample, in place, noise drawn on x's own device.
+            x = RandomErasing(self.erase, mode="pixel", device=x.device)(x)
+        return x
+
+    def _random_translate(self, x: torch.Tensor) -> torch.Tensor:
+        # Reflect-pad by t, then cut each sample's window at its own integer offset in [0, 2t].
+        b, _, h, w = x.shape
+        t, dev = self.translate, x.device
+        padded = F.pad(x, (t, t, t, t), mode="reflect")  # (B, 3, H + 2t, W + 2t)
+        dy, dx = (torch.randint(0, 2 * t + 1, (2, b, 1), device=dev))
+        rows = (dy + torch.arange(h, device=dev))[:, None, :, None]  # (B, 1, H, 1)
+        cols = (dx + torch.arange(w, device=dev))[:, None, None, :]  # (B, 1, 1, W)
+        batch = torch.arange(b, device=dev)[:, None, None, None]
+        chans = torch.arange(x.shape[1], device=dev)[None, :, None, None]
+        return padded[batch, chans, rows, cols]  # (B, 3, H, W)
 
     def _random_resized_crop(self, x: torch.Tensor) -> torch.Tensor:
         # One affine grid per sample: crop area ~ U(scale), log-aspect ~ U(log ratio),
@@ -270,13 +297,13 @@ class TrainAugment(nn.Module):
         return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
 
 
-def build_train_transform(data_cfg: DataConfig, *, hflip: float = 0.0, scale=(1.0, 1.0),
-                          brightness: float = 0.0, contrast: float = 0.0) -> nn.Module:
+def build_train_transform(data_cfg: DataConfig, *, hflip: float = 0.0, scale=(1.0, 1.0), translate: int = 0,
+                          brightness: float = 0.0, contrast: float = 0.0, erase: float = 0.0) -> nn.Module:
     """Return the on-device training transform: uint8 batch -> augmented, normalised float."""
-    if not any([hflip, tuple(scale) != (1.0, 1.0), brightness, contrast]):
+    if not any([hflip, tuple(scale) != (1.0, 1.0), translate, brightness, contrast, erase]):
         return Normalize(data_cfg.mean, data_cfg.std)
-    return TrainAugment(data_cfg.mean, data_cfg.std, hflip=hflip, scale=scale,
-                        brightness=brightness, contrast=contrast)
+    return TrainAugment(data_cfg.mean, data_cfg.std, hflip=hflip, scale=scale, translate=translate,
+                        brightness=brightness, contrast=contrast, erase=erase)
 
 
 def build_eval_transform(data_cfg: DataConfig) -> nn.Module:
