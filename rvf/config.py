@@ -57,7 +57,8 @@ class TrainConfig:
     label_smoothing: float = 0.0
     grad_clip: Optional[float] = None  # max gradient norm
     ema_decay: Optional[float] = None  # keep an EMA of the weights (timm ModelEmaV3), e.g. 0.999
-    aux_weight: float = 0.3  # loss weight of each auxiliary head (inception_v1 with model_args {aux_logits: true}; the paper's 0.3)
+    tta_hflip: bool = False  # evaluate (holdout, valid, the saved model) on each image and its mirror, logits averaged
+    aux_weight: float = 0.3  # loss weight of each auxiliary head (inception_v1 aux_logits: true); the paper's 0.3
 
     # --- augmentation (applied per sample, on the training device) ---
     hflip: float = 0.0  # probability of a horizontal flip

@@ -15,8 +15,12 @@ __all__ = ["evaluate_checkpoint"]
 
 def evaluate_checkpoint(checkpoint: str | Path, data_dir: str | Path, split: str = "valid",
                         output_dir: str | Path | None = None, batch_size: int = 128,
-                        cache_dir: str | None = None, skip_bad: bool = False) -> dict:
+                        cache_dir: str | None = None, skip_bad: bool = False,
+                        tta_hflip: bool | None = None) -> dict:
     """Run a checkpoint over `split` on every process Accelerate gives us.
+
+    `tta_hflip` (image and mirror, logits averaged) defaults to what the model was trained
+    and calibrated with (`model.json`).
 
     The images go through the same decode cache and eval transform as training, so the
     numbers match the run's own `metrics.json` for the same split.
@@ -44,11 +48,13 @@ def evaluate_checkpoint(checkpoint: str | Path, data_dir: str | Path, split: str
     loader = DataLoader(images, batch_size=batch_size, shuffle=False, collate_fn=collate_batch)
     model, loader = accelerator.prepare(model, loader)
     transform = build_eval_transform(data_cfg).to(accelerator.device)
-    labels, probs, loss = evaluate(model, loader, transform, accelerator, desc=split)
+    if tta_hflip is None:
+        tta_hflip = bool(meta.get("tta_hflip", False))
+    labels, probs, loss = evaluate(model, loader, transform, accelerator, desc=split, tta_hflip=tta_hflip)
     metrics = {
         "model": meta["model_name"], "checkpoint": str(checkpoint), "split": split,
         split: classification_metrics(labels, probs, threshold=meta.get("threshold", 0.5), loss=loss),
-        "image_size": data_cfg.image_size, "device": device_name(accelerator.device),
+        "image_size": data_cfg.image_size, "tta_hflip": tta_hflip, "device": device_name(accelerator.device),
         "num_processes": accelerator.num_processes,
     }
     if accelerator.is_main_process:

@@ -26,7 +26,7 @@ from torch import nn
 
 from rvf.checkpoint import load_pretrained
 from rvf.data.transforms import DataConfig, build_eval_transform
-from rvf.utils import atomic_path
+from rvf.utils import atomic_path, predict_logits
 
 __all__ = ["FORMATS", "ExportError", "ProbabilityModel", "check_parity", "default_output", "export_checkpoint",
            "load_exported"]
@@ -43,13 +43,21 @@ class ExportError(RuntimeError):
 class ProbabilityModel(nn.Module):
     """uint8 (B, 3, S, S) -> (B, 2) probabilities: eval transform, model, softmax in one module."""
 
-    def __init__(self, model: nn.Module, data_cfg: DataConfig):
+    def __init__(self, model: nn.Module, data_cfg: DataConfig, tta_hflip: bool = False):
         super().__init__()
         self.normalize = build_eval_transform(data_cfg)
         self.model = model
+        self.tta_hflip = tta_hflip  # the mirror pass is traced into the exported graph
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint) -> tuple["ProbabilityModel", dict, DataConfig]:
+        """Load a run folder; return (module in eval mode, its model.json, its data config)."""
+        model, meta, data_cfg = load_pretrained(checkpoint, "cpu")
+        return cls(model, data_cfg, tta_hflip=bool(meta.get("tta_hflip", False))).eval(), meta, data_cfg
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
-        return self.model(self.normalize(image)).float().softmax(dim=1)  # (B, 2)
+        logits = predict_logits(self.model, self.normalize(image), hflip=self.tta_hflip)
+        return logits.float().softmax(dim=1)  # (B, 2)
 
 
 def _adaptive_max_pool2d(x: torch.Tensor, output_size) -> tuple[torch.Tensor, torch.Tensor]:
@@ -103,8 +111,7 @@ def export_checkpoint(checkpoint: str | os.PathLike, fmt: str, output: str | os.
     """
     if fmt not in FORMATS:
         raise ValueError(f"format {fmt!r} is not one of {sorted(FORMATS)}")
-    model, meta, data_cfg = load_pretrained(checkpoint, "cpu")
-    module = ProbabilityModel(model, data_cfg).eval()
+    module, meta, data_cfg = ProbabilityModel.from_checkpoint(checkpoint)
     s = data_cfg.image_size
     example = torch.randint(0, 256, (2, 3, s, s), dtype=torch.uint8)  # (B, 3, S, S)
     output = Path(output) if output is not None else default_output(checkpoint, fmt)
@@ -176,8 +183,7 @@ def check_parity(path: str | os.PathLike, fmt: str, checkpoint: str | os.PathLik
     Raises:
         ExportError: when it exceeds `atol`.
     """
-    model, _, data_cfg = load_pretrained(checkpoint, "cpu")
-    module = ProbabilityModel(model, data_cfg).eval()
+    module, _, data_cfg = ProbabilityModel.from_checkpoint(checkpoint)
     if images is None:
         s = data_cfg.image_size
         images = torch.randint(0, 256, (3, 3, s, s), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))

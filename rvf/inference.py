@@ -34,6 +34,7 @@ from PIL import Image
 from rvf.checkpoint import load_pretrained
 from rvf.data.transforms import IMAGE_EXTENSIONS, BadImageError, DataConfig, build_eval_transform, load_image
 from rvf.models import get_cam_layer
+from rvf.utils import predict_logits
 
 __all__ = [
     "Prediction",
@@ -130,6 +131,7 @@ class Predictor:
         self.classes = list(meta.get("classes", ["fake", "real"]))
         if self.classes[:2] != ["fake", "real"]:
             raise ValueError(f"expected classes ['fake', 'real'] (logit 0 = fake), got {self.classes}")
+        self.tta_hflip = bool(meta.get("tta_hflip", False))  # scored as it was calibrated
         threshold = meta.get("threshold")
         self.threshold = float(DEFAULT_THRESHOLD if threshold is None else threshold)
         # Chosen once per model, never guessed per request.
@@ -167,6 +169,7 @@ class Predictor:
             "model": self.model_name,
             "input_size": self.image_size,
             "threshold": self.threshold,
+            "tta_hflip": self.tta_hflip,
             "epoch": self.meta.get("epoch"),
             "valid_accuracy": valid.get("accuracy"),
             "valid_roc_auc": valid.get("roc_auc"),
@@ -194,7 +197,7 @@ class Predictor:
         """Return P(fake) for a uint8 batch (B, 3, S, S), as a float32 CPU tensor (B,)."""
         x = self.transform(images.to(self.device))  # (B, 3, S, S) float
         with self._lock:
-            logits = self.model(x)  # (B, 2)
+            logits = predict_logits(self.model, x, hflip=self.tta_hflip)  # (B, 2)
         return logits.float().softmax(dim=1)[:, 0].cpu()  # (B,)
 
     def verdict(self, p_fake: float) -> str:

@@ -100,7 +100,7 @@ def evaluate_robustness(checkpoint, data_dir, split: str = "valid", output_dir=N
 
     from rvf import reports
     from rvf.data import holdout_split
-    from rvf.utils import atomic_write_text, device_name
+    from rvf.utils import atomic_write_text, device_name, predict_logits
 
     checkpoint = Path(checkpoint)
     output_dir = Path(output_dir) if output_dir else checkpoint / f"robustness-{split}"
@@ -120,7 +120,8 @@ def evaluate_robustness(checkpoint, data_dir, split: str = "valid", output_dir=N
         probs, labels = [], []
         with torch.no_grad():
             for x, y in loader:
-                probs.append(model(transform(x.to(device))).float().softmax(1).cpu())
+                logits = predict_logits(model, transform(x.to(device)), hflip=meta.get("tta_hflip", False))
+                probs.append(logits.float().softmax(1).cpu())
                 labels.append(y)
         m = classification_metrics(torch.cat(labels).numpy(), torch.cat(probs).numpy(), threshold=threshold)
         rows.append({"perturbation": p.name, "accuracy": m["accuracy"], "roc_auc": m["roc_auc"],

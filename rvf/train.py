@@ -33,7 +33,7 @@ from rvf.config import ConfigError, TrainConfig
 from rvf.data import (RVF10K, DeviceLoader, ToUint8, build_cache, build_eval_transform, build_train_transform,
                       collate_batch, holdout_split, resolve_data_config, use_device_data)
 from rvf.metrics import calibrate_threshold, classification_metrics
-from rvf.utils import atomic_write_text, count_parameters, device_name, resolve_mixed_precision
+from rvf.utils import atomic_write_text, count_parameters, device_name, predict_logits, resolve_mixed_precision
 
 __all__ = ["RunDirError", "Splits", "load_splits", "build_optimizer", "build_scheduler", "evaluate", "train_one_epoch",
            "train"]
@@ -246,8 +246,9 @@ class _AsyncStats:
 
 
 @torch.no_grad()
-def evaluate(model, loader, transform, accelerator, desc: str = "eval") -> tuple[np.ndarray, np.ndarray, float]:
-    """Predict a whole split across all processes.
+def evaluate(model, loader, transform, accelerator, desc: str = "eval",
+             tta_hflip: bool = False) -> tuple[np.ndarray, np.ndarray, float]:
+    """Predict a whole split across all processes (with `tta_hflip`, image and mirror averaged).
 
     `gather_for_metrics` drops the samples DDP pads onto the last batch, so every image is
     counted exactly once however many processes run.
@@ -259,7 +260,7 @@ def evaluate(model, loader, transform, accelerator, desc: str = "eval") -> tuple
     all_probs, all_labels = [], []
     for images, labels in tqdm(loader, desc=desc, unit="batch", leave=False, dynamic_ncols=True,
                                disable=not accelerator.is_local_main_process):
-        logits = model(transform(images)).float()  # (B, 2)
+        logits = predict_logits(model, transform(images), hflip=tta_hflip).float()  # (B, 2)
         logits, labels = accelerator.gather_for_metrics((logits, labels))
         all_probs.append(logits)
         all_labels.append(labels)
@@ -430,7 +431,8 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> di
         stats, run["step"] = train_one_epoch(model, train_loader, train_tf, criterion, optimizer, scheduler,
                                              accelerator, cfg, epoch, ema=ema, step=run["step"])
         run["train_seconds"] += stats["seconds"]
-        labels, probs, loss = evaluate(eval_model, holdout_loader, eval_tf, accelerator, desc="holdout")
+        labels, probs, loss = evaluate(eval_model, holdout_loader, eval_tf, accelerator, desc="holdout",
+                                       tta_hflip=cfg.tta_hflip)
         hold = classification_metrics(labels, probs, loss=loss) if len(labels) else {"accuracy": float("nan"), "loss": float("nan")}
         row = {"epoch": epoch + 1, "train_loss": stats["loss"], "train_accuracy": stats["accuracy"],
                "holdout_loss": hold["loss"], "holdout_accuracy": hold["accuracy"],
@@ -447,7 +449,7 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> di
             if accelerator.is_main_process:
                 save_pretrained(out, accelerator.unwrap_model(eval_model), {
                     "model_name": cfg.model, "model_args": model_args, "data_config": data_cfg.to_dict(),
-                    "classes": list(CLASSES), "threshold": threshold, "epoch": epoch + 1,
+                    "classes": list(CLASSES), "threshold": threshold, "tta_hflip": cfg.tta_hflip, "epoch": epoch + 1,
                     "metrics": {"holdout": hold}, "config": cfg.to_dict(), "rvf_version": rvf.__version__})
         accelerator.print(
             f"epoch {epoch + 1:3d}/{cfg.epochs} | train loss {stats['loss']:.4f} acc {stats['accuracy']:.4f} | "
@@ -461,7 +463,7 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> di
 
     accelerator.wait_for_everyone()
     accelerator.unwrap_model(eval_model).load_state_dict(load_file(str(out / "model.safetensors"), device="cpu"))
-    labels, probs, loss = evaluate(eval_model, valid_loader, eval_tf, accelerator, desc="valid")
+    labels, probs, loss = evaluate(eval_model, valid_loader, eval_tf, accelerator, desc="valid", tta_hflip=cfg.tta_hflip)
     meta = json.loads((out / "model.json").read_text())
     valid = classification_metrics(labels, probs, threshold=meta["threshold"], loss=loss)
     metrics = {

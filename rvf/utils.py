@@ -8,7 +8,7 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
-__all__ = ["atomic_path", "atomic_write_text", "count_parameters", "device_name"]
+__all__ = ["atomic_path", "atomic_write_text", "count_parameters", "device_name", "predict_logits"]
 
 
 @contextlib.contextmanager
@@ -48,6 +48,19 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 def count_parameters(model) -> int:
     """Return the number of trainable parameters."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def predict_logits(model, x, hflip: bool = False):
+    """Return `model(x)`; with `hflip`, the mean of the logits of each image and its mirror.
+
+    The one place test-time flips happen, so training's holdout/valid evaluation, the
+    evaluate and robustness scripts, exports and the web app all score a model the same way
+    (its `model.json` says whether it was selected and calibrated with flips).
+    """
+    logits = model(x)  # (B, classes)
+    if hflip:
+        logits = (logits + model(x.flip(-1))) / 2
+    return logits
 
 
 def device_name(device) -> str:

@@ -26,6 +26,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=128, help="per process")
     parser.add_argument("--cache-dir", help="decode cache folder (default $RVF_CACHE_DIR or ~/.cache/rvf)")
     parser.add_argument("--skip-bad", action="store_true", help="skip unreadable images instead of failing")
+    parser.add_argument("--tta-hflip", action=argparse.BooleanOptionalAction, default=None,
+                        help="also score each image's mirror and average the logits "
+                             "(default: as the model was trained, see its model.json)")
     return parser
 
 
@@ -37,7 +40,7 @@ def main(args) -> int:
 
     try:
         evaluate_checkpoint(args.checkpoint, args.data_dir, args.split, args.output_dir,
-                            args.batch_size, args.cache_dir, args.skip_bad)
+                            args.batch_size, args.cache_dir, args.skip_bad, args.tta_hflip)
     except (CheckpointError, DatasetError, BadImageError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

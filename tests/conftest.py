@@ -30,7 +30,8 @@ METRICS = {"valid": {"accuracy": 0.8125, "roc_auc": 0.9031}, "holdout": {"accura
 
 
 def make_checkpoint(directory: Path, model_name: str = "lenet", *, image_size: int | None = None,
-                    threshold: float | None = 0.5, metrics: dict | None = METRICS, seed: int = 0) -> Path:
+                    threshold: float | None = 0.5, metrics: dict | None = METRICS, seed: int = 0,
+                    tta_hflip: bool | None = None) -> Path:
     """Save a random-weight model as an rvf checkpoint (model.safetensors + model.json)."""
     torch.manual_seed(seed)
     model = create_model(model_name, num_classes=2)
@@ -46,6 +47,8 @@ def make_checkpoint(directory: Path, model_name: str = "lenet", *, image_size: i
         meta["threshold"] = threshold
     if metrics is not None:
         meta["metrics"] = metrics
+    if tta_hflip is not None:
+        meta["tta_hflip"] = tta_hflip
     return save_pretrained(directory, model, meta)
 
 

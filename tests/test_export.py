@@ -41,6 +41,15 @@ def test_export_matches_pytorch_on_real_images(model_checkpoint, fmt, face_paths
     assert check_parity(out, fmt, model_checkpoint, images, atol=ATOL) <= ATOL
 
 
+def test_export_keeps_the_models_tta(face_paths, tmp_path):
+    ckpt = make_checkpoint(tmp_path / "tta", tta_hflip=True)
+    out = export_checkpoint(ckpt, "torchscript", tmp_path / "m.pt")
+    predictor = Predictor.from_checkpoint(ckpt)
+    images = torch.stack([predictor.load(p) for p in face_paths])
+    run, _ = load_exported(out, "torchscript")
+    np.testing.assert_allclose(run(images.numpy())[:, 0], predictor.predict_batch(images).numpy(), rtol=0, atol=ATOL)
+
+
 def test_parity_check_catches_a_wrong_export(checkpoint, tmp_path):
     out = export_checkpoint(checkpoint, "torchscript", tmp_path / "m.pt")
     other = make_checkpoint(tmp_path / "other", seed=1)  # same architecture, other weights

@@ -44,6 +44,19 @@ def test_predict_batch_is_softmax_of_logit_zero(checkpoint, predictor, face_path
     np.testing.assert_allclose([r.p_fake for r in results], expected.numpy(), rtol=0, atol=1e-6)
 
 
+def test_tta_hflip_scores_image_and_mirror(tmp_path, face_paths):
+    ckpt = make_checkpoint(tmp_path, tta_hflip=True)
+    tta, plain = Predictor.from_checkpoint(ckpt), Predictor(*load_pretrained(ckpt), device="cpu")
+    plain.tta_hflip = False
+    batch = torch.stack([tta.load(p) for p in face_paths])
+    x = build_eval_transform(tta.data_cfg)(batch)
+    with torch.no_grad():
+        expected = ((tta.model(x) + tta.model(x.flip(-1))) / 2).softmax(dim=1)[:, 0]
+    assert tta.describe()["tta_hflip"] and not plain.describe()["tta_hflip"]
+    torch.testing.assert_close(tta.predict_batch(batch), expected)
+    assert not torch.allclose(plain.predict_batch(batch), expected)  # a random LeNet is not mirror-symmetric
+
+
 def test_batching_does_not_change_probabilities(predictor, face_paths):
     srcs = [str(p) for p in face_paths]
     one = [r.p_fake for r in predictor.predict_sources(srcs, batch_size=1)]

@@ -28,7 +28,11 @@ def test_perturbations_degrade_as_named():
         Perturbation("rotate", 10)
 
 
-def test_robustness_script_clean_row_matches_evaluate(tmp_path, checkpoint):
+@pytest.mark.parametrize("tta_hflip", [False, True], ids=["plain", "tta_hflip"])
+def test_robustness_script_clean_row_matches_evaluate(tmp_path, tta_hflip):
+    from conftest import make_checkpoint
+
+    checkpoint = make_checkpoint(tmp_path / "ckpt", tta_hflip=tta_hflip)
     data = make_folder_dataset(tmp_path / "data", n=6, size=48, splits=("valid",))
     env_cmd = [sys.executable, str(ROOT / "scripts/robustness.py"), "--checkpoint", str(checkpoint),
                "--data-dir", str(data), "--output-dir", str(tmp_path / "rob"), "--num-workers", "0"]
@@ -43,6 +47,8 @@ def test_robustness_script_clean_row_matches_evaluate(tmp_path, checkpoint):
                        capture_output=True, text=True, timeout=300,
                        env={**__import__("os").environ, "RVF_CACHE_DIR": str(tmp_path / "cache")})
     assert r.returncode == 0, r.stderr[-2000:]
-    ev = json.loads((tmp_path / "ev" / "metrics.json").read_text())["valid"]
+    ev_all = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    assert ev_all["tta_hflip"] is tta_hflip  # evaluate follows the model's own setting
+    ev = ev_all["valid"]
     assert result["rows"][0]["accuracy"] == pytest.approx(ev["accuracy"])
     assert result["rows"][0]["roc_auc"] == pytest.approx(ev["roc_auc"])

@@ -77,6 +77,21 @@ def test_learns_the_synthetic_task(data_dir, tmp_path):
     assert m["valid"]["accuracy"] >= 0.9 and m["valid"]["roc_auc"] >= 0.95
 
 
+def test_tta_hflip_is_used_for_selection_and_saved(data_dir, tmp_path):
+    from rvf.evaluate import evaluate_checkpoint
+
+    m = train(_cfg(data_dir, tmp_path, epochs=1, tta_hflip=True))
+    out = tmp_path / "run"
+    assert json.loads((out / "model.json").read_text())["tta_hflip"] is True
+    ev = evaluate_checkpoint(out, data_dir, cache_dir=str(tmp_path / "cache"), output_dir=tmp_path / "ev")
+    assert ev["tta_hflip"] is True
+    assert ev["valid"]["roc_auc"] == pytest.approx(m["valid"]["roc_auc"])
+    assert ev["valid"]["loss"] == pytest.approx(m["valid"]["loss"], rel=1e-4)
+    plain = evaluate_checkpoint(out, data_dir, cache_dir=str(tmp_path / "cache"), output_dir=tmp_path / "ev2",
+                                tta_hflip=False)
+    assert plain["tta_hflip"] is False and plain["valid"]["loss"] != pytest.approx(m["valid"]["loss"], rel=1e-4)
+
+
 @pytest.mark.parametrize("aux_weight", [0.0, 0.3])
 def test_auxiliary_heads_train_with_their_weight(data_dir, tmp_path, aux_weight):
     import torch
