@@ -115,10 +115,18 @@ def plot_samples(path: Path, images: np.ndarray, labels, n: int = 32, title: str
 def architecture_table(model, input_size: tuple[int, int, int]) -> tuple[str, dict]:
     """A torchinfo layer table (shapes, parameters, MACs) at the run's input size.
 
+    Without torchinfo (a GPU image with only torch, timm and accelerate, say) the text is the
+    module's repr and MACs are None: a report must never fail a finished run.
+
     Returns:
-        (text, {"params": int, "macs": int}).
+        (text, {"params": int, "macs": int | None}).
     """
-    from torchinfo import summary
+    try:
+        from torchinfo import summary
+    except ImportError:
+        params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        return (f"(torchinfo is not installed: pip install torchinfo for shapes and MACs)\n{model}",
+                {"params": params, "macs": None})
 
     was_training = model.training
     device = next(model.parameters()).device
