@@ -69,6 +69,21 @@ def test_best_configs_load_and_name_their_model(path):
     assert cfg.model == path.stem.removesuffix("_best") and cfg.image_size == 64 and cfg.pretrained is False
 
 
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.stem)
+def test_every_config_loads_and_builds_its_model(path):
+    from rvf.models import create_model
+
+    cfg = load_config(path)  # strict: an unknown key or a wrong type fails here
+    if not cfg.pretrained:  # pretrained configs would reach for the hub
+        create_model(cfg.model, num_classes=2, **cfg.model_args)
+
+
+def test_flagship_config_is_scratch_at_native_size():
+    cfg = load_config(ROOT / "configs" / "flagship_resnet18.yaml")
+    assert cfg.image_size == 256 and not cfg.pretrained and cfg.pretrained_file is None
+    assert cfg.tta_hflip and cfg.translate == 0 and tuple(cfg.crop_scale) == (1.0, 1.0)
+
+
 def test_train_script_resolves_flags_over_yaml():
     r = subprocess.run([sys.executable, str(ROOT / "scripts/train.py"), "-c", str(ROOT / "configs/alexnet.yaml"),
                         "--epochs", "3", "--set", "hflip=0.5", "--lr", "0.01", "--print-config"],
