@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from rvf import CLASSES
-from rvf.utils import atomic_path, atomic_write_text
+from rvf.utils import atomic_path, atomic_write_text, count_parameters
 
 __all__ = [
     "architecture_diagram", "architecture_table", "plot_confusion_matrix", "plot_curves",
@@ -124,9 +124,8 @@ def architecture_table(model, input_size: tuple[int, int, int]) -> tuple[str, di
     try:
         from torchinfo import summary
     except ImportError:
-        params = sum(p.numel() for p in model.parameters() if p.requires_grad)
         return (f"(torchinfo is not installed: pip install torchinfo for shapes and MACs)\n{model}",
-                {"params": params, "macs": None})
+                {"params": count_parameters(model), "macs": None})
 
     was_training = model.training
     device = next(model.parameters()).device
