@@ -102,6 +102,20 @@ def test_inception_aux_logits():
     assert model.eval()(torch.randn(2, 3, 64, 64)).shape == (2, 2)
 
 
+@torch.no_grad()
+def test_inception_norm_layer_by_name():
+    # A YAML config picks the paper's plain convolutions with `model_args: {norm_layer: none}`.
+    plain = create_model("inception_v1", norm_layer="none").eval()
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in plain.modules())
+    assert all(m.bias is not None for m in plain.modules() if isinstance(m, nn.Conv2d))
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in create_model("inception_v1", norm_layer="batchnorm").modules()) == 57
+    # fan_in init keeps the plain net's signal alive through 22 layers, as for plain VGG16.
+    feats = plain.forward_features(torch.randn(8, 3, 64, 64))
+    assert 0.1 < feats.std().item() < 10
+    with pytest.raises(ValueError, match="unknown norm_layer 'bogus'"):
+        create_model("inception_v1", norm_layer="bogus")
+
+
 def test_none_kwargs_are_dropped():
     model = create_model("lenet", drop_rate=None, in_chans=None)
     assert model.head_drop.p == 0.0 and model.features[0].in_channels == 3

@@ -10,8 +10,8 @@ construction unless `init_weights` is passed, shifts inputs for its ImageNet wei
 compatibility, and the seed's version was written for 64x64 inputs only. Here:
     - Every convolution is followed by BatchNorm (`norm_layer`, as in torchvision; the
       paper predates BatchNorm and needed its auxiliary heads to train 22 layers).
-      `GoogLeNet(..., norm_layer=None)` gives the paper's plain convolutions (not through
-      `create_model`, which drops arguments set to None).
+      `norm_layer="none"` (e.g. `model_args: {norm_layer: none}` in a config) gives the
+      paper's plain convolutions; any other name is timm's (`batchnorm`, `groupnorm`...).
     - The 5x5 branch is a real 5x5 convolution, as in the paper.
     - Max-pools use `ceil_mode` (as torchvision), so a 32 px input still reaches inception5b
       at 1x1; 64 px gives 2x2 there, 256 px gives 8x8. Global average pooling before the
@@ -27,6 +27,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 
 import torch
+from timm.layers import get_norm_layer
 from torch import nn
 
 from ._base import init_weights
@@ -83,7 +84,8 @@ class Inception(nn.Module):
         c5_reduce: 1x1 reduction before the 5x5 convolution.
         c5: 5x5 branch channels.
         pool_proj: 1x1 projection after the 3x3 max-pool.
-        norm_layer: normalisation after every convolution, or None.
+        norm_layer: normalisation after every convolution: a module class, a timm norm name
+            ("batchnorm", "groupnorm"...), or None / "none" for plain convolutions.
         act_layer: activation after every convolution.
     """
 
@@ -148,6 +150,20 @@ class InceptionAux(nn.Module):
         return self.fc(x)  # (B, num_classes)
 
 
+def _resolve_norm(norm_layer):
+    # A string lets a YAML config choose: `create_model` drops kwargs that are None, so None
+    # itself cannot travel through `model_args`.
+    if not isinstance(norm_layer, str):
+        return norm_layer
+    if norm_layer.lower() in ("", "none"):
+        return None
+    try:
+        return get_norm_layer(norm_layer)
+    except (KeyError, ValueError, AssertionError) as e:
+        raise ValueError(f"inception_v1: unknown norm_layer {norm_layer!r} (use 'none', 'batchnorm', "
+                         f"'groupnorm' or another timm norm name)") from e
+
+
 class GoogLeNet(nn.Module):
     """GoogLeNet / Inception v1 with optional auxiliary heads.
 
@@ -158,7 +174,8 @@ class GoogLeNet(nn.Module):
         drop_rate: dropout before the classifier (the paper's 0.4).
         aux_logits: add the two auxiliary classifiers (after inception4a and 4d).
         aux_drop_rate: dropout in the auxiliary classifiers.
-        norm_layer: normalisation after every convolution, or None.
+        norm_layer: normalisation after every convolution: a module class, a timm norm name
+            ("batchnorm", "groupnorm"...), or None / "none" for plain convolutions.
         act_layer: activation after every convolution.
     """
 
@@ -170,10 +187,11 @@ class GoogLeNet(nn.Module):
             drop_rate: float = 0.4,
             aux_logits: bool = False,
             aux_drop_rate: float = 0.7,
-            norm_layer: Callable[..., nn.Module] | None = nn.BatchNorm2d,
+            norm_layer: Callable[..., nn.Module] | str | None = nn.BatchNorm2d,
             act_layer: Callable[..., nn.Module] = nn.ReLU,
     ):
         super().__init__()
+        norm_layer = _resolve_norm(norm_layer)
         dd = dict(norm_layer=norm_layer, act_layer=act_layer)
         self.num_classes = num_classes
         self.aux_logits = aux_logits
