@@ -56,7 +56,9 @@ class TrainConfig:
     gamma: float = 0.1  # step scheduler: decay factor
     label_smoothing: float = 0.0
     grad_clip: Optional[float] = None  # max gradient norm
-    ema_decay: Optional[float] = None  # keep an EMA of the weights (timm ModelEmaV3), e.g. 0.999
+    # Keep an EMA of the weights (timm ModelEmaV3), e.g. 0.999. The first step's weights keep
+    # decay**steps of the average: choose decay so that is small (0.999 over 4,000 steps: 2 %).
+    ema_decay: Optional[float] = None
     tta_hflip: bool = False  # evaluate (holdout, valid, the saved model) on each image and its mirror, logits averaged
     aux_weight: float = 0.3  # loss weight of each auxiliary head (inception_v1 aux_logits: true); the paper's 0.3
 
