@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageFilter
 from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
 
 from rvf.checkpoint import load_pretrained
 from rvf.data import RVF10K, build_eval_transform, open_rgb
@@ -82,7 +83,7 @@ class _Perturbed(Dataset):
 
 def evaluate_robustness(checkpoint, data_dir, split: str = "valid", output_dir=None, limit: int | None = None,
                         batch_size: int = 128, num_workers: int | None = None, perturbations=None,
-                        device: str = "cpu") -> dict:
+                        device: str = "cpu", progress: bool = True) -> dict:
     """Evaluate a checkpoint on `split` under each perturbation; write a table, JSON and plot.
 
     Args:
@@ -92,6 +93,7 @@ def evaluate_robustness(checkpoint, data_dir, split: str = "valid", output_dir=N
         output_dir: where robustness.{json,md,png} go; default CHECKPOINT/robustness-SPLIT.
         limit: use a stratified subset of this many images (quick looks).
         perturbations: list of `Perturbation`; default `PERTURBATIONS`.
+        progress: show a progress bar per perturbation (a 256 px model takes minutes each on a CPU).
 
     Returns:
         {"rows": [{"perturbation", "accuracy", "roc_auc", "delta_accuracy", ...}], ...}
@@ -119,7 +121,7 @@ def evaluate_robustness(checkpoint, data_dir, split: str = "valid", output_dir=N
                             batch_size=batch_size, num_workers=workers)
         probs, labels = [], []
         with torch.no_grad():
-            for x, y in loader:
+            for x, y in tqdm(loader, desc=f"{p.name:>12}", unit="batch", disable=not progress):
                 logits = predict_logits(model, transform(x.to(device)), hflip=meta.get("tta_hflip", False))
                 probs.append(logits.float().softmax(1).cpu())
                 labels.append(y)
