@@ -69,6 +69,12 @@ class TrainConfig:
     brightness: float = 0.0
     contrast: float = 0.0
     erase: float = 0.0  # probability of erasing a random rectangle with noise (timm RandomErasing)
+    # Batch mixing (timm Mixup), labels mixed in proportion; both alphas 0 = off. MixUp blends
+    # two whole images; CutMix pastes a box of one image into another at the same position,
+    # so every pixel keeps its place and its texture (aligned faces, see the README).
+    mixup: float = 0.0  # MixUp's Beta(alpha, alpha), e.g. 0.2
+    cutmix: float = 0.0  # CutMix's Beta(alpha, alpha), e.g. 1.0; with mixup too, each batch picks one at random
+    mixup_prob: float = 1.0  # probability that a batch is mixed at all
 
     # --- speed ---
     # auto | no | fp16 | bf16 | None. auto: the launcher's choice if it made one, else bf16 where

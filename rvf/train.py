@@ -35,8 +35,8 @@ from rvf.data import (RVF10K, DeviceLoader, ToUint8, build_cache, build_eval_tra
 from rvf.metrics import calibrate_threshold, classification_metrics
 from rvf.utils import atomic_write_text, count_parameters, device_name, predict_logits, resolve_mixed_precision
 
-__all__ = ["RunDirError", "Splits", "load_splits", "build_optimizer", "build_scheduler", "evaluate", "train_one_epoch",
-           "train"]
+__all__ = ["RunDirError", "Splits", "load_splits", "build_mixup", "build_optimizer", "build_scheduler", "evaluate",
+           "train_one_epoch", "train"]
 
 log = logging.getLogger(__name__)
 
@@ -139,6 +139,24 @@ def build_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer
                                momentum=cfg.momentum, **kwargs)
 
 
+def build_mixup(cfg: TrainConfig, num_classes: int):
+    """timm's `Mixup` for `cfg.mixup` / `cfg.cutmix` (one lambda per batch), or None when both are 0."""
+    for key in ("mixup", "cutmix"):
+        if getattr(cfg, key) < 0:
+            raise ConfigError(f"{key} is a Beta distribution's alpha and must be >= 0, got {getattr(cfg, key)}")
+    if not 0.0 <= cfg.mixup_prob <= 1.0:
+        raise ConfigError(f"mixup_prob must be between 0 and 1, got {cfg.mixup_prob}")
+    if not (cfg.mixup or cfg.cutmix) or not cfg.mixup_prob:
+        return None
+    if cfg.batch_size % 2:
+        # "batch" mode pairs each image with its mirror in the batch order.
+        raise ConfigError(f"mixup/cutmix need an even batch_size, got {cfg.batch_size}")
+    from timm.data import Mixup
+
+    return Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, prob=cfg.mixup_prob, mode="batch",
+                 label_smoothing=cfg.label_smoothing, num_classes=num_classes)
+
+
 def build_scheduler(cfg: TrainConfig, optimizer, steps_per_epoch: int):
     """A per-step LR schedule from torch's own schedulers: optional linear warmup, then
     constant, cosine to `min_lr`, or step decay."""
@@ -162,8 +180,11 @@ def build_scheduler(cfg: TrainConfig, optimizer, steps_per_epoch: int):
 # ----------------------------------------------------------------------------- one epoch
 
 def train_one_epoch(model, loader, transform, criterion, optimizer, scheduler, accelerator, cfg,
-                    epoch: int, ema=None, step: int = 0) -> tuple[dict, int]:
+                    epoch: int, ema=None, step: int = 0, mixup=None) -> tuple[dict, int]:
     """Train for one epoch; return ({loss, accuracy, images_per_second}, global step).
+
+    With `mixup` (a timm `Mixup`) the batch and its labels are mixed before the forward pass
+    and `criterion` gets soft targets; accuracy is still counted against the unmixed labels.
 
     Loss and accuracy accumulate on the device and the host never waits for it inside the
     epoch: every `log_every` steps the running totals are copied to the host asynchronously,
@@ -180,6 +201,9 @@ def train_one_epoch(model, loader, transform, criterion, optimizer, scheduler, a
     t0 = time.perf_counter()
     for i, (images, labels) in enumerate(loader):
         x = transform(images)  # uint8 (B, 3, H, W) -> augmented, normalised float
+        targets = labels
+        if mixup is not None:
+            x, targets = mixup(x, labels)  # (B, num_classes) soft targets, smoothing included
         if cfg.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         out = model(x)  # (B, 2), or (logits, aux1, ...) from a model with auxiliary heads
@@ -187,10 +211,10 @@ def train_one_epoch(model, loader, transform, criterion, optimizer, scheduler, a
             # Auxiliary classifiers (Inception v1's `aux_logits`) add their own losses, each
             # weighted by `aux_weight`; only the main head is counted in accuracy and used at eval.
             logits, *aux = out
-            loss = criterion(logits, labels) + cfg.aux_weight * sum(criterion(a, labels) for a in aux)
+            loss = criterion(logits, targets) + cfg.aux_weight * sum(criterion(a, targets) for a in aux)
         else:
             logits = out
-            loss = criterion(logits, labels)
+            loss = criterion(logits, targets)
         accelerator.backward(loss)
         if cfg.grad_clip:
             accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -331,6 +355,7 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> di
     from rvf.models import create_model
 
     out = cfg.resolved_output_dir()
+    mixup = build_mixup(cfg, num_classes=len(CLASSES))  # here, so bad settings fail before any decoding
     log_with, init_kwargs, tracker_note = tracking.resolve_tracker(cfg, out)
     # PartialState is the process/device state the Accelerator below will share; its device
     # decides what "auto" precision means (bf16 only where the hardware does bf16 maths). It
@@ -388,7 +413,8 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> di
     #    steps it once per process per optimizer step)
     optimizer = build_optimizer(cfg, model)
     scheduler = build_scheduler(cfg, optimizer, steps_per_epoch)
-    criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    # With mixing, timm's Mixup builds the smoothed soft targets itself.
+    criterion = nn.CrossEntropyLoss(label_smoothing=0.0 if mixup is not None else cfg.label_smoothing)
 
     # 4) one line makes it all device- and process-aware
     model, optimizer, holdout_loader, valid_loader, scheduler = accelerator.prepare(
@@ -429,7 +455,7 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> di
     for epoch in range(run["epoch"] + 1, cfg.epochs):
         train_loader.set_epoch(epoch)
         stats, run["step"] = train_one_epoch(model, train_loader, train_tf, criterion, optimizer, scheduler,
-                                             accelerator, cfg, epoch, ema=ema, step=run["step"])
+                                             accelerator, cfg, epoch, ema=ema, step=run["step"], mixup=mixup)
         run["train_seconds"] += stats["seconds"]
         labels, probs, loss = evaluate(eval_model, holdout_loader, eval_tf, accelerator, desc="holdout",
                                        tta_hflip=cfg.tta_hflip)

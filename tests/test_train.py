@@ -120,6 +120,43 @@ def test_auxiliary_heads_train_with_their_weight(data_dir, tmp_path, aux_weight)
     assert aux_moved == (aux_weight > 0)  # the heads learn exactly when their loss counts
 
 
+@pytest.mark.parametrize("mix", [{"mixup": 0.2}, {"cutmix": 1.0}], ids=["mixup", "cutmix"])
+def test_mixup_and_cutmix_train_on_mixed_soft_targets(data_dir, tmp_path, monkeypatch, mix):
+    import torch
+
+    import rvf.train
+
+    real_build, seen = rvf.train.build_mixup, []
+
+    def spy_build(cfg, num_classes):
+        mixer = real_build(cfg, num_classes)
+
+        def mix_batch(x, labels):
+            before = x.clone()
+            x, targets = mixer(x, labels)
+            seen.append((before, x.clone(), labels, targets))
+            return x, targets
+        return mix_batch
+
+    monkeypatch.setattr(rvf.train, "build_mixup", spy_build)
+    m = train(_cfg(data_dir, tmp_path, epochs=1, label_smoothing=0.1, **mix))
+    assert len(seen) == m["counts"]["fit"] // 8 and np.isfinite(m["history"][0]["train_loss"])
+    for before, after, labels, targets in seen:
+        assert targets.shape == (len(labels), 2) and torch.allclose(targets.sum(1), torch.ones(len(labels)))
+        # Each image is mixed with its partner in the reversed batch, and so are the labels:
+        # target = lam * smooth(y) + (1 - lam) * smooth(y_partner), smoothing 0.1 -> 0.95 / 0.05.
+        partner = before.flip(0)
+        lam = (targets[labels != labels.flip(0)].max(1).values - 0.05) / 0.9
+        assert lam.numel() and torch.allclose(lam, lam[0]) and lam[0] < 1  # one lambda per batch
+        if "mixup" in mix:
+            assert torch.allclose(after, lam[0] * before + (1 - lam[0]) * partner, atol=1e-4)
+        else:  # CutMix copies pixels in place, and the kept area is lambda
+            assert ((after == before) | (after == partner)).all()
+            # (a pasted pixel can equal the one it covers, so "unchanged" may overcount a little)
+            unchanged = (after == before).all(1).float().mean()
+            assert unchanged == pytest.approx(float(lam[0]), abs=0.01)
+
+
 @pytest.mark.parametrize("device_data", [False, True], ids=["dataloader", "device_data"])
 def test_resume_is_exact(data_dir, tmp_path, device_data):
     full = train(_cfg(data_dir, tmp_path / "a", epochs=3, hflip=0.5, device_data=device_data))
@@ -188,6 +225,8 @@ def test_tensorboard_tracker(data_dir, tmp_path):
     (["--model", "lenet5"], "Unknown model"),
     (["--data-dir", "/nonexistent/rvf"], "/nonexistent/rvf does not exist"),
     (["--set", "lr=fast"], "lr must be a number"),
+    (["--set", "mixup=0.2", "--batch-size", "7"], "mixup/cutmix need an even batch_size, got 7"),
+    (["--set", "cutmix=-1"], "cutmix is a Beta distribution's alpha and must be >= 0"),
 ])
 def test_bad_input_is_one_clear_message(data_dir, tmp_path, args, message):
     base = ["--data-dir", str(data_dir), "--output-dir", str(tmp_path / "run"), "--tracker", "none", "--epochs", "1"]
