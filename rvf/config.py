@@ -59,6 +59,11 @@ class TrainConfig:
     # Keep an EMA of the weights (timm ModelEmaV3), e.g. 0.999. The first step's weights keep
     # decay**steps of the average: choose decay so that is small (0.999 over 4,000 steps: 2 %).
     ema_decay: Optional[float] = None
+    # Ramp the EMA's decay up as 1 - (1 + step)**-0.75 (timm's warm-up, its power for runs of
+    # under ~100k steps) until it reaches ema_decay (0.998 after ~4,000 steps): early weights then
+    # fade fast instead of lingering, which a BatchNorm net's early epochs otherwise show
+    # as a chance-level EMA for several epochs.
+    ema_warmup: bool = False
     tta_hflip: bool = False  # evaluate (holdout, valid, the saved model) on each image and its mirror, logits averaged
     aux_weight: float = 0.3  # loss weight of each auxiliary head (inception_v1 aux_logits: true); the paper's 0.3
 

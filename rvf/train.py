@@ -35,7 +35,7 @@ from rvf.data import (RVF10K, DeviceLoader, ToUint8, build_cache, build_eval_tra
 from rvf.metrics import calibrate_threshold, classification_metrics
 from rvf.utils import atomic_write_text, count_parameters, device_name, predict_logits, resolve_mixed_precision
 
-__all__ = ["RunDirError", "Splits", "load_splits", "build_mixup", "build_optimizer", "build_scheduler", "evaluate",
+__all__ = ["RunDirError", "Splits", "load_splits", "build_ema", "build_mixup", "build_optimizer", "build_scheduler", "evaluate",
            "train_one_epoch", "train"]
 
 log = logging.getLogger(__name__)
@@ -155,6 +155,17 @@ def build_mixup(cfg: TrainConfig, num_classes: int):
 
     return Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, prob=cfg.mixup_prob, mode="batch",
                  label_smoothing=cfg.label_smoothing, num_classes=num_classes)
+
+
+def build_ema(cfg: TrainConfig, model: nn.Module):
+    """timm's `ModelEmaV3` of `model` for `cfg.ema_decay` (None when off), with `cfg.ema_warmup`'s ramp."""
+    if not cfg.ema_decay:
+        return None
+    if not 0.0 < cfg.ema_decay < 1.0:
+        raise ConfigError(f"ema_decay must be between 0 and 1 (e.g. 0.999), got {cfg.ema_decay}")
+    from timm.utils import ModelEmaV3
+
+    return ModelEmaV3(model, decay=cfg.ema_decay, use_warmup=cfg.ema_warmup, warmup_power=0.75)
 
 
 def build_scheduler(cfg: TrainConfig, optimizer, steps_per_epoch: int):
@@ -421,11 +432,8 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> di
         model, optimizer, holdout_loader, valid_loader, scheduler)
     if not device_data:
         train_loader = accelerator.prepare(train_loader)
-    ema = None
-    if cfg.ema_decay:
-        from timm.utils import ModelEmaV3
-
-        ema = ModelEmaV3(accelerator.unwrap_model(model), decay=cfg.ema_decay)
+    ema = build_ema(cfg, accelerator.unwrap_model(model))
+    if ema is not None:
         accelerator.register_for_checkpointing(ema)
     if cfg.compile:
         model = torch.compile(model)

@@ -157,6 +157,27 @@ def test_mixup_and_cutmix_train_on_mixed_soft_targets(data_dir, tmp_path, monkey
             assert unchanged == pytest.approx(float(lam[0]), abs=0.01)
 
 
+@pytest.mark.parametrize("warmup", [False, True])
+def test_ema_decay_and_its_warmup(data_dir, tmp_path, warmup):
+    import torch
+
+    from rvf.train import build_ema
+
+    model = torch.nn.Linear(2, 2)
+    ema = build_ema(_cfg(data_dir, tmp_path, ema_decay=0.998, ema_warmup=warmup), model)
+    decays = [ema.get_decay(step) for step in (2, 11, 100, 4000, 10**6)]
+    if warmup:  # 1 - (1 + k)**-0.75 for the k-th update after the first, capped at ema_decay
+        assert decays[:3] == pytest.approx([1 - 2 ** -0.75, 1 - 11 ** -0.75, 1 - 100 ** -0.75])
+        assert decays[3] == pytest.approx(0.998, abs=1e-5) and decays[4] == 0.998
+    else:
+        assert decays == [0.998] * 5
+    assert build_ema(_cfg(data_dir, tmp_path), model) is None
+    with pytest.raises(ValueError, match="ema_decay must be between 0 and 1"):
+        build_ema(_cfg(data_dir, tmp_path, ema_decay=1.5), model)
+    m = train(_cfg(data_dir, tmp_path, epochs=1, ema_decay=0.998, ema_warmup=warmup))
+    assert np.isfinite(m["history"][0]["holdout_loss"])
+
+
 @pytest.mark.parametrize("device_data", [False, True], ids=["dataloader", "device_data"])
 def test_resume_is_exact(data_dir, tmp_path, device_data):
     full = train(_cfg(data_dir, tmp_path / "a", epochs=3, hflip=0.5, device_data=device_data))
