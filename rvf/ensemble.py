@@ -1,0 +1,110 @@
+"""Average several trained detectors and score them together, calibrated like one model.
+
+Each member scores the holdout slice and the valid split through its own input pipeline
+(image size, filter, test-time flips as it was trained); the ensemble's P(fake) is the mean of
+the members' probabilities. Its threshold is calibrated on the holdout slice, as a single run's
+is, so every member must have held out the same slice (same `seed` and `holdout`): otherwise
+one member's holdout images could be another's training images and the calibration would leak.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from rvf.metrics import calibrate_threshold, classification_metrics
+
+__all__ = ["EnsembleError", "evaluate_ensemble"]
+
+
+class EnsembleError(ValueError):
+    """Members that cannot be averaged together; the message names the checkpoint at fault."""
+
+
+def _member_config(checkpoint: Path, meta: dict, data_dir, cache_dir):
+    from rvf.config import TrainConfig
+
+    if "config" not in meta:
+        raise EnsembleError(f"{checkpoint}/model.json has no training config: cannot tell which images it held out")
+    cfg = TrainConfig().replace(source=f"{checkpoint}/model.json", **meta["config"])
+    if not cfg.holdout:
+        raise EnsembleError(f"{checkpoint} was trained without a holdout slice (holdout: 0): nothing to calibrate on")
+    return cfg.replace(data_dir=str(data_dir), cache_dir=cache_dir, subset=None)
+
+
+def evaluate_ensemble(checkpoints: list[str | Path], data_dir: str | Path, output_dir: str | Path | None = None,
+                      batch_size: int = 128, cache_dir: str | None = None) -> dict:
+    """Score `checkpoints` (run folders) one by one on holdout and valid, then their mean.
+
+    Returns:
+        {"members": [{checkpoint, model, holdout, valid}...], "holdout": ..., "valid": ...,
+        "threshold": ...}, also written to `output_dir/metrics.json` with the valid split's
+        reports and probabilities.csv (columns label, p_fake, then one per member).
+    """
+    from accelerate import Accelerator
+    from torch.utils.data import DataLoader
+
+    from rvf import reports
+    from rvf.checkpoint import load_pretrained
+    from rvf.data import build_eval_transform, collate_batch
+    from rvf.train import evaluate, load_splits
+    from rvf.utils import device_name
+
+    if len(checkpoints) < 2:
+        raise EnsembleError(f"an ensemble needs at least two checkpoints, got {len(checkpoints)}")
+    accelerator = Accelerator()
+    members, holdout_p, valid_p, labels = [], [], [], {}
+    first = None
+    for checkpoint in map(Path, checkpoints):
+        model, meta, data_cfg = load_pretrained(checkpoint)
+        cfg = _member_config(checkpoint, meta, data_dir, cache_dir)
+        if first is None:
+            first = (checkpoint, cfg)
+        elif (cfg.seed, cfg.holdout) != (first[1].seed, first[1].holdout):
+            raise EnsembleError(
+                f"{checkpoint} held out another slice of train (seed {cfg.seed}, holdout {cfg.holdout}) than "
+                f"{first[0]} (seed {first[1].seed}, holdout {first[1].holdout}): the members must share it")
+        with accelerator.main_process_first():
+            splits = load_splits(cfg, data_cfg, progress=accelerator.is_local_main_process)
+        transform = build_eval_transform(data_cfg).to(accelerator.device)
+        model = accelerator.prepare(model)
+        tta = bool(meta.get("tta_hflip", False))
+        scored = {"checkpoint": str(checkpoint), "model": meta["model_name"], "image_size": data_cfg.image_size,
+                  "tta_hflip": tta}
+        for split, dataset, store in (("holdout", splits.holdout, holdout_p), ("valid", splits.valid, valid_p)):
+            loader = accelerator.prepare(DataLoader(dataset, batch_size=batch_size, shuffle=False,
+                                                    collate_fn=collate_batch))
+            y, probs, loss = evaluate(model, loader, transform, accelerator, desc=f"{checkpoint.name} {split}",
+                                      tta_hflip=tta)
+            if split in labels and not np.array_equal(labels[split], y):
+                raise EnsembleError(f"{checkpoint} sees another {split} split than {first[0]} (different data?)")
+            labels[split] = y
+            store.append(probs)
+            scored[split] = classification_metrics(y, probs, threshold=meta.get("threshold", 0.5), loss=loss)
+        members.append(scored)
+        del model
+        accelerator.free_memory()
+
+    # The ensemble: mean probabilities, threshold calibrated on the holdout slice.
+    hold = np.mean(holdout_p, axis=0)  # (N_holdout, 2)
+    valid = np.mean(valid_p, axis=0)  # (N_valid, 2)
+    threshold = calibrate_threshold(labels["holdout"], hold[:, 0])
+    metrics = {
+        "members": members, "threshold": threshold,
+        "holdout": classification_metrics(labels["holdout"], hold, threshold=threshold),
+        "valid": classification_metrics(labels["valid"], valid, threshold=threshold),
+        "device": device_name(accelerator.device),
+    }
+    if output_dir is not None and accelerator.is_main_process:
+        out = Path(output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        names = " + ".join(m["model"] for m in members)
+        reports.write_evaluation_reports(out, labels["valid"], valid, metrics["valid"], f"ensemble: {names}")
+        reports.write_json(out / "metrics.json", metrics)
+        columns = [labels["valid"], valid[:, 0]] + [p[:, 0] for p in valid_p]
+        header = ",".join(["label", "p_fake"] + [f"p_fake_{i}" for i in range(len(valid_p))])
+        np.savetxt(out / "probabilities.csv", np.column_stack(columns), delimiter=",", header=header, comments="",
+                   fmt=["%d"] + ["%.6f"] * (len(columns) - 1))
+    accelerator.end_training()
+    return metrics
