@@ -45,11 +45,14 @@ def main(args) -> int:
     except OSError as e:
         print(f"error: {e.strerror or e} ({e.filename})", file=sys.stderr)
         return 1
-    rows = [(r["checkpoint"], r["valid"]) for r in m["members"]] + [("ensemble (mean P(fake))", m["valid"])]
+    rows = [(r["checkpoint"], r) for r in m["members"]] + [("ensemble (mean P(fake))", m)]
     width = max(len(name) for name, _ in rows)
-    print(f"{'valid split':{width}s}  accuracy  ROC AUC  acc@threshold")
-    for name, v in rows:
-        print(f"{name:{width}s}  {v['accuracy']:8.2%}  {v['roc_auc']:7.4f}  {v['accuracy_at_threshold']:8.2%}")
+    print(f"{'':{width}s}  holdout   valid split")
+    print(f"{'':{width}s}  accuracy  accuracy  ROC AUC  acc@threshold")
+    for name, r in rows:
+        v = r["valid"]
+        print(f"{name:{width}s}  {r['holdout']['accuracy']:8.2%}  {v['accuracy']:8.2%}  {v['roc_auc']:7.4f}  "
+              f"{v['accuracy_at_threshold']:8.2%}")
     return 0
 
 

@@ -64,3 +64,16 @@ def test_publish_copies_reports_only_and_rewrites_the_table(tmp_path):
     readme.write_text("# no markers\n")
     r = subprocess.run(cmd[:2] + cmd[3:], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert r.returncode == 2 and "no results markers" in r.stderr
+
+
+def test_published_ensembles_are_quoted_from_their_metrics():
+    import json
+
+    text = (ROOT / "README.md").read_text()
+    ensembles = sorted((RESULTS / "ensembles").glob("*/metrics.json"))
+    assert ensembles
+    for f in ensembles:
+        m = json.loads(f.read_text())
+        assert len(m["members"]) >= 2 and m["valid"]["n"] == 3000
+        assert f"{100 * m['valid']['accuracy']:.2f} %" in text, f.parent.name
+        assert f"ROC AUC {m['valid']['roc_auc']:.4f}" in text.replace("**", "").replace("\n  ", " "), f.parent.name
