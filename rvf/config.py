@@ -35,6 +35,9 @@ class TrainConfig:
     image_size: Optional[int] = None  # None: the model's declared input size
     interpolation: Optional[str] = None  # resize filter; None: the model's
     holdout: float = 0.1  # stratified slice of train used for model selection
+    # Seed of that slice (and of `subset`); None: `seed`. Fix it to train several seeds on one
+    # holdout slice, e.g. to ensemble them (scripts/ensemble.py needs a shared slice).
+    split_seed: Optional[int] = None
     cache: bool = True  # decode every image once into a uint8 cache; False decodes per step
     cache_dir: Optional[str] = None  # None: $RVF_CACHE_DIR or ~/.cache/rvf
     skip_bad: bool = False  # skip (and count) unreadable images instead of failing
@@ -101,6 +104,11 @@ class TrainConfig:
     log_every: int = 20  # steps between progress-bar metric refreshes (each is one host sync)
     num_sample_preds: int = 32  # valid images in the W&B predictions table
     seed: int = 42
+
+    @property
+    def resolved_split_seed(self) -> int:
+        """The seed that draws the holdout slice: `split_seed`, else `seed`."""
+        return self.seed if self.split_seed is None else self.split_seed
 
     def resolved_output_dir(self) -> Path:
         return Path(self.output_dir or Path("runs") / self.model.replace(":", "_").replace("/", "_"))

@@ -3,7 +3,8 @@
 Each member scores the holdout slice and the valid split through its own input pipeline
 (image size, filter, test-time flips as it was trained); the ensemble's P(fake) is the mean of
 the members' probabilities. Its threshold is calibrated on the holdout slice, as a single run's
-is, so every member must have held out the same slice (same `seed` and `holdout`): otherwise
+is, so every member must have held out the same slice (same `split_seed`, which defaults to
+`seed`, and `holdout`): otherwise
 one member's holdout images could be another's training images and the calibration would leak.
 """
 
@@ -31,6 +32,10 @@ def _member_config(checkpoint: Path, meta: dict, data_dir, cache_dir):
     if not cfg.holdout:
         raise EnsembleError(f"{checkpoint} was trained without a holdout slice (holdout: 0): nothing to calibrate on")
     return cfg.replace(data_dir=str(data_dir), cache_dir=cache_dir, subset=None)
+
+
+def _slice(cfg) -> tuple[int, float]:
+    return cfg.resolved_split_seed, cfg.holdout
 
 
 def evaluate_ensemble(checkpoints: list[str | Path], data_dir: str | Path, output_dir: str | Path | None = None,
@@ -61,10 +66,11 @@ def evaluate_ensemble(checkpoints: list[str | Path], data_dir: str | Path, outpu
         cfg = _member_config(checkpoint, meta, data_dir, cache_dir)
         if first is None:
             first = (checkpoint, cfg)
-        elif (cfg.seed, cfg.holdout) != (first[1].seed, first[1].holdout):
+        elif _slice(cfg) != _slice(first[1]):
             raise EnsembleError(
-                f"{checkpoint} held out another slice of train (seed {cfg.seed}, holdout {cfg.holdout}) than "
-                f"{first[0]} (seed {first[1].seed}, holdout {first[1].holdout}): the members must share it")
+                f"{checkpoint} held out another slice of train (split seed {_slice(cfg)[0]}, holdout {cfg.holdout}) "
+                f"than {first[0]} (split seed {_slice(first[1])[0]}, holdout {first[1].holdout}): the members must "
+                f"share it (train seeds of an ensemble with the same split_seed)")
         with accelerator.main_process_first():
             splits = load_splits(cfg, data_cfg, progress=accelerator.is_local_main_process)
         transform = build_eval_transform(data_cfg).to(accelerator.device)

@@ -4,8 +4,8 @@
         --output-dir runs/ensemble
 
 Each member uses its own input size and test-time flips, as it was trained. The members must
-have held out the same slice of train (same `seed` and `holdout` in their configs), because the
-ensemble's threshold is calibrated on it. Prints each member's and the ensemble's valid accuracy
+have held out the same slice of train (same `holdout` and `split_seed` in their configs;
+`split_seed` defaults to `seed`), because the ensemble's threshold is calibrated on it. Prints each member's and the ensemble's valid accuracy
 and ROC AUC, and writes metrics.json, classification_report.txt, confusion_matrix.png, roc.png
 and probabilities.csv (one column per member too) into OUT.
 """

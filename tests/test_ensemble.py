@@ -26,7 +26,9 @@ def runs(tmp_path_factory):
     a = train(TrainConfig(model="lenet", image_size=32, output_dir=str(tmp / "lenet"), **base))
     b = train(TrainConfig(model="alexnet", image_size=40, tta_hflip=True, output_dir=str(tmp / "alexnet"), **base))
     c = train(TrainConfig(model="lenet", image_size=32, seed=7, output_dir=str(tmp / "lenet_seed7"), **base))
-    return tmp, data, {"lenet": a, "alexnet": b, "lenet_seed7": c}
+    d = train(TrainConfig(model="lenet", image_size=32, seed=7, split_seed=42, output_dir=str(tmp / "lenet_s7_split42"),
+                          **base))
+    return tmp, data, {"lenet": a, "alexnet": b, "lenet_seed7": c, "lenet_s7_split42": d}
 
 
 def test_ensemble_averages_members_and_calibrates_on_holdout(runs):
@@ -51,8 +53,11 @@ def test_ensemble_averages_members_and_calibrates_on_holdout(runs):
 
 def test_members_must_share_the_holdout_slice(runs):
     tmp, data, _ = runs
-    with pytest.raises(EnsembleError, match=r"lenet_seed7 held out another slice of train \(seed 7"):
+    with pytest.raises(EnsembleError, match=r"lenet_seed7 held out another slice of train \(split seed 7"):
         evaluate_ensemble([tmp / "lenet", tmp / "lenet_seed7"], data, cache_dir=str(tmp / "cache"))
+    # Another training seed on the same slice (split_seed) is a valid member.
+    m = evaluate_ensemble([tmp / "lenet", tmp / "lenet_s7_split42"], data, cache_dir=str(tmp / "cache"))
+    assert m["holdout"]["n"] == 6 and len(m["members"]) == 2
     with pytest.raises(EnsembleError, match="at least two checkpoints"):
         evaluate_ensemble([tmp / "lenet"], data)
 
