@@ -14,7 +14,10 @@
 #      -> unpacks, checks all 10,000 md5 sums, trains MODELS x SEEDS and writes
 #         $OUT/flagship.json and $OUT/flagship.md (accuracy, ROC AUC, AP per run; mean +- std).
 #
-# Knobs: MODELS (configs, default configs/flagship_resnet18.yaml), SEEDS ("0 1 2"), EPOCHS
+# Every seed holds out the same slice of train (SPLIT_SEED, default 42), so the seeds of a config
+# are also scored as one ensemble (scripts/ensemble.py -> $OUT/<config>_ensemble.txt).
+#
+# Knobs: MODELS (configs, default configs/flagship_resnet18.yaml), SEEDS ("0 1 2"), SPLIT_SEED, EPOCHS
 # (default: the config's), DATA (where the parts are). Try it small on a CPU:
 #   DATA=/tmp/parts SUBSET=64 EPOCHS=1 SEEDS=0 bash benchmarks/gpu_flagship.sh
 set -euo pipefail
@@ -38,6 +41,7 @@ fi
 OUT=${OUT:-flagship}
 MODELS=${MODELS:-configs/flagship_resnet18.yaml}
 SEEDS=${SEEDS:-0 1 2}
+SPLIT_SEED=${SPLIT_SEED:-42}
 ROOT=/tmp/rvf10k
 export PYTHONUNBUFFERED=1 WANDB_MODE=disabled RVF_CACHE_DIR=${RVF_CACHE_DIR:-/tmp/rvf-cache}
 mkdir -p "$OUT"
@@ -55,13 +59,20 @@ extra=()
 [[ -n "${EPOCHS:-}" ]] && extra+=(--epochs "$EPOCHS")
 [[ -n "${SUBSET:-}" ]] && extra+=(--set subset="$SUBSET")
 for cfg in $MODELS; do
+    members=()
     for seed in $SEEDS; do
         name=$(basename "$cfg" .yaml)_seed$seed
         "$PY" scripts/train.py --config "$cfg" --data-dir "$ROOT" --output-dir "/tmp/rvf-flagship/$name" \
-            --seed "$seed" --tracker none --overwrite "${extra[@]}" > "$OUT/$name.log" 2>&1 \
+            --seed "$seed" --set split_seed="$SPLIT_SEED" --tracker none --overwrite "${extra[@]}" > "$OUT/$name.log" 2>&1 \
             || { tail -40 "$OUT/$name.log"; exit 1; }
         tr "\r" "\n" < "$OUT/$name.log" | grep "^valid (" | tail -1 || true
+        members+=("/tmp/rvf-flagship/$name")
     done
+    if (( ${#members[@]} > 1 )); then
+        "$PY" scripts/ensemble.py --data-dir "$ROOT" --checkpoints "${members[@]}" \
+            > "$OUT/$(basename "$cfg" .yaml)_ensemble.txt" 2> "$OUT/$(basename "$cfg" .yaml)_ensemble.log" \
+            && cat "$OUT/$(basename "$cfg" .yaml)_ensemble.txt" || tail -20 "$OUT/$(basename "$cfg" .yaml)_ensemble.log"
+    fi
 done
 "$PY" - "$OUT" <<'PY'
 import json, pathlib, statistics, sys

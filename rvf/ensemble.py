@@ -31,11 +31,12 @@ def _member_config(checkpoint: Path, meta: dict, data_dir, cache_dir):
     cfg = TrainConfig().replace(source=f"{checkpoint}/model.json", **meta["config"])
     if not cfg.holdout:
         raise EnsembleError(f"{checkpoint} was trained without a holdout slice (holdout: 0): nothing to calibrate on")
-    return cfg.replace(data_dir=str(data_dir), cache_dir=cache_dir, subset=None)
+    # `subset` stays: the holdout slice is drawn from the images the run used.
+    return cfg.replace(data_dir=str(data_dir), cache_dir=cache_dir)
 
 
-def _slice(cfg) -> tuple[int, float]:
-    return cfg.resolved_split_seed, cfg.holdout
+def _slice(cfg) -> tuple:
+    return cfg.resolved_split_seed, cfg.holdout, cfg.subset
 
 
 def evaluate_ensemble(checkpoints: list[str | Path], data_dir: str | Path, output_dir: str | Path | None = None,
@@ -68,9 +69,10 @@ def evaluate_ensemble(checkpoints: list[str | Path], data_dir: str | Path, outpu
             first = (checkpoint, cfg)
         elif _slice(cfg) != _slice(first[1]):
             raise EnsembleError(
-                f"{checkpoint} held out another slice of train (split seed {_slice(cfg)[0]}, holdout {cfg.holdout}) "
-                f"than {first[0]} (split seed {_slice(first[1])[0]}, holdout {first[1].holdout}): the members must "
-                f"share it (train seeds of an ensemble with the same split_seed)")
+                f"{checkpoint} held out another slice of train (split seed {_slice(cfg)[0]}, holdout {cfg.holdout}, "
+                f"subset {cfg.subset}) than {first[0]} (split seed {_slice(first[1])[0]}, holdout {first[1].holdout}, "
+                f"subset {first[1].subset}): the members must share it (train seeds of an ensemble with the same "
+                f"split_seed)")
         with accelerator.main_process_first():
             splits = load_splits(cfg, data_cfg, progress=accelerator.is_local_main_process)
         transform = build_eval_transform(data_cfg).to(accelerator.device)

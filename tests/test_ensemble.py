@@ -28,7 +28,8 @@ def runs(tmp_path_factory):
     c = train(TrainConfig(model="lenet", image_size=32, seed=7, output_dir=str(tmp / "lenet_seed7"), **base))
     d = train(TrainConfig(model="lenet", image_size=32, seed=7, split_seed=42, output_dir=str(tmp / "lenet_s7_split42"),
                           **base))
-    return tmp, data, {"lenet": a, "alexnet": b, "lenet_seed7": c, "lenet_s7_split42": d}
+    e = train(TrainConfig(model="lenet", image_size=32, subset=16, output_dir=str(tmp / "lenet_subset16"), **base))
+    return tmp, data, {"lenet": a, "alexnet": b, "lenet_seed7": c, "lenet_s7_split42": d, "lenet_subset16": e}
 
 
 def test_ensemble_averages_members_and_calibrates_on_holdout(runs):
@@ -52,12 +53,18 @@ def test_ensemble_averages_members_and_calibrates_on_holdout(runs):
 
 
 def test_members_must_share_the_holdout_slice(runs):
-    tmp, data, _ = runs
+    tmp, data, metrics = runs
     with pytest.raises(EnsembleError, match=r"lenet_seed7 held out another slice of train \(split seed 7"):
         evaluate_ensemble([tmp / "lenet", tmp / "lenet_seed7"], data, cache_dir=str(tmp / "cache"))
     # Another training seed on the same slice (split_seed) is a valid member.
     m = evaluate_ensemble([tmp / "lenet", tmp / "lenet_s7_split42"], data, cache_dir=str(tmp / "cache"))
     assert m["holdout"]["n"] == 6 and len(m["members"]) == 2
+    # A run on a `subset` held out a slice of that subset: the ensemble rebuilds exactly it.
+    with pytest.raises(EnsembleError, match="subset 16"):
+        evaluate_ensemble([tmp / "lenet", tmp / "lenet_subset16"], data, cache_dir=str(tmp / "cache"))
+    m = evaluate_ensemble([tmp / "lenet_subset16", tmp / "lenet_subset16"], data, cache_dir=str(tmp / "cache"))
+    counts = metrics["lenet_subset16"]["counts"]
+    assert (m["holdout"]["n"], m["valid"]["n"]) == (counts["holdout"], counts["valid"]) == (4, 16)
     with pytest.raises(EnsembleError, match="at least two checkpoints"):
         evaluate_ensemble([tmp / "lenet"], data)
 
