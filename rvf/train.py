@@ -35,8 +35,8 @@ from rvf.data import (RVF10K, DeviceLoader, ToUint8, build_cache, build_eval_tra
 from rvf.metrics import calibrate_threshold, classification_metrics
 from rvf.utils import atomic_write_text, count_parameters, device_name, predict_logits, resolve_mixed_precision
 
-__all__ = ["RunDirError", "Splits", "load_splits", "build_ema", "build_mixup", "build_optimizer", "build_scheduler", "evaluate",
-           "train_one_epoch", "train"]
+__all__ = ["RunDirError", "Splits", "load_splits", "build_ema", "build_mixup", "build_optimizer", "build_scheduler",
+           "evaluate", "train_one_epoch", "train"]
 
 log = logging.getLogger(__name__)
 
@@ -150,7 +150,7 @@ def build_mixup(cfg: TrainConfig, num_classes: int):
     if not (cfg.mixup or cfg.cutmix) or not cfg.mixup_prob:
         return None
     if cfg.batch_size % 2:
-        # "batch" mode pairs each image with its mirror in the batch order.
+        # "batch" mode mixes image i with image B-1-i of the same batch.
         raise ConfigError(f"mixup/cutmix need an even batch_size, got {cfg.batch_size}")
     from timm.data import Mixup
 
