@@ -6,17 +6,28 @@ the members' probabilities. Its threshold is calibrated on the holdout slice, as
 is, so every member must have held out the same slice (same `split_seed`, which defaults to
 `seed`, and `holdout`): otherwise
 one member's holdout images could be another's training images and the calibration would leak.
+
+With an output folder it also writes `ensemble.json`, the manifest that lets the web app and
+`scripts/predict.py` serve the ensemble like one checkpoint (`rvf.inference.load_predictor`):
+the members' run folders (relative to the manifest, so a tree of runs can move), the
+calibrated threshold and the valid-split figures.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import json
+import os
+
 import numpy as np
 
 from rvf.metrics import calibrate_threshold, classification_metrics
 
-__all__ = ["EnsembleError", "evaluate_ensemble"]
+__all__ = ["MANIFEST", "EnsembleError", "evaluate_ensemble", "read_manifest", "write_manifest"]
+
+MANIFEST = "ensemble.json"
+MANIFEST_KIND = "rvf-ensemble"
 
 
 class EnsembleError(ValueError):
@@ -110,9 +121,57 @@ def evaluate_ensemble(checkpoints: list[str | Path], data_dir: str | Path, outpu
         names = " + ".join(m["model"] for m in members)
         reports.write_evaluation_reports(out, labels["valid"], valid, metrics["valid"], f"ensemble: {names}")
         reports.write_json(out / "metrics.json", metrics)
+        write_manifest(out, checkpoints, threshold, metrics["valid"])
         columns = [labels["valid"], valid[:, 0]] + [p[:, 0] for p in valid_p]
         header = ",".join(["label", "p_fake"] + [f"p_fake_{i}" for i in range(len(valid_p))])
         np.savetxt(out / "probabilities.csv", np.column_stack(columns), delimiter=",", header=header, comments="",
                    fmt=["%d"] + ["%.6f"] * (len(columns) - 1))
     accelerator.end_training()
     return metrics
+
+
+def write_manifest(directory: str | Path, checkpoints: list[str | Path], threshold: float, valid: dict) -> Path:
+    """Write `directory/ensemble.json`: member run folders, threshold and valid accuracy / ROC AUC."""
+    directory = Path(directory)
+    members = []
+    for c in map(Path, checkpoints):
+        try:  # relative, so the runs and the ensemble can move together
+            members.append(Path(os.path.relpath(c.resolve(), directory.resolve())).as_posix())
+        except ValueError:  # another drive (Windows): nothing to be relative to
+            members.append(str(c.resolve()))
+    manifest = {"kind": MANIFEST_KIND, "members": members, "threshold": float(threshold),
+                "valid": {k: valid.get(k) for k in ("accuracy", "roc_auc", "average_precision")}}
+    from rvf.reports import write_json
+
+    path = directory / MANIFEST
+    write_json(path, manifest)  # atomic; a NaN AUC (one class only) becomes null
+    return path
+
+
+def read_manifest(directory: str | Path) -> dict:
+    """Read and check `directory/ensemble.json`; member paths come back resolved.
+
+    Raises:
+        CheckpointError: naming the manifest and the key at fault.
+    """
+    from rvf.checkpoint import CheckpointError
+
+    path = Path(directory) / MANIFEST
+    try:
+        manifest = json.loads(path.read_text())
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read ensemble manifest ({e.strerror or e})") from e
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from e
+    if not isinstance(manifest, dict) or manifest.get("kind") != MANIFEST_KIND:
+        raise CheckpointError(f"{path}: not an rvf ensemble manifest (expected \"kind\": \"{MANIFEST_KIND}\")")
+    members = manifest.get("members")
+    if not isinstance(members, list) or len(members) < 2 or not all(isinstance(m, str) and m for m in members):
+        raise CheckpointError(f"{path}: \"members\" must list at least two run folders, got {members!r}")
+    threshold = manifest.get("threshold")
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0.0 <= threshold <= 1.0:
+        raise CheckpointError(f"{path}: \"threshold\" must be a probability in [0, 1], got {threshold!r}")
+    valid = manifest.get("valid") or {}
+    if not isinstance(valid, dict):
+        raise CheckpointError(f"{path}: \"valid\" must be an object, got {valid!r}")
+    return {"members": [(path.parent / m).resolve() for m in members], "threshold": float(threshold), "valid": valid}

@@ -10,8 +10,11 @@ Everything that turns an image into a verdict lives here, once:
 - Grad-CAM with `pytorch_grad_cam.GradCAM` on `rvf.models.get_cam_layer(model)`, for the
   class of the verdict, rendered as a PNG overlay.
 
+An `EnsemblePredictor` serves several of them as one (the mean P(fake) at the ensemble's own
+calibrated threshold); `load_predictor` returns whichever a folder holds.
+
 Usage:
-    predictor = Predictor.from_checkpoint("runs/lenet")
+    predictor = load_predictor("runs/lenet")  # or an ensemble folder from scripts/ensemble.py
     results = predictor.predict_sources(["a.jpg", "b.png"], gradcam=True)
 """
 
@@ -37,9 +40,12 @@ from rvf.models import get_cam_layer
 from rvf.utils import predict_logits
 
 __all__ = [
+    "Detector",
+    "EnsemblePredictor",
     "Prediction",
     "Predictor",
     "find_images",
+    "load_predictor",
     "refuse_decompression_bombs",
     "resolve_device",
 ]
@@ -112,7 +118,50 @@ class Prediction:
         return {k: v for k, v in asdict(self).items() if v is not None and k != "gradcam_png"}
 
 
-class Predictor:
+class Detector:
+    """What the web app and the CLI need from a detector: verdicts for a list of sources.
+
+    Subclasses set `threshold` and implement `_predict_chunk`, `model_name` and `describe`.
+    """
+
+    threshold: float
+
+    def verdict(self, p_fake: float) -> str:
+        """Return "fake" iff p_fake reaches the calibrated threshold, else "real"."""
+        return "fake" if p_fake >= self.threshold else "real"
+
+    def predict_sources(self, sources: Sequence, names: Sequence[str] | None = None, *,
+                        batch_size: int = 32, gradcam: bool = False,
+                        progress=None) -> list[Prediction]:
+        """Predict paths, file objects or bytes; bad images become error entries, not exceptions.
+
+        Args:
+            sources: what `load_image` accepts, one per image.
+            names: what to call each image in results; defaults to the path or "<upload>".
+            batch_size: images per forward pass.
+            gradcam: also render a Grad-CAM overlay PNG for each good image.
+            progress: optional callable(n) told how many images each batch finished (tqdm.update).
+
+        Returns:
+            One `Prediction` per source, in order.
+        """
+        if names is None:
+            names = [os.fspath(s) if isinstance(s, (str, os.PathLike)) else "<upload>" for s in sources]
+        if len(names) != len(sources):
+            raise ValueError(f"got {len(names)} names for {len(sources)} sources")
+        results: list[Prediction] = []
+        for start in range(0, len(sources), batch_size):
+            chunk = list(zip(sources[start:start + batch_size], names[start:start + batch_size]))
+            results += self._predict_chunk(chunk, gradcam)
+            if progress is not None:
+                progress(len(chunk))
+        return results
+
+    def _predict_chunk(self, chunk: list, gradcam: bool) -> list[Prediction]:
+        raise NotImplementedError
+
+
+class Predictor(Detector):
     """A model loaded once with its preprocessing, threshold and Grad-CAM layer.
 
     Args:
@@ -200,38 +249,12 @@ class Predictor:
             logits = predict_logits(self.model, x, hflip=self.tta_hflip)  # (B, 2)
         return logits.float().softmax(dim=1)[:, 0].cpu()  # (B,)
 
-    def verdict(self, p_fake: float) -> str:
-        """Return "fake" iff p_fake reaches the calibrated threshold, else "real"."""
-        return "fake" if p_fake >= self.threshold else "real"
+    def _decode_chunk(self, chunk: list) -> tuple[list[Prediction], list[int], torch.Tensor | None]:
+        """Decode (source, name) pairs at this model's size: errors filled in, good indices, batch.
 
-    def predict_sources(self, sources: Sequence, names: Sequence[str] | None = None, *,
-                        batch_size: int = 32, gradcam: bool = False,
-                        progress=None) -> list[Prediction]:
-        """Predict paths, file objects or bytes; bad images become error entries, not exceptions.
-
-        Args:
-            sources: what `load_image` accepts, one per image.
-            names: what to call each image in results; defaults to the path or "<upload>".
-            batch_size: images per forward pass.
-            gradcam: also render a Grad-CAM overlay PNG for each good image.
-            progress: optional callable(n) told how many images each batch finished (tqdm.update).
-
-        Returns:
-            One `Prediction` per source, in order.
+        Bytes sources are wrapped in named BytesIO objects in `chunk` itself, so that callers
+        can `seek(0)` and decode them again.
         """
-        if names is None:
-            names = [os.fspath(s) if isinstance(s, (str, os.PathLike)) else "<upload>" for s in sources]
-        if len(names) != len(sources):
-            raise ValueError(f"got {len(names)} names for {len(sources)} sources")
-        results: list[Prediction] = []
-        for start in range(0, len(sources), batch_size):
-            chunk = list(zip(sources[start:start + batch_size], names[start:start + batch_size]))
-            results += self._predict_chunk(chunk, gradcam)
-            if progress is not None:
-                progress(len(chunk))
-        return results
-
-    def _predict_chunk(self, chunk, gradcam: bool) -> list[Prediction]:
         out = [Prediction(name=name, threshold=self.threshold) for _, name in chunk]
         good, tensors = [], []
         for i, (src, name) in enumerate(chunk):
@@ -244,9 +267,12 @@ class Predictor:
                 good.append(i)
             except BadImageError as e:
                 out[i].error = str(e)
+        return out, good, (torch.stack(tensors) if tensors else None)  # (B, 3, S, S) uint8
+
+    def _predict_chunk(self, chunk: list, gradcam: bool) -> list[Prediction]:
+        out, good, batch = self._decode_chunk(chunk)
         if not good:
             return out
-        batch = torch.stack(tensors)  # (B, 3, S, S) uint8
         p_fake = self.predict_batch(batch).tolist()
         for i, p in zip(good, p_fake, strict=True):
             out[i].p_fake, out[i].p_real, out[i].label = p, 1.0 - p, self.verdict(p)
@@ -305,6 +331,109 @@ class Predictor:
         buf = io.BytesIO()
         Image.fromarray(overlay).save(buf, format="PNG", optimize=True)
         return buf.getvalue()
+
+
+class EnsemblePredictor(Detector):
+    """Several trained detectors served as one, as `scripts/ensemble.py` scored them.
+
+    P(fake) is the mean of the members' P(fake), each member decoding the image at its own
+    size and filter and with its own test-time flips; the verdict uses the ensemble's
+    threshold, calibrated on the members' shared holdout slice. The heat map is the mean of
+    the members' Grad-CAM maps (each scaled to [0, 1]) for the ensemble's verdict.
+
+    Args:
+        members: the loaded member predictors (two or more).
+        threshold: the ensemble's calibrated P(fake) threshold.
+        valid: the ensemble's valid-split figures from its manifest (accuracy, roc_auc).
+    """
+
+    def __init__(self, members: Sequence[Predictor], threshold: float, valid: dict | None = None):
+        if len(members) < 2:
+            raise ValueError(f"an ensemble needs at least two members, got {len(members)}")
+        self.members = list(members)
+        self.threshold = float(threshold)
+        self.valid = dict(valid or {})
+        # The overlay is drawn by the member that sees the most pixels.
+        self._largest = max(self.members, key=lambda m: m.image_size)
+
+    @classmethod
+    def from_directory(cls, directory: str | os.PathLike, device: str | torch.device = "cpu",
+                       allow_pickle: bool = False) -> "EnsemblePredictor":
+        """Load the members listed in `directory/ensemble.json` (see `rvf.ensemble`).
+
+        Raises:
+            CheckpointError: naming the manifest, or the member's file, at fault.
+        """
+        from rvf.ensemble import read_manifest
+
+        manifest = read_manifest(directory)
+        device = resolve_device(device)
+        members = [Predictor.from_checkpoint(m, device, allow_pickle) for m in manifest["members"]]
+        return cls(members, manifest["threshold"], manifest["valid"])
+
+    @property
+    def model_name(self) -> str:
+        return "ensemble(" + " + ".join(m.model_name for m in self.members) + ")"
+
+    @property
+    def image_size(self) -> int:
+        return self._largest.image_size
+
+    def describe(self) -> dict:
+        """As `Predictor.describe`, for the ensemble, plus each member's own description."""
+        return {
+            "model": self.model_name,
+            "input_size": self.image_size,
+            "threshold": self.threshold,
+            "tta_hflip": any(m.tta_hflip for m in self.members),
+            "epoch": None,
+            "valid_accuracy": self.valid.get("accuracy"),
+            "valid_roc_auc": self.valid.get("roc_auc"),
+            "members": [m.describe() for m in self.members],
+        }
+
+    def _predict_chunk(self, chunk: list, gradcam: bool) -> list[Prediction]:
+        out = [Prediction(name=name, threshold=self.threshold) for _, name in chunk]
+        decoded = []  # per member: ({chunk index: batch row}, uint8 batch)
+        for m in self.members:
+            for src, _ in chunk:
+                if hasattr(src, "seek"):
+                    src.seek(0)  # the previous member read it
+            m_out, good, batch = m._decode_chunk(chunk)
+            decoded.append(({i: row for row, i in enumerate(good)}, batch))
+            for mine, theirs in zip(out, m_out):
+                mine.error = mine.error or theirs.error  # one unreadable file fails every member alike
+        good = [i for i, r in enumerate(out) if r.error is None]
+        if not good:
+            return out
+        batches = [batch[[rows[i] for i in good]] for rows, batch in decoded]  # (B, 3, S_m, S_m) each
+        p_fake = torch.stack([m.predict_batch(b) for m, b in zip(self.members, batches)]).mean(0)  # (B,)
+        for i, p in zip(good, p_fake.tolist(), strict=True):
+            out[i].p_fake, out[i].p_real, out[i].label = p, 1.0 - p, self.verdict(p)
+        if gradcam:
+            targets = [self._largest.classes.index(out[i].label) for i in good]
+            size = self.image_size
+            cams = torch.stack([
+                F.interpolate(torch.from_numpy(m.gradcam(b, targets))[:, None], size=(size, size),
+                              mode="bilinear", align_corners=False)[:, 0]
+                for m, b in zip(self.members, batches)
+            ]).mean(0)  # (B, S, S), the members' maps each in [0, 1]
+            for i, cam in zip(good, cams.numpy(), strict=True):
+                src = chunk[i][0]
+                if hasattr(src, "seek"):
+                    src.seek(0)
+                out[i].gradcam_png = self._largest.overlay_png(src, cam)
+        return out
+
+
+def load_predictor(directory: str | os.PathLike, device: str | torch.device = "cpu",
+                   allow_pickle: bool = False) -> Predictor | EnsemblePredictor:
+    """Load a run folder (`model.safetensors` + `model.json`) or an ensemble folder (`ensemble.json`)."""
+    from rvf.ensemble import MANIFEST
+
+    if (Path(directory) / MANIFEST).is_file():
+        return EnsemblePredictor.from_directory(directory, device, allow_pickle)
+    return Predictor.from_checkpoint(directory, device, allow_pickle)
 
 
 def _is_empty(src) -> bool:

@@ -21,7 +21,9 @@ from rvf.checkpoint import ALLOW_PICKLE_HELP  # noqa: E402
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Serve the rvf real/fake face detector.", add_help=add_help)
-    parser.add_argument("--checkpoint", required=True, help="folder with model.safetensors + model.json")
+    parser.add_argument("--checkpoint", required=True,
+                        help="a run folder (model.safetensors + model.json) or an ensemble folder "
+                             "(ensemble.json, written by scripts/ensemble.py --output-dir)")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
     parser.add_argument("--port", type=int, default=5000)
     parser.add_argument("--device", default="cpu", help="cpu, cuda or auto (default: cpu)")

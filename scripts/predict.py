@@ -28,7 +28,9 @@ import csv  # noqa: E402
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Predict real/fake for face images.", add_help=add_help)
     parser.add_argument("paths", nargs="+", metavar="PATH", help="image files and/or folders (searched recursively)")
-    parser.add_argument("--checkpoint", required=True, help="folder with model.safetensors + model.json")
+    parser.add_argument("--checkpoint", required=True,
+                        help="a run folder (model.safetensors + model.json) or an ensemble folder "
+                             "(ensemble.json, written by scripts/ensemble.py --output-dir)")
     parser.add_argument("--output", default=None, help="CSV file to write (default: stdout)")
     parser.add_argument("--gradcam-dir", default=None, help="also write a Grad-CAM overlay PNG per image here")
     parser.add_argument("--batch-size", type=int, default=64)
@@ -42,7 +44,7 @@ def main(args) -> int:
     from tqdm import tqdm
 
     from rvf.checkpoint import CheckpointError
-    from rvf.inference import Predictor, find_images, refuse_decompression_bombs
+    from rvf.inference import find_images, load_predictor, refuse_decompression_bombs
     from rvf.utils import atomic_path
 
     if args.batch_size < 1:
@@ -50,7 +52,7 @@ def main(args) -> int:
         return 2
     try:
         files = find_images(args.paths)
-        predictor = Predictor.from_checkpoint(args.checkpoint, device=args.device, allow_pickle=args.allow_pickle)
+        predictor = load_predictor(args.checkpoint, device=args.device, allow_pickle=args.allow_pickle)
     except (CheckpointError, FileNotFoundError, ValueError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

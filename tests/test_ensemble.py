@@ -1,5 +1,6 @@
 """Ensembles of trained runs: the mean of the members' probabilities, calibrated on a shared holdout."""
 
+import io
 import json
 import subprocess
 import sys
@@ -7,9 +8,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
+from rvf.checkpoint import CheckpointError
 from rvf.config import TrainConfig
 from rvf.ensemble import EnsembleError, evaluate_ensemble
+from rvf.inference import EnsemblePredictor, Predictor, load_predictor
 from rvf.train import train
 from synth import make_folder_dataset
 
@@ -80,3 +84,83 @@ def test_cli_prints_members_and_ensemble(runs):
     r = subprocess.run([*cmd, "--checkpoints", str(tmp / "lenet"), str(tmp / "missing")],
                        capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert r.returncode == 2 and "missing" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.fixture(scope="module")
+def served(runs):
+    """An ensemble folder (ensemble.json) of the LeNet and AlexNet runs, as scripts/ensemble.py writes it."""
+    tmp, data, _ = runs
+    m = evaluate_ensemble([tmp / "lenet", tmp / "alexnet"], data, tmp / "serve", cache_dir=str(tmp / "cache"))
+    return tmp / "serve", m
+
+
+def test_an_ensemble_folder_serves_like_one_checkpoint(runs, served):
+    """load_predictor gives the mean of the members' P(fake) at the ensemble's holdout threshold."""
+    tmp, data, _ = runs
+    folder, m = served
+    manifest = json.loads((folder / "ensemble.json").read_text())
+    assert manifest["members"] == ["../lenet", "../alexnet"]  # relative: the tree can move
+    ens = load_predictor(folder)
+    assert isinstance(ens, EnsemblePredictor) and ens.threshold == m["threshold"]
+    assert ens.model_name == "ensemble(lenet + alexnet)" and ens.image_size == 40
+    info = ens.describe()
+    assert info["valid_accuracy"] == m["valid"]["accuracy"] and [d["model"] for d in info["members"]] == ["lenet", "alexnet"]
+
+    files = sorted((data / "valid").rglob("*.jpg"))
+    results = ens.predict_sources([str(f) for f in files], batch_size=7)  # chunks that split the classes
+    members = [Predictor.from_checkpoint(tmp / name) for name in ("lenet", "alexnet")]
+    each = np.array([[r.p_fake for r in p.predict_sources([str(f) for f in files])] for p in members])  # (2, N)
+    np.testing.assert_allclose([r.p_fake for r in results], each.mean(0), atol=1e-6)
+    assert all(r.label == ("fake" if r.p_fake >= m["threshold"] else "real") for r in results)
+    # Served files score as the evaluation scored the valid split: the same accuracy at its threshold.
+    correct = [r.label == f.parent.name for r, f in zip(results, files)]
+    assert np.mean(correct) == pytest.approx(m["valid"]["accuracy_at_threshold"])
+
+
+def test_an_ensemble_reports_bad_files_and_draws_one_heat_map(served):
+    folder, _ = served
+    ens = load_predictor(folder)
+    good = (folder.parent / "data" / "valid" / "fake" / "00000.jpg").read_bytes()
+    out = ens.predict_sources([good, b"not an image", good], ["a.jpg", "b.jpg", "c.jpg"], gradcam=True)
+    assert [r.ok for r in out] == [True, False, True] and "b.jpg" in out[1].error
+    assert out[0].p_fake == pytest.approx(out[2].p_fake)  # each member re-read the same upload
+    png = Image.open(io.BytesIO(out[0].gradcam_png))
+    assert png.format == "PNG" and png.size == (256, 256)
+
+
+def test_web_app_and_predict_cli_take_an_ensemble_folder(runs, served):
+    tmp, data, _ = runs
+    folder, m = served
+    from rvf.web import create_app
+
+    client = create_app({"TESTING": True, "MODEL_CHECKPOINT": str(folder)}).test_client()
+    health = client.get("/api/health").get_json()
+    assert health["model"] == "ensemble(lenet + alexnet)" and health["threshold"] == m["threshold"]
+    image = data / "valid" / "real" / "00001.jpg"
+    r = client.post("/api/predict", data={"image": (io.BytesIO(image.read_bytes()), "face.jpg")})
+    assert r.status_code == 200 and r.get_json()["results"][0]["threshold"] == m["threshold"]
+    assert b"ensemble(lenet + alexnet)" in client.get("/").data
+
+    r = subprocess.run([sys.executable, "scripts/predict.py", "--checkpoint", str(folder), str(data / "valid")],
+                       capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert len(r.stdout.strip().splitlines()) == 1 + 24 and "predicted 24 of 24" in r.stderr
+
+
+@pytest.mark.parametrize("manifest, message", [
+    ("{not json", "not valid JSON"),
+    ('{"kind": "something else"}', "not an rvf ensemble manifest"),
+    ('{"kind": "rvf-ensemble", "members": ["../lenet"], "threshold": 0.5}', "at least two run folders"),
+    ('{"kind": "rvf-ensemble", "members": ["../lenet", "../alexnet"], "threshold": 1.5}', "probability in"),
+    ('{"kind": "rvf-ensemble", "members": ["../lenet", "../gone"], "threshold": 0.5}', "gone"),
+])
+def test_a_bad_ensemble_manifest_is_named(runs, manifest, message):
+    tmp, _, _ = runs
+    folder = tmp / "bad_manifest"
+    folder.mkdir(exist_ok=True)
+    (folder / "ensemble.json").write_text(manifest)
+    with pytest.raises(CheckpointError, match=message):
+        load_predictor(folder)
+    r = subprocess.run([sys.executable, "scripts/app.py", "--checkpoint", str(folder)],
+                       capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr

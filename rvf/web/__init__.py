@@ -18,7 +18,7 @@ import os
 import torch
 from flask import Flask
 
-from rvf.inference import Predictor, refuse_decompression_bombs
+from rvf.inference import load_predictor, refuse_decompression_bombs
 
 __all__ = ["create_app", "init_predictor"]
 
@@ -36,7 +36,8 @@ def create_app(test_config: dict | None = None) -> Flask:
     """
     app = Flask(__name__)
     app.config.from_mapping(
-        MODEL_CHECKPOINT=os.environ.get("RVF_CHECKPOINT"),  # folder with model.safetensors + model.json
+        # A run folder (model.safetensors + model.json) or an ensemble folder (ensemble.json).
+        MODEL_CHECKPOINT=os.environ.get("RVF_CHECKPOINT"),
         DEVICE=os.environ.get("RVF_DEVICE", "cpu"),  # cpu, cuda or auto
         ALLOW_PICKLE=False,  # True: also load a .pt/.pth state dict, with torch.load(weights_only=True)
         MAX_CONTENT_LENGTH=10 * 1024 * 1024,  # whole request, bytes; larger uploads get a 413
@@ -63,12 +64,13 @@ def init_predictor(app: Flask) -> None:
     checkpoint = app.config.get("MODEL_CHECKPOINT")
     if not checkpoint:
         raise RuntimeError("no model checkpoint configured: pass --checkpoint DIR to scripts/app.py "
-                           "or set RVF_CHECKPOINT=DIR (a folder with model.safetensors + model.json)")
+                           "or set RVF_CHECKPOINT=DIR (a folder with model.safetensors + model.json, or an "
+                           "ensemble folder with ensemble.json)")
     if app.config.get("TORCH_THREADS"):
         # Process-wide. One intra-op thread per forward avoids OpenMP's stalls when the cores
         # are shared (other workers, other jobs): on a busy 2-core box it was ~20x faster.
         torch.set_num_threads(int(app.config["TORCH_THREADS"]))
     # Uploads are untrusted: an image between Pillow's warning and error limits is refused too.
     refuse_decompression_bombs()
-    app.extensions["rvf"] = Predictor.from_checkpoint(checkpoint, device=app.config["DEVICE"],
-                                                      allow_pickle=bool(app.config["ALLOW_PICKLE"]))
+    app.extensions["rvf"] = load_predictor(checkpoint, device=app.config["DEVICE"],
+                                           allow_pickle=bool(app.config["ALLOW_PICKLE"]))

@@ -21,7 +21,7 @@ import io
 from flask import Blueprint, current_app, jsonify, render_template, request
 from werkzeug.exceptions import BadRequest, HTTPException, RequestEntityTooLarge
 
-from rvf.inference import Prediction, Predictor
+from rvf.inference import Detector, Prediction
 
 bp = Blueprint("predict", __name__)
 
@@ -29,7 +29,7 @@ FIELD = "image"
 TRUE_VALUES = {"1", "true", "yes", "on"}
 
 
-def get_predictor() -> Predictor:
+def get_predictor() -> Detector:
     """Return the model this app loaded at startup."""
     return current_app.extensions["rvf"]
 
