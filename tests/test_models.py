@@ -116,6 +116,21 @@ def test_inception_norm_layer_by_name():
         create_model("inception_v1", norm_layer="bogus")
 
 
+@pytest.mark.parametrize("name", ["inception_v1", "vgg16_bn"])
+def test_init_std_draws_every_conv_and_linear_from_one_normal(name):
+    """`model_args: {init_std: 0.01}` is torchvision's GoogLeNet init; the default stays Kaiming."""
+    small = create_model(name, init_std=0.01)
+    weights = [m.weight for m in small.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    assert all(abs(w.std().item() - 0.01) < 0.002 for w in weights if w.numel() >= 1000)
+    assert all(m.weight.eq(1).all() and m.bias.eq(0).all() for m in small.modules() if isinstance(m, nn.BatchNorm2d))
+    # Kaiming: a conv's std is sqrt(2 / fan_in), e.g. 0.27 for the 3x3x3 first conv of VGG.
+    default = create_model(name)
+    first = next(m for m in default.modules() if isinstance(m, nn.Conv2d))
+    fan_in = first.weight[0].numel()
+    assert first.weight.std().item() == pytest.approx((2 / fan_in) ** 0.5, rel=0.15)
+    assert default.fc.weight.std().item() == pytest.approx(0.01, rel=0.3)  # init_classifier
+
+
 def test_none_kwargs_are_dropped():
     model = create_model("lenet", drop_rate=None, in_chans=None)
     assert model.head_drop.p == 0.0 and model.features[0].in_channels == 3

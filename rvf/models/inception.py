@@ -87,6 +87,8 @@ class Inception(nn.Module):
         norm_layer: normalisation after every convolution: a module class, a timm norm name
             ("batchnorm", "groupnorm"...), or None / "none" for plain convolutions.
         act_layer: activation after every convolution.
+        init_std: None for Kaiming (fan_in) init; a float draws every conv and linear from
+            N(0, init_std), as torchvision's GoogLeNet does with 0.01 (see `_base.init_weights`).
     """
 
     def __init__(
@@ -189,9 +191,11 @@ class GoogLeNet(nn.Module):
             aux_drop_rate: float = 0.7,
             norm_layer: Callable[..., nn.Module] | str | None = nn.BatchNorm2d,
             act_layer: Callable[..., nn.Module] = nn.ReLU,
+            init_std: float | None = None,
     ):
         super().__init__()
         norm_layer = _resolve_norm(norm_layer)
+        self.init_std = init_std
         dd = dict(norm_layer=norm_layer, act_layer=act_layer)
         self.num_classes = num_classes
         self.aux_logits = aux_logits
@@ -223,13 +227,14 @@ class GoogLeNet(nn.Module):
 
     @torch.no_grad()
     def init_weights(self) -> None:
-        """Kaiming (fan_in) init for convs and hidden linears, N(0, 0.01) for all classifiers."""
+        """Kaiming (fan_in) init for convs and hidden linears, N(0, 0.01) for all classifiers;
+        or N(0, init_std) for every conv and linear."""
         # fan_in, not the fan_out used elsewhere in rvf: the 1x1 reductions (832 -> 48 channels)
         # would amplify the signal ~100x by inception5b with fan_out, which BatchNorm hides in
         # training but running statistics and norm_layer=None do not.
-        init_weights(self, conv_mode="fan_in")
+        init_weights(self, conv_mode="fan_in", std=self.init_std)
         for head in (self.aux1, self.aux2):
-            if head is not None:
+            if head is not None and self.init_std is None:
                 init_classifier(head.fc)
 
     def get_classifier(self) -> nn.Module:

@@ -64,6 +64,8 @@ class VGG(ClassifierMixin, nn.Module):
         act_layer: activation after every convolution and hidden linear layer.
         pool_size: output size of the head's adaptive max-pool.
         head_hidden_size: width of the two hidden linear layers.
+        init_std: None for the Kaiming init below; a float draws every conv and linear from
+            N(0, init_std) (see `rvf.models._base.init_weights`).
     """
 
     def __init__(
@@ -76,6 +78,7 @@ class VGG(ClassifierMixin, nn.Module):
             act_layer: Callable[..., nn.Module] = nn.ReLU,
             pool_size: int = 2,
             head_hidden_size: int = 1024,
+            init_std: float | None = None,
     ):
         super().__init__()
         self.num_classes = num_classes
@@ -105,7 +108,7 @@ class VGG(ClassifierMixin, nn.Module):
         )
         self.head_drop = nn.Dropout(drop_rate)
         self.fc = nn.Linear(head_hidden_size, num_classes) if num_classes > 0 else nn.Identity()
-        init_weights(self, conv_mode="fan_in")  # see the module docstring
+        init_weights(self, conv_mode="fan_in", std=init_std)  # see the module docstring
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Return the conv5 feature map before the last pool, (B, 512, H/16, W/16)."""
