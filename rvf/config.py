@@ -7,6 +7,7 @@ or a value of the wrong type is an error that names the key and where it came fr
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -126,6 +127,15 @@ _FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 _HINTS = typing.get_type_hints(TrainConfig)
 
 
+# PyYAML follows YAML 1.1, whose floats need a dot: `1e-4` loads as the string "1e-4".
+_FLOAT_TEXT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
+def _number(value: Any) -> Any:
+    """Read scientific notation that YAML left as text ("1e-4") as the float it means."""
+    return float(value) if isinstance(value, str) and _FLOAT_TEXT.fullmatch(value.strip()) else value
+
+
 def _check(key: str, value: Any, source: str) -> Any:
     hint = _HINTS[key]
     args = typing.get_args(hint)
@@ -148,10 +158,12 @@ def _check(key: str, value: Any, source: str) -> Any:
         if isinstance(value, bool) or not isinstance(value, int):
             raise bad
     elif origin is float:
+        value = _number(value)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise bad
         value = float(value)
     elif origin is tuple:
+        value = [_number(v) for v in value] if isinstance(value, (list, tuple)) else value
         if not isinstance(value, (list, tuple)) or len(value) != 2 or not all(
                 isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
             raise bad

@@ -28,6 +28,16 @@ def test_yaml_then_overrides(tmp_path):
     assert TrainConfig().epochs == 20  # defaults untouched
 
 
+def test_scientific_notation_is_a_number(tmp_path):
+    """YAML 1.1 (PyYAML) reads `1e-4` as a string; rvf reads it as the float everyone means."""
+    f = tmp_path / "c.yaml"
+    f.write_text("lr: 1e-4\nweight_decay: 5E-2\ncrop_scale: [8e-1, 1]\n")
+    cfg = load_config(f, dict([parse_override("min_lr=1e-6")]))
+    assert (cfg.lr, cfg.weight_decay, cfg.crop_scale, cfg.min_lr) == (1e-4, 0.05, (0.8, 1.0), 1e-6)
+    with pytest.raises(ConfigError, match=r"lr must be a number, got '1e-4x'"):
+        load_config(None, {"lr": "1e-4x"})
+
+
 @pytest.mark.parametrize("text, match", [
     ("epoch: 3\n", r"c\.yaml: unknown config key\(s\): epoch \(did you mean epochs\?\)"),
     ("epochs: ten\n", r"c\.yaml: epochs must be an integer, got 'ten'"),
