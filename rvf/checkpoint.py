@@ -108,7 +108,10 @@ def _weights_path(directory: Path, allow_pickle: bool) -> Path | None:
 
 def _not_a_checkpoint(directory: Path, allow_pickle: bool) -> str:
     names = [p.name for p in _pickles(directory)]
-    if not names:
+    if (directory / "ensemble.json").is_file():  # rvf.ensemble.MANIFEST
+        hint = (" It is an ensemble folder (ensemble.json): scripts/predict.py and scripts/app.py serve it; "
+                "to evaluate or export, use its member runs one by one (listed in ensemble.json).")
+    elif not names:
         hint = ""
     elif not allow_pickle:
         hint = (f" It holds pickle file(s) {names}: rvf loads only safetensors + JSON, because unpickling can "

@@ -145,6 +145,10 @@ def test_web_app_and_predict_cli_take_an_ensemble_folder(runs, served):
                        capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     assert len(r.stdout.strip().splitlines()) == 1 + 24 and "predicted 24 of 24" in r.stderr
+    # Tools that need one network say what the folder is instead of "no model.safetensors".
+    r = subprocess.run([sys.executable, "scripts/export.py", "--checkpoint", str(folder), "--format", "torchscript"],
+                       capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert r.returncode == 2 and "is an ensemble folder" in r.stderr and "Traceback" not in r.stderr
 
 
 @pytest.mark.parametrize("manifest, message", [
