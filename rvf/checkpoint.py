@@ -108,7 +108,9 @@ def _weights_path(directory: Path, allow_pickle: bool) -> Path | None:
 
 def _not_a_checkpoint(directory: Path, allow_pickle: bool) -> str:
     names = [p.name for p in _pickles(directory)]
-    if (directory / "ensemble.json").is_file():  # rvf.ensemble.MANIFEST
+    from rvf.ensemble import MANIFEST  # lazily: rvf.ensemble pulls in scikit-learn
+
+    if (directory / MANIFEST).is_file():
         hint = (" It is an ensemble folder (ensemble.json): scripts/predict.py and scripts/app.py serve it; "
                 "to evaluate or export, use its member runs one by one (listed in ensemble.json).")
     elif not names:
