@@ -94,6 +94,11 @@ class TrainConfig:
     compile: bool = False  # torch.compile the model
     device_data: Optional[bool] = None  # whole uint8 train split on the device, batches indexed there; None: on for GPUs, and on a CPU for splits up to 256 MB
     fused_optimizer: bool = True  # torch's fused optimizer kernel where there is one (adam, adamw, sgd...)
+    # Record each training step (forward, backward, optimizer) once as a CUDA graph and replay it:
+    # one launch per step instead of hundreds, for small models the host cannot feed fast
+    # enough (rvf.step). Needs one CUDA process, bf16 or fp32, adam/adamw, compile: false.
+    # None: on wherever those hold. Off by default until measured against the eager step on a GPU.
+    cuda_graph: Optional[bool] = False
 
     # --- tracking and output ---
     output_dir: Optional[str] = None  # None: runs/<model>

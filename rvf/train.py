@@ -33,6 +33,7 @@ from rvf.config import ConfigError, TrainConfig
 from rvf.data import (RVF10K, DeviceLoader, ToUint8, build_cache, build_eval_transform, build_train_transform,
                       collate_batch, holdout_split, resolve_data_config, use_device_data)
 from rvf.metrics import calibrate_threshold, classification_metrics
+from rvf.step import TrainStep, build_train_step, cuda_graph_problems
 from rvf.utils import atomic_write_text, count_parameters, device_name, predict_logits, resolve_mixed_precision
 
 __all__ = ["RunDirError", "Splits", "load_splits", "build_ema", "build_mixup", "build_optimizer", "build_scheduler",
@@ -119,8 +120,11 @@ def _cores() -> int:
 
 # ----------------------------------------------------------------------------- optimisation
 
-def build_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
+def build_optimizer(cfg: TrainConfig, model: nn.Module, capturable: bool = False) -> torch.optim.Optimizer:
     """timm's optimizer factory, with torch's fused kernel where the optimizer has one.
+
+    `capturable` (CUDA only) keeps the optimizer's step count on the device, so its step can
+    be recorded in a CUDA graph (`rvf.step`); optimizers without the option are built as usual.
 
     A fused step is one vectorised kernel per parameter instead of ~10 element-wise ops per
     parameter: on this project's 2-core CPU a whole 64 px training step of batch 64 drops from
@@ -132,10 +136,12 @@ def build_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer
     from timm.optim import create_optimizer_v2, get_optimizer_class
 
     kwargs = {}
-    if cfg.fused_optimizer:
-        cls = get_optimizer_class(cfg.optimizer, bind_defaults=False)
-        if cls.__module__.startswith("torch.optim") and "fused" in inspect.signature(cls).parameters:
-            kwargs["fused"] = True
+    cls = get_optimizer_class(cfg.optimizer, bind_defaults=False)
+    params = inspect.signature(cls).parameters if cls.__module__.startswith("torch.optim") else {}
+    if cfg.fused_optimizer and "fused" in params:
+        kwargs["fused"] = True
+    if capturable and "capturable" in params:
+        kwargs["capturable"] = True
     return create_optimizer_v2(model, opt=cfg.optimizer, lr=cfg.lr, weight_decay=cfg.weight_decay,
                                momentum=cfg.momentum, **kwargs)
 
@@ -192,8 +198,13 @@ def build_scheduler(cfg: TrainConfig, optimizer, steps_per_epoch: int):
 # ----------------------------------------------------------------------------- one epoch
 
 def train_one_epoch(model, loader, transform, criterion, optimizer, scheduler, accelerator, cfg,
-                    epoch: int, ema=None, step: int = 0, mixup=None) -> tuple[dict, int]:
+                    epoch: int, ema=None, step: int = 0, mixup=None, train_step: TrainStep | None = None
+                    ) -> tuple[dict, int]:
     """Train for one epoch; return ({loss, accuracy, images_per_second}, global step).
+
+    `train_step` runs forward, loss, backward and the optimizer step on each batch (an
+    `rvf.step.TrainStep`, eager, or a CUDA graph replayed; built from `criterion` and
+    `optimizer` when not given). It outlives the epoch: a captured graph is captured once.
 
     With `mixup` (a timm `Mixup`) the batch and its labels are mixed before the forward pass
     and `criterion` gets soft targets; accuracy is still counted against the unmixed labels.
@@ -203,6 +214,9 @@ def train_one_epoch(model, loader, transform, criterion, optimizer, scheduler, a
     and the progress bar shows the newest copy that has landed (`_AsyncStats`).
     """
     model.train()
+    if train_step is None:
+        train_step = TrainStep(model, criterion, optimizer, grad_clip=cfg.grad_clip, aux_weight=cfg.aux_weight,
+                               backward=accelerator.backward, clip=accelerator.clip_grad_norm_)
     device = accelerator.device
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.long)
@@ -218,26 +232,14 @@ def train_one_epoch(model, loader, transform, criterion, optimizer, scheduler, a
             x, targets = mixup(x, labels)  # (B, num_classes) soft targets, smoothing included
         if cfg.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        out = model(x)  # (B, 2), or (logits, aux1, ...) from a model with auxiliary heads
-        if isinstance(out, (tuple, list)):
-            # Auxiliary classifiers (Inception v1's `aux_logits`) add their own losses, each
-            # weighted by `aux_weight`; only the main head is counted in accuracy and used at eval.
-            logits, *aux = out
-            loss = criterion(logits, targets) + cfg.aux_weight * sum(criterion(a, targets) for a in aux)
-        else:
-            logits = out
-            loss = criterion(logits, targets)
-        accelerator.backward(loss)
-        if cfg.grad_clip:
-            accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        optimizer.step()
+        loss, logits = train_step(x, targets)  # forward, loss, backward, (clip), optimizer step
         scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        train_step.lr_changed()
         step += 1
         if ema is not None:
             ema.update(accelerator.unwrap_model(model), step=step)
-        loss_sum += loss.detach() * len(labels)
-        correct += (logits.detach().argmax(1) == labels).sum()
+        loss_sum += loss * len(labels)
+        correct += (logits.argmax(1) == labels).sum()
         seen += len(labels)
         bar.update()
         if (i + 1) % cfg.log_every == 0 and not bar.disable:
@@ -245,10 +247,10 @@ def train_one_epoch(model, loader, transform, criterion, optimizer, scheduler, a
                 bar.set_postfix(loss=f"{last[0] / last[2]:.4f}", acc=f"{last[1] / last[2]:.3f}",
                                 img_s=f"{seen * accelerator.num_processes / (time.perf_counter() - t0):.0f}")
     bar.close()
-    seconds = time.perf_counter() - t0
     totals = accelerator.reduce(torch.stack([loss_sum, correct.to(loss_sum.dtype),
                                              torch.tensor(float(seen), device=device)]), "sum")
-    loss_t, correct_t, n = totals.tolist()
+    loss_t, correct_t, n = totals.tolist()  # waits for the device: the epoch's work is done, not just queued
+    seconds = time.perf_counter() - t0
     return {"loss": loss_t / max(n, 1), "accuracy": correct_t / max(n, 1),
             "images_per_second": n / seconds, "seconds": seconds}, step
 
@@ -361,7 +363,7 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> di
         The metrics written to `metrics.json`.
     """
     from accelerate import Accelerator, PartialState
-    from accelerate.utils import DataLoaderConfiguration, parse_flag_from_env, set_seed
+    from accelerate.utils import AutocastKwargs, DataLoaderConfiguration, parse_flag_from_env, set_seed
 
     from rvf import reports, tracking
     from rvf.models import create_model
@@ -374,8 +376,12 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> di
     # reads `--cpu` from the environment as AcceleratorState would, or a CPU DDP run
     # (torchrun + ACCELERATE_USE_CPU) would start as one process.
     state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
+    # A CUDA graph (rvf.step) is captured on one CUDA process; autocast's weight-cast cache
+    # must then be off, or casts made before capture would be replayed stale.
+    graph_wanted = cfg.cuda_graph is not False and state.device.type == "cuda" and state.num_processes == 1
     accelerator = Accelerator(
         mixed_precision=resolve_mixed_precision(cfg.mixed_precision, state.device),
+        kwargs_handlers=[AutocastKwargs(cache_enabled=False)] if graph_wanted else None,
         log_with=log_with, project_dir=str(out),
         # A seeded sampler gives each epoch the same order whether or not the run was resumed.
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, non_blocking=torch.cuda.is_available()),
@@ -423,7 +429,7 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> di
 
     # 3) optimizer, schedule, loss (the schedule counts single-process steps: Accelerate
     #    steps it once per process per optimizer step)
-    optimizer = build_optimizer(cfg, model)
+    optimizer = build_optimizer(cfg, model, capturable=graph_wanted)
     scheduler = build_scheduler(cfg, optimizer, steps_per_epoch)
     # With mixing, timm's Mixup builds the smoothed soft targets itself.
     criterion = nn.CrossEntropyLoss(label_smoothing=0.0 if mixup is not None else cfg.label_smoothing)
@@ -438,6 +444,15 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> di
         accelerator.register_for_checkpointing(ema)
     if cfg.compile:
         model = torch.compile(model)
+    problems = cuda_graph_problems(accelerator.device, optimizer, num_processes=accelerator.num_processes,
+                                   mixed_precision=accelerator.mixed_precision, compile=cfg.compile,
+                                   gradient_accumulation_steps=accelerator.gradient_accumulation_steps)
+    if cfg.cuda_graph and problems:
+        raise ConfigError("cuda_graph: true, but a training step cannot be captured here: " + "; ".join(problems))
+    use_graph = cfg.cuda_graph is not False and not problems
+    train_step = build_train_step(model, criterion, optimizer, cuda_graph=use_graph, grad_clip=cfg.grad_clip,
+                                  aux_weight=cfg.aux_weight, backward=accelerator.backward,
+                                  clip=accelerator.clip_grad_norm_)
 
     # 5) resume, or start a fresh run record
     run = {"epoch": -1, "step": 0, "best_epoch": -1, "best_score": None, "history": [], "train_seconds": 0.0}
@@ -457,14 +472,15 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> di
     n_params = count_parameters(accelerator.unwrap_model(model))
     accelerator.print(f"model: {cfg.model} | {n_params / 1e6:.2f} M params | {accelerator.device} "
                       f"({device_name(accelerator.device)}) x {accelerator.num_processes} | "
-                      f"precision {accelerator.mixed_precision}")
+                      f"precision {accelerator.mixed_precision}" + (" | CUDA graph" if use_graph else ""))
 
     # 6) epochs: train, select on the holdout slice, log, save
     eval_model = ema.module if ema is not None else model
     for epoch in range(run["epoch"] + 1, cfg.epochs):
         train_loader.set_epoch(epoch)
         stats, run["step"] = train_one_epoch(model, train_loader, train_tf, criterion, optimizer, scheduler,
-                                             accelerator, cfg, epoch, ema=ema, step=run["step"], mixup=mixup)
+                                             accelerator, cfg, epoch, ema=ema, step=run["step"], mixup=mixup,
+                                             train_step=train_step)
         run["train_seconds"] += stats["seconds"]
         labels, probs, loss = evaluate(eval_model, holdout_loader, eval_tf, accelerator, desc="holdout",
                                        tta_hflip=cfg.tta_hflip)
@@ -507,7 +523,8 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> di
         "images_per_second": float(np.mean([h["images_per_second"] for h in run["history"]])) if run["history"] else None,
         "params": n_params, "image_size": data_cfg.image_size, "counts": splits.counts,
         "device": device_name(accelerator.device), "num_processes": accelerator.num_processes,
-        "mixed_precision": accelerator.mixed_precision, "device_data": bool(device_data), "torch": torch.__version__,
+        "mixed_precision": accelerator.mixed_precision, "device_data": bool(device_data), "cuda_graph": use_graph,
+        "torch": torch.__version__,
     }
     if accelerator.is_main_process:
         unwrapped = accelerator.unwrap_model(eval_model)

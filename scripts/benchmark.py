@@ -53,6 +53,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser.add_argument("--device-data", choices=["auto", "on", "off"], default="auto",
                         help="rvf path: keep the uint8 split on the device (auto: as training decides)")
     parser.add_argument("--fused-optimizer", type=int, default=1, help="rvf path: 1 = torch's fused Adam (as in training)")
+    parser.add_argument("--cuda-graph", type=int, default=1,
+                        help="on a CUDA device, also time rvf's step captured as a CUDA graph (rvf.step; "
+                             "training's cuda_graph option): 1 = yes")
     parser.add_argument("--skip-baseline", action="store_true")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     return parser
@@ -163,6 +166,35 @@ class Step:
         self.acc.item()  # one host sync per epoch: the device has finished the epoch's work
 
 
+class RvfStep(Step):
+    """rvf's own training step (`rvf.step`: what `train()` runs), eager or as a CUDA graph."""
+
+    def __init__(self, model, transform, device, autocast_dtype=None, channels_last=False, fused=False,
+                 cuda_graph=False):
+        import torch
+
+        from rvf.step import build_train_step
+
+        super().__init__(model, transform, device, autocast_dtype=autocast_dtype, channels_last=channels_last)
+        self.model = model = self.model.to(device)
+        self.opt = torch.optim.Adam(model.parameters(), lr=1e-4, fused=fused or None, capturable=cuda_graph)
+        # Training gets autocast from Accelerate; here the step opens it itself. Its cast
+        # cache must be off under a graph (see rvf.step).
+        autocast = None
+        if autocast_dtype is not None:
+            def autocast():
+                return torch.autocast(device.type, dtype=autocast_dtype, cache_enabled=not cuda_graph)
+        self.step = build_train_step(model, self.loss_fn, self.opt, cuda_graph=cuda_graph, autocast=autocast)
+
+    def __call__(self, x, y):
+        torch = self.torch
+        x = self.transform(x.to(self.device, non_blocking=True))
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        loss, _ = self.step(x, y.to(self.device, non_blocking=True))
+        self.acc += loss
+
+
 def main(args) -> int:
     import numpy as np
     import torch
@@ -236,10 +268,19 @@ def main(args) -> int:
     with PeakRSS() as mem:
         report("rvf_data_only", *time_epochs(Step(model, train_tf, device, data_only=True), rvf_loader,
                                              args.repeats, args.max_steps))
-        report("rvf_train", *time_epochs(Step(fresh_model(), train_tf, device, autocast_dtype=autocast,
-                                              channels_last=args.channels_last, fused=args.fused_optimizer),
+        report("rvf_train", *time_epochs(RvfStep(fresh_model(), train_tf, device, autocast_dtype=autocast,
+                                                 channels_last=args.channels_last, fused=args.fused_optimizer),
                                          rvf_loader, args.repeats, args.max_steps))
     res["rvf_peak_rss_mb"] = round(mem.peak / 2**20, 1)
+    if args.cuda_graph and device.type == "cuda":
+        # A graph replays one batch shape: drop the last incomplete batch, as training does.
+        graph_loader = DeviceLoader(cached, args.batch_size, device) if device_data else DataLoader(
+            cached, batch_size=args.batch_size, shuffle=True, drop_last=True, collate_fn=collate_batch,
+            pin_memory=True)
+        report("rvf_graph_train", *time_epochs(RvfStep(fresh_model(), train_tf, device, autocast_dtype=autocast,
+                                                       channels_last=args.channels_last,
+                                                       fused=args.fused_optimizer, cuda_graph=True),
+                                               graph_loader, args.repeats, args.max_steps))
 
     if "baseline_train" in res:
         b, r = raw["baseline_train"], raw["rvf_train"]
@@ -248,6 +289,9 @@ def main(args) -> int:
         res["projected_20_epochs_seconds"] = {"baseline": round(20 * b, 1),
                                               "rvf_incl_cache_build": round(20 * r + res["cache_build_seconds"], 1)}
         res["speedup_20_epochs_incl_cache"] = round(20 * b / (20 * r + res["cache_build_seconds"]), 2)
+        if "rvf_graph_train" in raw:  # per image: the graph's epoch drops the last incomplete batch
+            per_img = lambda k: raw[k] / res[k]["images"]  # noqa: E731
+            res["speedup_epoch_cuda_graph"] = round(per_img("baseline_train") / per_img("rvf_graph_train"), 2)
 
     # 3) inference: throughput over the cache, and one JPEG end to end (decode -> logits)
     model = fresh_model().eval()
@@ -280,8 +324,8 @@ def main(args) -> int:
             n = max(args.batch_size, int(len(cached) * frac))
             part = cached.subset(np.random.default_rng(0).permutation(len(cached))[:n])
             loader = DataLoader(part, batch_size=args.batch_size, shuffle=True, collate_fn=collate_batch)
-            sec, n_img = time_epochs(Step(fresh_model(), train_tf, device, autocast_dtype=autocast,
-                                          channels_last=args.channels_last, fused=args.fused_optimizer), loader, 2, 0)
+            sec, n_img = time_epochs(RvfStep(fresh_model(), train_tf, device, autocast_dtype=autocast,
+                                             channels_last=args.channels_last, fused=args.fused_optimizer), loader, 2, 0)
             pts.append((n_img, sec))
             print(f"{'scaling':>22}: {n_img:6d} images -> {sec:6.2f} s", flush=True)
         xs, ys = np.array(pts, dtype=float).T
@@ -309,9 +353,14 @@ def _markdown(r: dict) -> str:
             t, d = r[f"{name}_train"], r[f"{name}_data_only"]
             rows.append(f"| {name} | {t['images_per_second']} | {t['epoch_seconds']} | {d['images_per_second']} "
                         f"| {r[f'{name}_peak_rss_mb']} |")
+    if "rvf_graph_train" in r:
+        t = r["rvf_graph_train"]
+        rows.append(f"| rvf, CUDA graph | {t['images_per_second']} | {t['epoch_seconds']} | | |")
     rows.append("")
     if "speedup_epoch" in r:
         rows.append(f"- speed-up per epoch (warm cache): **{r['speedup_epoch']}x**; data only: {r['speedup_data_only']}x")
+    if "speedup_epoch_cuda_graph" in r:
+        rows.append(f"- speed-up per image with the step as a CUDA graph: **{r['speedup_epoch_cuda_graph']}x**")
         rows.append(f"- 20 epochs incl. the one-time cache build: **{r['speedup_20_epochs_incl_cache']}x** "
                     f"({r['projected_20_epochs_seconds']['baseline']} s vs {r['projected_20_epochs_seconds']['rvf_incl_cache_build']} s)")
     rows.append(f"- rvf path: split resident on the device: {r.get('rvf_device_data', False)}; "
