@@ -57,3 +57,14 @@ def test_precision_benchmark_smoke(tmp_path):
     for row in res["models"]:
         assert row["fp32_ms"] > 0 and row["bf16_ms"] > 0 and row["speedup"] > 0
     assert "native bf16" in r.stdout
+
+
+def test_step_ops_counts_each_training_step(tmp_path):
+    out = tmp_path / "ops.json"
+    r = subprocess.run([sys.executable, "benchmarks/step_ops.py", "--configs", "configs/lenet.yaml",
+                        "configs/alexnet_bn.yaml", "--out", str(out)], capture_output=True, text=True, timeout=300,
+                       cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-3000:]
+    ops = json.loads(out.read_text())
+    # A forward, a backward and an optimizer step: dozens of ops at least; BatchNorm adds some.
+    assert 50 < ops["lenet"] < ops["alexnet_bn"] < 1000 and "ATen ops per training step" in r.stdout
