@@ -133,7 +133,7 @@ class Step:
     """One optimizer step of the model on a batch; `data_only` just touches the batch."""
 
     def __init__(self, model, transform, device, data_only=False, autocast_dtype=None, channels_last=False,
-                 fused=False):
+                 fused=False, capturable=False):
         import torch
 
         if channels_last:  # weights and batches both NHWC, as train() does
@@ -141,7 +141,7 @@ class Step:
         self.torch, self.model, self.transform, self.device = torch, model, transform, device
         self.data_only, self.autocast_dtype, self.channels_last = data_only, autocast_dtype, channels_last
         # The baseline's optimizer is torch's default Adam; rvf's is what `train()` builds.
-        self.opt = torch.optim.Adam(model.parameters(), lr=1e-4, fused=fused or None)
+        self.opt = torch.optim.Adam(model.parameters(), lr=1e-4, fused=fused or None, capturable=capturable)
         self.loss_fn = torch.nn.CrossEntropyLoss()
         self.acc = torch.zeros((), device=device)
 
@@ -175,16 +175,15 @@ class RvfStep(Step):
 
         from rvf.step import build_train_step
 
-        super().__init__(model, transform, device, autocast_dtype=autocast_dtype, channels_last=channels_last)
-        self.model = model = self.model.to(device)
-        self.opt = torch.optim.Adam(model.parameters(), lr=1e-4, fused=fused or None, capturable=cuda_graph)
+        super().__init__(model, transform, device, autocast_dtype=autocast_dtype, channels_last=channels_last,
+                         fused=fused, capturable=cuda_graph)
         # Training gets autocast from Accelerate; here the step opens it itself. Its cast
         # cache must be off under a graph (see rvf.step).
         autocast = None
         if autocast_dtype is not None:
             def autocast():
                 return torch.autocast(device.type, dtype=autocast_dtype, cache_enabled=not cuda_graph)
-        self.step = build_train_step(model, self.loss_fn, self.opt, cuda_graph=cuda_graph, autocast=autocast)
+        self.step = build_train_step(self.model, self.loss_fn, self.opt, cuda_graph=cuda_graph, autocast=autocast)
 
     def __call__(self, x, y):
         torch = self.torch
