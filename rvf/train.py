@@ -197,26 +197,22 @@ def build_scheduler(cfg: TrainConfig, optimizer, steps_per_epoch: int):
 
 # ----------------------------------------------------------------------------- one epoch
 
-def train_one_epoch(model, loader, transform, criterion, optimizer, scheduler, accelerator, cfg,
-                    epoch: int, ema=None, step: int = 0, mixup=None, train_step: TrainStep | None = None
-                    ) -> tuple[dict, int]:
+def train_one_epoch(model, loader, transform, train_step: TrainStep, scheduler, accelerator, cfg,
+                    epoch: int, ema=None, step: int = 0, mixup=None) -> tuple[dict, int]:
     """Train for one epoch; return ({loss, accuracy, images_per_second}, global step).
 
     `train_step` runs forward, loss, backward and the optimizer step on each batch (an
-    `rvf.step.TrainStep`, eager, or a CUDA graph replayed; built from `criterion` and
-    `optimizer` when not given). It outlives the epoch: a captured graph is captured once.
+    `rvf.step.TrainStep`, eager, or a CUDA graph replayed). It outlives the epoch: a graph is
+    captured once per run.
 
     With `mixup` (a timm `Mixup`) the batch and its labels are mixed before the forward pass
-    and `criterion` gets soft targets; accuracy is still counted against the unmixed labels.
+    and the loss gets soft targets; accuracy is still counted against the unmixed labels.
 
     Loss and accuracy accumulate on the device and the host never waits for it inside the
     epoch: every `log_every` steps the running totals are copied to the host asynchronously,
     and the progress bar shows the newest copy that has landed (`_AsyncStats`).
     """
     model.train()
-    if train_step is None:
-        train_step = TrainStep(model, criterion, optimizer, grad_clip=cfg.grad_clip, aux_weight=cfg.aux_weight,
-                               backward=accelerator.backward, clip=accelerator.clip_grad_norm_)
     device = accelerator.device
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.long)
@@ -478,9 +474,8 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> di
     eval_model = ema.module if ema is not None else model
     for epoch in range(run["epoch"] + 1, cfg.epochs):
         train_loader.set_epoch(epoch)
-        stats, run["step"] = train_one_epoch(model, train_loader, train_tf, criterion, optimizer, scheduler,
-                                             accelerator, cfg, epoch, ema=ema, step=run["step"], mixup=mixup,
-                                             train_step=train_step)
+        stats, run["step"] = train_one_epoch(model, train_loader, train_tf, train_step, scheduler, accelerator,
+                                             cfg, epoch, ema=ema, step=run["step"], mixup=mixup)
         run["train_seconds"] += stats["seconds"]
         labels, probs, loss = evaluate(eval_model, holdout_loader, eval_tf, accelerator, desc="holdout",
                                        tta_hflip=cfg.tta_hflip)
