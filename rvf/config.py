@@ -73,6 +73,12 @@ class TrainConfig:
 
     # --- augmentation (applied per sample, on the training device) ---
     hflip: float = 0.0  # probability of a horizontal flip
+    # Train on a random crop_size x crop_size window of each image_size image, pixels copied
+    # exactly (no resize); evaluation sees the whole image. Native-resolution patches keep the
+    # texture a downscaled face loses, cost (crop_size / image_size)^2 of a full-image step, and
+    # are new each epoch. The model must take both sizes: every rvf model and timm CNN pools
+    # adaptively; a ViT with a fixed img_size does not.
+    crop_size: Optional[int] = None
     crop_scale: tuple[float, float] = (1.0, 1.0)  # random-resized-crop area range; (1, 1) = off
     translate: int = 0  # random shift of up to N pixels (reflect padding): no resampling, so texture stays intact
     brightness: float = 0.0

@@ -197,6 +197,24 @@ def build_scheduler(cfg: TrainConfig, optimizer, steps_per_epoch: int):
 
 # ----------------------------------------------------------------------------- one epoch
 
+def check_crop_size(model: nn.Module, crop_size: int, image_size: int) -> None:
+    """Fail before training when a model cannot train on crops and evaluate on whole images."""
+    if not 8 <= crop_size < image_size:
+        raise ConfigError(f"crop_size {crop_size} must be at least 8 and smaller than image_size {image_size}")
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for size in (crop_size, image_size):
+                model(torch.zeros(1, 3, size, size))
+    except (RuntimeError, AssertionError, ValueError) as e:  # timm's fixed-size nets assert
+        raise ConfigError(f"crop_size {crop_size}: the model cannot take both {crop_size}px crops and "
+                          f"{image_size}px images ({e}). Use a model that pools globally (every "
+                          "rvf model and timm's CNNs do), or leave crop_size unset.") from None
+    finally:
+        model.train(was_training)
+
+
 def train_one_epoch(model, loader, transform, train_step: TrainStep, scheduler, accelerator, cfg,
                     epoch: int, ema=None, step: int = 0, mixup=None) -> tuple[dict, int]:
     """Train for one epoch; return ({loss, accuracy, images_per_second}, global step).
@@ -393,6 +411,8 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> di
     model = create_model(cfg.model, pretrained=cfg.pretrained, pretrained_file=cfg.pretrained_file, **model_args)
     data_cfg = resolve_data_config(model, image_size=cfg.image_size, interpolation=cfg.interpolation)
     input_size = (3, data_cfg.image_size, data_cfg.image_size)
+    if cfg.crop_size is not None:
+        check_crop_size(model, cfg.crop_size, data_cfg.image_size)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
 
@@ -415,7 +435,7 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> di
         steps_per_epoch = len(train_loader)
     holdout_loader = _loader(splits.holdout, eval_bs, cfg, train=False)
     valid_loader = _loader(splits.valid, eval_bs, cfg, train=False)
-    train_tf = build_train_transform(data_cfg, hflip=cfg.hflip, scale=cfg.crop_scale, translate=cfg.translate,
+    train_tf = build_train_transform(data_cfg, hflip=cfg.hflip, crop_size=cfg.crop_size, scale=cfg.crop_scale, translate=cfg.translate,
                                      brightness=cfg.brightness, contrast=cfg.contrast,
                                      erase=cfg.erase).to(accelerator.device)
     eval_tf = build_eval_transform(data_cfg).to(accelerator.device)

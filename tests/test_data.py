@@ -290,6 +290,22 @@ def test_translate_moves_whole_pixels_per_sample():
     assert len(set(shifts)) > 5  # drawn per sample
 
 
+def test_crop_cuts_native_windows_per_sample():
+    cfg = DataConfig(16, (0.0,) * 3, (1 / 255,) * 3)
+    torch.manual_seed(0)
+    x = torch.randint(0, 256, (32, 3, 16, 16), dtype=torch.uint8)
+    y = build_train_transform(cfg, crop_size=6)(x)
+    assert y.shape == (32, 3, 6, 6)
+    corners = []
+    for i in range(len(x)):
+        hits = [(r, c) for r in range(11) for c in range(11) if torch.equal(y[i], x[i, :, r:r + 6, c:c + 6].float())]
+        assert hits, f"sample {i} is not a pixel-exact window"
+        corners.append(hits[0])
+    assert len(set(corners)) > 10  # drawn per sample
+    with pytest.raises(ValueError, match="crop_size 20 is larger than the 16x16 images"):
+        build_train_transform(cfg, crop_size=20)(x)
+
+
 def test_random_erasing_touches_only_some_samples():
     cfg = DataConfig(16, (0.5,) * 3, (0.5,) * 3)
     x = torch.full((64, 3, 16, 16), 128, dtype=torch.uint8)

@@ -103,6 +103,35 @@ def test_tta_hflip_is_used_for_selection_and_saved(data_dir, tmp_path):
     assert plain["tta_hflip"] is False and plain["valid"]["loss"] != pytest.approx(m["valid"]["loss"], rel=1e-4)
 
 
+def test_crop_size_trains_on_crops_and_evaluates_whole_images(data_dir, tmp_path, monkeypatch):
+    import rvf.train as rt
+
+    seen = []
+    original = rt.build_train_step
+
+    def spy(model, *args, **kwargs):
+        model.register_forward_pre_hook(lambda m, inp: seen.append((m.training, inp[0].shape[-1])))
+        return original(model, *args, **kwargs)
+
+    monkeypatch.setattr(rt, "build_train_step", spy)
+    m = train(_cfg(data_dir, tmp_path, model="timm:resnet10t", epochs=1, crop_size=32, image_size=64))
+    assert {size for training, size in seen if training} == {32}
+    assert {size for training, size in seen if not training} == {64}
+    assert m["image_size"] == 64 and 0 <= m["valid"]["accuracy"] <= 1
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"crop_size": 32}, "crop_size 32 must be at least 8 and smaller than image_size 32"),
+    ({"crop_size": 16, "model": "timm:vit_tiny_patch16_224", "model_args": {"img_size": 32}},
+     "cannot take both 16px crops and 32px images"),
+])
+def test_crop_size_that_cannot_work_fails_before_training(data_dir, tmp_path, overrides, message):
+    from rvf.config import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        train(_cfg(data_dir, tmp_path, epochs=1, image_size=32, **overrides))
+
+
 @pytest.mark.parametrize("aux_weight", [0.0, 0.3])
 def test_auxiliary_heads_train_with_their_weight(data_dir, tmp_path, aux_weight):
     import torch

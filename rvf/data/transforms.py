@@ -224,6 +224,9 @@ class TrainAugment(nn.Module):
     Args:
         mean, std: normalisation of the model.
         hflip: probability of a horizontal flip.
+        crop: cut each image to a random `crop` x `crop` window first, copying pixels exactly
+            (no resize): the model trains on native-resolution patches, each epoch on
+            different ones, and is evaluated on the whole image (it must pool globally).
         scale: (min, max) area fraction of a random resized crop; (1, 1) disables it.
         ratio: (min, max) aspect ratio of that crop.
         translate: shift each image by up to this many pixels in x and y, filling the edge by
@@ -234,10 +237,11 @@ class TrainAugment(nn.Module):
             normalised image).
     """
 
-    def __init__(self, mean, std, *, hflip=0.0, scale=(1.0, 1.0), ratio=(3 / 4, 4 / 3), translate=0,
+    def __init__(self, mean, std, *, hflip=0.0, crop=None, scale=(1.0, 1.0), ratio=(3 / 4, 4 / 3), translate=0,
                  brightness=0.0, contrast=0.0, erase=0.0):
         super().__init__()
         self.normalize = Normalize(mean, std)
+        self.crop = int(crop) if crop else None
         self.hflip, self.scale, self.ratio = float(hflip), tuple(scale), tuple(ratio)
         self.translate = int(translate)
         self.brightness, self.contrast = float(brightness), float(contrast)
@@ -245,6 +249,8 @@ class TrainAugment(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, dev = x.shape[0], x.device
+        if self.crop is not None:
+            x = self._random_crop(x)  # on uint8: a quarter of the bytes to move
         x = x.float()  # (B, 3, H, W), 0..255
         if self.scale != (1.0, 1.0):
             x = self._random_resized_crop(x)
@@ -270,14 +276,18 @@ class TrainAugment(nn.Module):
     def _random_translate(self, x: torch.Tensor) -> torch.Tensor:
         # Reflect-pad by t, then cut each sample's window at its own integer offset in [0, 2t].
         b, _, h, w = x.shape
-        t, dev = self.translate, x.device
+        t = self.translate
         padded = F.pad(x, (t, t, t, t), mode="reflect")  # (B, 3, H + 2t, W + 2t)
-        dy, dx = (torch.randint(0, 2 * t + 1, (2, b, 1), device=dev))
-        rows = (dy + torch.arange(h, device=dev))[:, None, :, None]  # (B, 1, H, 1)
-        cols = (dx + torch.arange(w, device=dev))[:, None, None, :]  # (B, 1, 1, W)
-        batch = torch.arange(b, device=dev)[:, None, None, None]
-        chans = torch.arange(x.shape[1], device=dev)[None, :, None, None]
-        return padded[batch, chans, rows, cols]  # (B, 3, H, W)
+        return _windows(padded, h, w, torch.randint(0, 2 * t + 1, (2, b, 1), device=x.device))
+
+    def _random_crop(self, x: torch.Tensor) -> torch.Tensor:
+        b, _, h, w = x.shape
+        c = self.crop
+        if c > min(h, w):
+            raise ValueError(f"crop_size {c} is larger than the {h}x{w} images")
+        offsets = torch.stack([torch.randint(0, h - c + 1, (b, 1), device=x.device),
+                               torch.randint(0, w - c + 1, (b, 1), device=x.device)])
+        return _windows(x, c, c, offsets)
 
     def _random_resized_crop(self, x: torch.Tensor) -> torch.Tensor:
         # One affine grid per sample: crop area ~ U(scale), log-aspect ~ U(log ratio),
@@ -297,12 +307,24 @@ class TrainAugment(nn.Module):
         return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
 
 
-def build_train_transform(data_cfg: DataConfig, *, hflip: float = 0.0, scale=(1.0, 1.0), translate: int = 0,
-                          brightness: float = 0.0, contrast: float = 0.0, erase: float = 0.0) -> nn.Module:
+def _windows(x: torch.Tensor, h: int, w: int, offsets: torch.Tensor) -> torch.Tensor:
+    """Each sample's own (h, w) window of x (B, C, H, W), its top-left corner at offsets (2, B, 1)."""
+    dev = x.device
+    dy, dx = offsets
+    rows = (dy + torch.arange(h, device=dev))[:, None, :, None]  # (B, 1, h, 1)
+    cols = (dx + torch.arange(w, device=dev))[:, None, None, :]  # (B, 1, 1, w)
+    batch = torch.arange(x.shape[0], device=dev)[:, None, None, None]
+    chans = torch.arange(x.shape[1], device=dev)[None, :, None, None]
+    return x[batch, chans, rows, cols]  # (B, C, h, w)
+
+
+def build_train_transform(data_cfg: DataConfig, *, hflip: float = 0.0, crop_size: int | None = None,
+                          scale=(1.0, 1.0), translate: int = 0, brightness: float = 0.0, contrast: float = 0.0,
+                          erase: float = 0.0) -> nn.Module:
     """Return the on-device training transform: uint8 batch -> augmented, normalised float."""
-    if not any([hflip, tuple(scale) != (1.0, 1.0), translate, brightness, contrast, erase]):
+    if not any([hflip, crop_size, tuple(scale) != (1.0, 1.0), translate, brightness, contrast, erase]):
         return Normalize(data_cfg.mean, data_cfg.std)
-    return TrainAugment(data_cfg.mean, data_cfg.std, hflip=hflip, scale=scale, translate=translate,
+    return TrainAugment(data_cfg.mean, data_cfg.std, hflip=hflip, crop=crop_size, scale=scale, translate=translate,
                         brightness=brightness, contrast=contrast, erase=erase)
 
 
