@@ -52,6 +52,10 @@ class RunDirError(RuntimeError):
     """The output folder holds another run, or cannot be resumed."""
 
 
+class DivergedError(RuntimeError):
+    """The loss or the holdout predictions stopped being finite numbers."""
+
+
 # ----------------------------------------------------------------------------- data
 
 @dataclass
@@ -499,6 +503,12 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> di
         run["train_seconds"] += stats["seconds"]
         labels, probs, loss = evaluate(eval_model, holdout_loader, eval_tf, accelerator, desc="holdout",
                                        tta_hflip=cfg.tta_hflip)
+        # Checked once per epoch, where the loss reaches the host anyway: a NaN would otherwise
+        # surface as an sklearn error about its input, or as a run that silently learns nothing.
+        if not (np.isfinite(stats["loss"]) and np.isfinite(probs).all()):
+            kept = f" {out} keeps the best model and the saved state of the epochs before." if epoch else ""
+            raise DivergedError(f"epoch {epoch + 1}: training diverged (train loss {stats['loss']:.4g}); lower lr, "
+                                f"set grad_clip, or train in fp32 (--mixed-precision no).{kept}")
         hold = classification_metrics(labels, probs, loss=loss) if len(labels) else {"accuracy": float("nan"), "loss": float("nan")}
         row = {"epoch": epoch + 1, "train_loss": stats["loss"], "train_accuracy": stats["accuracy"],
                "holdout_loss": hold["loss"], "holdout_accuracy": hold["accuracy"],

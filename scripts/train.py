@@ -82,7 +82,7 @@ def main(args) -> int:
     from rvf.checkpoint import CheckpointError
     from rvf.data import BadImageError, DatasetError
     from rvf.data.download import DownloadError
-    from rvf.train import RunDirError, train
+    from rvf.train import DivergedError, RunDirError, train
 
     try:
         cfg = resolve_config(args)
@@ -93,6 +93,9 @@ def main(args) -> int:
     except (ConfigError, DatasetError, BadImageError, DownloadError, RunDirError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except DivergedError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     except ValueError as e:  # e.g. an unknown model name from the factory
         print(f"error: {e}", file=sys.stderr)
         return 2

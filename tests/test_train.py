@@ -299,6 +299,14 @@ def test_bad_input_is_one_clear_message(data_dir, tmp_path, args, message):
     assert message.lower() in r.stderr.lower() and "Traceback" not in r.stderr
 
 
+def test_a_diverged_run_stops_with_one_clear_message(data_dir, tmp_path):
+    base = ["--data-dir", str(data_dir), "--output-dir", str(tmp_path / "run"), "--tracker", "none", "--epochs", "3",
+            "--mixed-precision", "no", "--set", "optimizer=sgd", "--set", "lr=1e30", "--set", "log_every=1"]
+    r = _run([sys.executable, "scripts/train.py", *base], tmp_path)
+    assert r.returncode == 1, r.stderr[-2000:]
+    assert "epoch 1: training diverged" in r.stderr and "lower lr" in r.stderr and "Traceback" not in r.stderr
+
+
 def test_unwritable_output_dir(data_dir, tmp_path):
     # A path under a regular file cannot be created, even by root (CI runs as root).
     blocker = tmp_path / "not_a_dir"
