@@ -199,8 +199,6 @@ def build_scheduler(cfg: TrainConfig, optimizer, steps_per_epoch: int):
     return sched.SequentialLR(optimizer, [ramp, main], milestones=[warmup])
 
 
-# ----------------------------------------------------------------------------- one epoch
-
 def check_crop_size(model: nn.Module, crop_size: int, image_size: int) -> None:
     """Fail before training when a model cannot train on crops and evaluate on whole images."""
     if not 8 <= crop_size < image_size:
@@ -218,6 +216,8 @@ def check_crop_size(model: nn.Module, crop_size: int, image_size: int) -> None:
     finally:
         model.train(was_training)
 
+
+# ----------------------------------------------------------------------------- one epoch
 
 def train_one_epoch(model, loader, transform, train_step: TrainStep, scheduler, accelerator, cfg,
                     epoch: int, ema=None, step: int = 0, mixup=None) -> tuple[dict, int]:
@@ -439,8 +439,8 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> di
         steps_per_epoch = len(train_loader)
     holdout_loader = _loader(splits.holdout, eval_bs, cfg, train=False)
     valid_loader = _loader(splits.valid, eval_bs, cfg, train=False)
-    train_tf = build_train_transform(data_cfg, hflip=cfg.hflip, crop_size=cfg.crop_size, scale=cfg.crop_scale, translate=cfg.translate,
-                                     brightness=cfg.brightness, contrast=cfg.contrast,
+    train_tf = build_train_transform(data_cfg, hflip=cfg.hflip, crop_size=cfg.crop_size, scale=cfg.crop_scale,
+                                     translate=cfg.translate, brightness=cfg.brightness, contrast=cfg.contrast,
                                      erase=cfg.erase).to(accelerator.device)
     eval_tf = build_eval_transform(data_cfg).to(accelerator.device)
     accelerator.print(f"data: {splits.root} | fit {splits.counts['fit']}, holdout {splits.counts['holdout']}, "
