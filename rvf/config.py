@@ -43,7 +43,7 @@ class TrainConfig:
     cache_dir: Optional[str] = None  # None: $RVF_CACHE_DIR or ~/.cache/rvf
     skip_bad: bool = False  # skip (and count) unreadable images instead of failing
     num_workers: Optional[int] = None  # DataLoader workers; None: 0 with the cache, all cores without
-    subset: Optional[int] = None  # use only the first N images of each split (smoke runs)
+    subset: Optional[int] = None  # a stratified random N images of each split, drawn with split_seed (smoke runs)
 
     # --- optimisation ---
     epochs: int = 20
@@ -56,7 +56,7 @@ class TrainConfig:
     scheduler: str = "none"  # none | cosine | step
     warmup_epochs: float = 0.0
     min_lr: float = 0.0  # cosine floor
-    step_size: int = 10  # step scheduler: epochs between decays
+    step_size: int = 10  # step scheduler: epochs between decays, counted from the end of the warmup
     gamma: float = 0.1  # step scheduler: decay factor
     label_smoothing: float = 0.0
     grad_clip: Optional[float] = None  # max gradient norm
@@ -184,6 +184,49 @@ def _check(key: str, value: Any, source: str) -> Any:
     return value
 
 
+# What a type cannot say. Checked with the types, so a typo fails before any work, naming the key.
+_CHOICES = {
+    "interpolation": ("nearest", "bilinear", "bicubic", "lanczos", "box"),  # rvf.data.transforms.INTERPOLATIONS
+    "scheduler": ("none", "cosine", "step"),
+    "tracker": ("wandb", "tensorboard", "none"),
+    "mixed_precision": ("auto", "no", "fp16", "bf16"),
+}
+_PROBABILITIES = ("hflip", "erase", "mixup_prob", "label_smoothing")
+_AT_LEAST_ONE = ("epochs", "batch_size", "eval_batch_size", "step_size", "subset", "image_size", "log_every",
+                 "num_sample_preds")
+_NOT_NEGATIVE = ("lr", "weight_decay", "momentum", "warmup_epochs", "min_lr", "gamma", "aux_weight",
+                 "brightness", "contrast", "translate", "num_workers", "grad_clip")
+
+
+def _check_value(key: str, value: Any, source: str) -> None:
+    if value is None:
+        return
+    bad = None
+    if key in _CHOICES and value not in _CHOICES[key]:
+        bad = f"one of {', '.join(_CHOICES[key])}"
+    elif key in _PROBABILITIES and not 0.0 <= value <= 1.0:
+        bad = "between 0 and 1"
+    elif key == "holdout" and not 0.0 <= value < 1.0:
+        bad = "a fraction of train in [0, 1)"
+    elif key == "ema_decay" and not 0.0 < value < 1.0:
+        bad = "between 0 and 1 (e.g. 0.999)"
+    elif key in _AT_LEAST_ONE and value < 1:
+        bad = "at least 1"
+    elif key in _NOT_NEGATIVE and value < 0:
+        bad = "at least 0"
+    elif key == "optimizer":
+        from timm.optim import list_optimizers
+
+        if value.lower() not in list_optimizers():
+            import difflib
+
+            close = difflib.get_close_matches(value.lower(), list_optimizers(), 3)
+            bad = "a timm optimizer name" + (f" (did you mean {', '.join(close)}?)" if close else
+                                             " (timm.optim.list_optimizers())")
+    if bad:
+        raise ConfigError(f"{source}: {key} must be {bad}, got {value!r}")
+
+
 def _apply(cfg: TrainConfig, changes: dict, source: str) -> TrainConfig:
     unknown = sorted(set(changes) - set(_FIELDS))
     if unknown:
@@ -193,6 +236,8 @@ def _apply(cfg: TrainConfig, changes: dict, source: str) -> TrainConfig:
                  for k in unknown]
         raise ConfigError(f"{source}: unknown config key(s): {', '.join(hints)}")
     checked = {k: _check(k, v, source) for k, v in changes.items()}
+    for k, v in checked.items():
+        _check_value(k, v, source)
     return dataclasses.replace(cfg, **checked)
 
 

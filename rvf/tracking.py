@@ -79,13 +79,14 @@ def tracker_config(cfg_dict: dict, log_with: str | None) -> dict:
     return {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in cfg_dict.items()}
 
 
-def log_final_wandb(run, labels, probs, images, paths, metrics: dict, report_files: list[Path]) -> None:
+def log_final_wandb(run, labels, probs, rows, images, paths, metrics: dict, report_files: list[Path]) -> None:
     """Log the valid split's confusion matrix and ROC as W&B plots, a predictions table with
     images, the report PNGs, and the final metrics into the run summary.
 
     Args:
         run: the `wandb.Run` (from `accelerator.get_tracker("wandb", unwrap=True)`).
         labels: (N,) valid labels; probs: (N, 2) probabilities.
+        rows: (K,) the indices into `labels`/`probs` of the table's images.
         images: (K, 3, H, W) uint8 sample images for the table; paths: their K file paths.
         metrics: the metrics dict written to metrics.json.
         report_files: PNG files to attach.
@@ -96,7 +97,7 @@ def log_final_wandb(run, labels, probs, images, paths, metrics: dict, report_fil
     probs = np.asarray(probs)
     preds = probs.argmax(1)
     table = wandb.Table(columns=["image", "file", "label", "prediction", "p_fake"])
-    for img, path, i in zip(images, paths, range(len(images))):
+    for img, path, i in zip(images, paths, rows, strict=True):
         table.add_data(wandb.Image(np.asarray(img).transpose(1, 2, 0)), Path(path).name,
                        CLASSES[labels[i]], CLASSES[preds[i]], float(probs[i, 0]))
     run.log({

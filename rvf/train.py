@@ -180,23 +180,47 @@ def build_ema(cfg: TrainConfig, model: nn.Module):
 
 
 def build_scheduler(cfg: TrainConfig, optimizer, steps_per_epoch: int):
-    """A per-step LR schedule from torch's own schedulers: optional linear warmup, then
-    constant, cosine to `min_lr`, or step decay."""
-    sched = torch.optim.lr_scheduler
+    """A per-step LR schedule: optional linear warmup, then constant, cosine to `min_lr`, or
+    step decay, as one `LambdaLR` over the global step.
+
+    One function of the step, rather than torch's chained schedulers, because their saved
+    state carries the horizon (`T_max`, milestones): resuming with `--epochs` raised would
+    restore the old horizon, and a finished cosine would climb back to the peak. A
+    `LambdaLR` saves only the step, so `--resume RUN --epochs N` continues the N-epoch
+    schedule from where the run stopped.
+    """
+    import math
+
+    if cfg.scheduler not in ("none", "cosine", "step"):
+        raise ValueError(f"scheduler must be none, cosine or step, got {cfg.scheduler!r}")
     total = max(1, cfg.epochs * steps_per_epoch)
     warmup = min(total - 1, int(round(cfg.warmup_epochs * steps_per_epoch)))
-    if cfg.scheduler == "cosine":
-        main = sched.CosineAnnealingLR(optimizer, T_max=max(1, total - warmup), eta_min=cfg.min_lr)
-    elif cfg.scheduler == "step":
-        main = sched.StepLR(optimizer, step_size=max(1, cfg.step_size * steps_per_epoch), gamma=cfg.gamma)
-    elif cfg.scheduler == "none":
-        main = sched.ConstantLR(optimizer, factor=1.0, total_iters=0)
-    else:
-        raise ValueError(f"scheduler must be none, cosine or step, got {cfg.scheduler!r}")
-    if warmup <= 0:
-        return main
-    ramp = sched.LinearLR(optimizer, start_factor=1e-3, end_factor=1.0, total_iters=warmup)
-    return sched.SequentialLR(optimizer, [ramp, main], milestones=[warmup])
+    floor = cfg.min_lr / cfg.lr if cfg.lr else 0.0  # min_lr as a fraction of the peak
+    step_size = max(1, cfg.step_size * steps_per_epoch)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return 1e-3 + (1 - 1e-3) * step / warmup  # linear from lr/1000 to lr
+        t = step - warmup
+        if cfg.scheduler == "cosine":
+            return floor + (1 - floor) * (1 + math.cos(math.pi * min(t, total - warmup) / (total - warmup))) / 2
+        if cfg.scheduler == "step":
+            return cfg.gamma ** (t // step_size)
+        return 1.0
+
+    return StepSchedule(optimizer, factor)
+
+
+class StepSchedule(torch.optim.lr_scheduler.LambdaLR):
+    """A `LambdaLR` whose saved state is its step alone: the schedule comes from the config.
+
+    It also reads the state of the chained torch schedulers that runs saved before it (their
+    `last_epoch` counts steps the same way), so those runs still resume.
+    """
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.last_epoch = state_dict["last_epoch"]
+        self._step_count = state_dict.get("_step_count", self.last_epoch + 1)
 
 
 def check_crop_size(model: nn.Module, crop_size: int, image_size: int) -> None:
@@ -247,7 +271,7 @@ def train_one_epoch(model, loader, transform, train_step: TrainStep, scheduler, 
         x = transform(images)  # uint8 (B, 3, H, W) -> augmented, normalised float
         targets = labels
         if mixup is not None:
-            x, targets = mixup(x, labels)  # (B, num_classes) soft targets, smoothing included
+            x, targets = mix_batch(mixup, x, labels)  # (B, num_classes) soft targets, smoothing included
         if cfg.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         loss, logits = train_step(x, targets)  # forward, loss, backward, (clip), optimizer step
@@ -271,6 +295,19 @@ def train_one_epoch(model, loader, transform, train_step: TrainStep, scheduler, 
     seconds = time.perf_counter() - t0
     return {"loss": loss_t / max(n, 1), "accuracy": correct_t / max(n, 1),
             "images_per_second": n / seconds, "seconds": seconds}, step
+
+
+def mix_batch(mixup, x: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """timm's batch `Mixup` on any batch size: it pairs image i with image B-1-i, so an odd
+    batch (a short last one, or one that lost an unreadable file) mixes all but its last
+    image, which keeps its own (smoothed) label."""
+    if len(x) % 2 == 0:
+        return mixup(x, labels)
+    from timm.data.mixup import mixup_target
+
+    head, head_targets = mixup(x[:-1], labels[:-1])
+    last = mixup_target(labels[-1:], mixup.num_classes, lam=1.0, smoothing=mixup.label_smoothing)
+    return torch.cat([head, x[-1:]]), torch.cat([head_targets, last.to(head_targets.dtype)])
 
 
 class _AsyncStats:
@@ -306,6 +343,10 @@ def evaluate(model, loader, transform, accelerator, desc: str = "eval",
              tta_hflip: bool = False) -> tuple[np.ndarray, np.ndarray, float]:
     """Predict a whole split across all processes (with `tta_hflip`, image and mirror averaged).
 
+    Always in fp32, whatever precision trains the model (`fp32_forward`): the threshold
+    calibrated here and the metrics in `metrics.json` are then what `evaluate.py`,
+    `predict.py` and the web app, which score in fp32, reproduce.
+
     `gather_for_metrics` drops the samples DDP pads onto the last batch, so every image is
     counted exactly once however many processes run.
 
@@ -313,36 +354,81 @@ def evaluate(model, loader, transform, accelerator, desc: str = "eval",
         (labels (N,), probabilities (N, 2), mean cross-entropy).
     """
     model.eval()
+    forward = fp32_forward(model)
     all_probs, all_labels = [], []
     for images, labels in tqdm(loader, desc=desc, unit="batch", leave=False, dynamic_ncols=True,
                                disable=not accelerator.is_local_main_process):
-        logits = predict_logits(model, transform(images), hflip=tta_hflip).float()  # (B, 2)
+        logits = predict_logits(forward, transform(images), hflip=tta_hflip).float()  # (B, 2)
         logits, labels = accelerator.gather_for_metrics((logits, labels))
         all_probs.append(logits)
         all_labels.append(labels)
+    if not all_probs:  # an empty split (`holdout: 0`)
+        return np.empty(0, dtype=np.int64), np.empty((0, len(CLASSES)), dtype=np.float32), float("nan")
     logits = torch.cat(all_probs)
     labels = torch.cat(all_labels)
     loss = nn.functional.cross_entropy(logits, labels).item() if len(labels) else float("nan")
     return labels.cpu().numpy(), logits.softmax(1).cpu().numpy(), loss
 
 
+def fp32_forward(model: nn.Module):
+    """`model`'s forward as its class defines it, without mixed-precision autocast.
+
+    `accelerator.prepare` wraps a model's forward in autocast on its instance (and EMA copies
+    inherit the wrapper); calling the class's own forward sidesteps it. Unwrapping DDP is safe
+    here: evaluation runs without gradients, so there is nothing to synchronise.
+    """
+    while isinstance(model, nn.parallel.DistributedDataParallel):
+        model = model.module
+    return type(model).forward.__get__(model)
+
+
 # ----------------------------------------------------------------------------- run folder
 
-def prepare_output_dir(out: Path, resume: bool, overwrite: bool) -> None:
-    """Refuse to mix two runs in one folder unless asked to resume or overwrite."""
+def prepare_output_dir(out: Path, resume: bool, overwrite: bool) -> bool:
+    """Refuse to mix two runs in one folder unless asked to resume or overwrite.
+
+    Returns whether the folder holds a run to replace. `clear_run` replaces it once the new
+    run's model and data are set up, so that a typo costs nothing but an error message.
+    """
     holds_run = (out / "config.yaml").is_file() or (out / STATE_DIR).is_dir()
-    if resume:
-        if not holds_run:
-            raise RunDirError(f"--resume {out}: no run there to resume (no config.yaml)")
-    elif holds_run:
-        if not overwrite:
-            raise RunDirError(f"output dir {out} already holds a run; pass --resume {out} to continue it "
-                              f"or --overwrite to replace it")
-        # Remove only what a run writes: --output-dir might be a folder that holds other things.
-        for name in RUN_OUTPUTS:
-            for p in out.glob(name):
-                shutil.rmtree(p) if p.is_dir() else p.unlink()
+    if resume and not holds_run:
+        raise RunDirError(f"--resume {out}: no run there to resume (no config.yaml)")
+    if holds_run and not (resume or overwrite):
+        raise RunDirError(f"output dir {out} already holds a run; pass --resume {out} to continue it "
+                          f"or --overwrite to replace it")
     out.mkdir(parents=True, exist_ok=True)
+    return holds_run and not resume
+
+
+def clear_run(out: Path) -> None:
+    """Remove what a run writes, and only that: --output-dir might hold other things too."""
+    for name in RUN_OUTPUTS:
+        for p in out.glob(name):
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
+
+
+# What draws the holdout slice: a resume that changed one would let trained-on images into it.
+SPLIT_KEYS = ("holdout", "subset", "resolved_split_seed")
+# What the saved weights and optimizer state are for.
+MODEL_KEYS = ("model", "model_args", "image_size", "interpolation", "optimizer")
+
+
+def check_resume_config(out: Path, cfg: TrainConfig) -> None:
+    """Refuse to resume with another model, or settings that would draw another holdout slice."""
+    from rvf.config import load_config
+
+    saved = load_config(out / "config.yaml")
+
+    def changes(keys):
+        return [f"{k.removeprefix('resolved_')} {getattr(saved, k)} -> {getattr(cfg, k)}"
+                for k in keys if getattr(saved, k) != getattr(cfg, k)]
+
+    if changed := changes(MODEL_KEYS):
+        raise RunDirError(f"--resume {out}: {', '.join(changed)}; a resumed run keeps its model, input and "
+                          "optimizer (start a new run instead)")
+    if changed := changes(SPLIT_KEYS):
+        raise RunDirError(f"--resume {out}: {', '.join(changed)} would draw another holdout slice, which "
+                          "could hold images the run already trained on; resume with the run's own values")
 
 
 def latest_state(out: Path) -> Path | None:
@@ -404,15 +490,25 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> di
         # A seeded sampler gives each epoch the same order whether or not the run was resumed.
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, non_blocking=torch.cuda.is_available()),
     )
+    replace = False
     if accelerator.is_main_process:
-        prepare_output_dir(out, resume, overwrite)
+        replace = prepare_output_dir(out, resume, overwrite)
+        if resume:
+            check_resume_config(out, cfg)
     accelerator.wait_for_everyone()
     # Seed before building the model so the seed also fixes the initial weights.
     set_seed(cfg.seed)
 
     # 1) model, and the input pipeline it declares
     model_args = {"num_classes": len(CLASSES), **cfg.model_args}
-    model = create_model(cfg.model, pretrained=cfg.pretrained, pretrained_file=cfg.pretrained_file, **model_args)
+    try:
+        model = create_model(cfg.model, pretrained=cfg.pretrained, pretrained_file=cfg.pretrained_file, **model_args)
+    except (RuntimeError, TypeError, OSError) as e:  # no weights to be had, an unknown model_args key
+        raise ConfigError(f"model {cfg.model!r} (model_args {cfg.model_args}, pretrained {cfg.pretrained}, "
+                          f"pretrained_file {cfg.pretrained_file}): {e}") from e
+    if accelerator.num_processes > 1:
+        # Same weights everywhere, but each process its own augmentation draws (flips, mixing).
+        set_seed(cfg.seed, device_specific=True)
     data_cfg = resolve_data_config(model, image_size=cfg.image_size, interpolation=cfg.interpolation)
     input_size = (3, data_cfg.image_size, data_cfg.image_size)
     if cfg.crop_size is not None:
@@ -459,14 +555,19 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> di
         model, optimizer, holdout_loader, valid_loader, scheduler)
     if not device_data:
         train_loader = accelerator.prepare(train_loader)
-    ema = build_ema(cfg, accelerator.unwrap_model(model))
+    net = accelerator.unwrap_model(model)  # the plain module: what is saved, averaged and evaluated
+    ema = build_ema(cfg, net)
     if ema is not None:
         accelerator.register_for_checkpointing(ema)
     if cfg.compile:
-        model = torch.compile(model)
+        model = torch.compile(model)  # training only: a compiled module's state_dict keys carry a prefix
     problems = cuda_graph_problems(accelerator.device, optimizer, num_processes=accelerator.num_processes,
                                    mixed_precision=accelerator.mixed_precision, compile=cfg.compile,
                                    gradient_accumulation_steps=accelerator.gradient_accumulation_steps)
+    if accelerator.gradient_accumulation_steps > 1:
+        # The loop steps the optimizer every batch; Accelerate would still divide each loss.
+        raise ConfigError(f"gradient accumulation ({accelerator.gradient_accumulation_steps} steps, from the "
+                          "Accelerate config) is not supported: raise batch_size, or add processes")
     if cfg.cuda_graph and problems:
         raise ConfigError("cuda_graph: true, but a training step cannot be captured here: " + "; ".join(problems))
     use_graph = cfg.cuda_graph is not False and not problems
@@ -476,32 +577,43 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> di
 
     # 5) resume, or start a fresh run record
     run = {"epoch": -1, "step": 0, "best_epoch": -1, "best_score": None, "history": [], "train_seconds": 0.0}
+    if replace:  # only now: a wrong model name, data folder or setting has failed above
+        clear_run(out)
+    accelerator.wait_for_everyone()
     if resume:
         state = latest_state(out)
         if state is None:
             raise RunDirError(f"--resume {out}: no complete saved state under {out / STATE_DIR}")
         accelerator.load_state(str(state))
+        # The optimizer comes back holding the saved run's last lr; take it from the schedule
+        # instead, which is longer when `--epochs` was raised.
+        schedule = getattr(scheduler, "scheduler", scheduler)  # inside Accelerate's wrapper
+        schedule.last_epoch -= 1
+        schedule.step()
         run = json.loads((state / STATE_MARKER).read_text())
         accelerator.print(f"resumed from {state} (epoch {run['epoch'] + 1} done)")
+        if run["epoch"] + 1 >= cfg.epochs:
+            accelerator.print(f"nothing to train: the run has {run['epoch'] + 1} of {cfg.epochs} epochs (pass "
+                              f"--epochs N > {run['epoch'] + 1} to extend it); evaluating its best model again")
     if accelerator.is_main_process:
         atomic_write_text(out / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     accelerator.init_trackers(cfg.project, config=tracking.tracker_config(cfg.to_dict(), log_with),
                               init_kwargs=init_kwargs)
     if tracker_note:
         accelerator.print(tracker_note)
-    n_params = count_parameters(accelerator.unwrap_model(model))
+    n_params = count_parameters(net)
     accelerator.print(f"model: {cfg.model} | {n_params / 1e6:.2f} M params | {accelerator.device} "
                       f"({device_name(accelerator.device)}) x {accelerator.num_processes} | "
                       f"precision {accelerator.mixed_precision}" + (" | CUDA graph" if use_graph else ""))
 
     # 6) epochs: train, select on the holdout slice, log, save
-    eval_model = ema.module if ema is not None else model
+    eval_net = ema.module if ema is not None else net
     for epoch in range(run["epoch"] + 1, cfg.epochs):
         train_loader.set_epoch(epoch)
         stats, run["step"] = train_one_epoch(model, train_loader, train_tf, train_step, scheduler, accelerator,
                                              cfg, epoch, ema=ema, step=run["step"], mixup=mixup)
         run["train_seconds"] += stats["seconds"]
-        labels, probs, loss = evaluate(eval_model, holdout_loader, eval_tf, accelerator, desc="holdout",
+        labels, probs, loss = evaluate(eval_net, holdout_loader, eval_tf, accelerator, desc="holdout",
                                        tta_hflip=cfg.tta_hflip)
         # Checked once per epoch, where the loss reaches the host anyway: a NaN would otherwise
         # surface as an sklearn error about its input, or as a run that silently learns nothing.
@@ -523,7 +635,7 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> di
             run["best_score"], run["best_epoch"] = score, epoch + 1
             threshold = calibrate_threshold(labels, probs[:, 0]) if len(labels) else 0.5
             if accelerator.is_main_process:
-                save_pretrained(out, accelerator.unwrap_model(eval_model), {
+                save_pretrained(out, eval_net, {
                     "model_name": cfg.model, "model_args": model_args, "data_config": data_cfg.to_dict(),
                     "classes": list(CLASSES), "threshold": threshold, "tta_hflip": cfg.tta_hflip, "epoch": epoch + 1,
                     "metrics": {"holdout": hold}, "config": cfg.to_dict(), "rvf_version": rvf.__version__})
@@ -538,8 +650,8 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> di
     from safetensors.torch import load_file
 
     accelerator.wait_for_everyone()
-    accelerator.unwrap_model(eval_model).load_state_dict(load_file(str(out / "model.safetensors"), device="cpu"))
-    labels, probs, loss = evaluate(eval_model, valid_loader, eval_tf, accelerator, desc="valid", tta_hflip=cfg.tta_hflip)
+    eval_net.load_state_dict(load_file(str(out / "model.safetensors"), device="cpu"))
+    labels, probs, loss = evaluate(eval_net, valid_loader, eval_tf, accelerator, desc="valid", tta_hflip=cfg.tta_hflip)
     meta = json.loads((out / "model.json").read_text())
     valid = classification_metrics(labels, probs, threshold=meta["threshold"], loss=loss)
     metrics = {
@@ -552,11 +664,10 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> di
         "torch": torch.__version__,
     }
     if accelerator.is_main_process:
-        unwrapped = accelerator.unwrap_model(eval_model)
-        arch, sizes = reports.architecture_table(unwrapped, input_size)
+        arch, sizes = reports.architecture_table(eval_net, input_size)
         metrics.update(sizes)
         atomic_write_text(out / "architecture.txt", arch)
-        note = reports.architecture_diagram(unwrapped, input_size, out / "architecture.png")
+        note = reports.architecture_diagram(eval_net, input_size, out / "architecture.png")
         if note:
             metrics["architecture_diagram"] = note
             accelerator.print(note)
@@ -575,7 +686,7 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> di
             valid_items = [splits.valid[i] for i in k.tolist()]
             try:
                 tracking.log_final_wandb(
-                    accelerator.get_tracker("wandb", unwrap=True), labels, probs,
+                    accelerator.get_tracker("wandb", unwrap=True), labels, probs, k.tolist(),
                     [v[0].numpy() for v in valid_items], [_sample_path(splits.valid, i) for i in k.tolist()],
                     metrics, [out / f for f in ("confusion_matrix.png", "roc.png", "curves.png", "samples.png")])
             except Exception as e:  # the run and its reports are saved: never fail it over a plot upload

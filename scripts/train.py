@@ -84,6 +84,7 @@ def main(args) -> int:
     from rvf.data.download import DownloadError
     from rvf.train import DivergedError, RunDirError, train
 
+    cfg = None
     try:
         cfg = resolve_config(args)
         if args.print_config:
@@ -99,9 +100,11 @@ def main(args) -> int:
     except ValueError as e:  # e.g. an unknown model name from the factory
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except OSError as e:  # disk full, permission denied: say which file, keep what was saved
-        print(f"error: {e.strerror or e} ({e.filename or 'output dir'}); earlier checkpoints are intact",
-              file=sys.stderr)
+    except OSError as e:  # disk full, permission denied: say which file
+        print(f"error: {e.strerror or e}" + (f" ({e.filename})" if e.filename else ""), file=sys.stderr)
+        if e.filename and cfg is not None and cfg.resolved_output_dir().resolve() in Path(e.filename).resolve().parents:
+            print("(writes into the run folder are atomic: the best model and states saved before are intact)",
+                  file=sys.stderr)
         return 1
     return 0
 

@@ -57,6 +57,38 @@ def test_bad_yaml_names_the_key_and_file(tmp_path, text, match):
         load_config(f)
 
 
+@pytest.mark.parametrize("key, value, match", [
+    ("interpolation", "bicubc", "interpolation must be one of nearest, bilinear, bicubic, lanczos, box, got 'bicubc'"),
+    ("scheduler", "linear", "scheduler must be one of none, cosine, step"),
+    ("mixed_precision", "fp8", "mixed_precision must be one of auto, no, fp16, bf16"),
+    ("tracker", "mlflow", "tracker must be one of wandb, tensorboard, none"),
+    ("holdout", 1.5, r"holdout must be a fraction of train in \[0, 1\), got 1.5"),
+    ("hflip", 2, "hflip must be between 0 and 1, got 2.0"),
+    ("label_smoothing", -0.1, "label_smoothing must be between 0 and 1"),
+    ("ema_decay", 1.0, "ema_decay must be between 0 and 1"),
+    ("epochs", 0, "epochs must be at least 1, got 0"),
+    ("batch_size", -8, "batch_size must be at least 1"),
+    ("lr", -1e-3, "lr must be at least 0"),
+    ("optimizer", "adamm", r"optimizer must be a timm optimizer name \(did you mean adam"),
+])
+def test_values_out_of_range_name_the_key(key, value, match):
+    with pytest.raises(ConfigError, match=f"command line: {match}"):
+        load_config(None, {key: value})
+
+
+def test_values_in_range_pass():
+    cfg = load_config(None, {"interpolation": "lanczos", "holdout": 0.0, "hflip": 1, "optimizer": "AdamW",
+                             "mixed_precision": None, "ema_decay": 0.999, "subset": None})
+    assert (cfg.interpolation, cfg.holdout, cfg.hflip, cfg.optimizer) == ("lanczos", 0.0, 1.0, "AdamW")
+
+
+def test_the_interpolation_choices_are_the_transforms():
+    from rvf.config import _CHOICES
+    from rvf.data.transforms import INTERPOLATIONS
+
+    assert set(_CHOICES["interpolation"]) == set(INTERPOLATIONS)
+
+
 def test_missing_file_and_bad_override():
     with pytest.raises(ConfigError, match="nope.yaml does not exist"):
         load_config("nope.yaml")

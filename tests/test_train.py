@@ -240,6 +240,148 @@ def test_resume_is_exact(data_dir, tmp_path, device_data):
     assert all(np.allclose(wa[k].numpy(), wb[k].numpy(), atol=1e-6) for k in wa)
 
 
+def test_a_longer_resume_continues_the_schedule_it_now_has(data_dir, tmp_path):
+    # --resume RUN --epochs 3 on a finished 2-epoch cosine run: the rest of a 3-epoch cosine
+    # (ending at min_lr), not the 2-epoch cosine's next period climbing back to the peak.
+    cfg = _cfg(data_dir, tmp_path, epochs=2, scheduler="cosine", min_lr=1e-5)
+    train(cfg)
+    resumed = train(cfg.replace(epochs=3), resume=True)
+    assert resumed["history"][-1]["lr"] == pytest.approx(1e-5)
+    assert max(h["lr"] for h in resumed["history"]) <= cfg.lr
+
+
+@pytest.mark.parametrize("scheduler", ["cosine", "step", "none"])
+def test_a_loaded_schedule_takes_the_new_horizon(data_dir, tmp_path, scheduler):
+    import torch
+
+    from rvf.train import build_scheduler
+
+    def schedule(epochs):
+        optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)
+        cfg = _cfg(data_dir, tmp_path, scheduler=scheduler, epochs=epochs, warmup_epochs=0.5, step_size=1, min_lr=1e-5)
+        return optimizer, build_scheduler(cfg, optimizer, steps_per_epoch=10)
+
+    def run(optimizer, sched, steps):
+        for _ in range(steps):
+            optimizer.step()
+            sched.step()
+        return sched.get_last_lr()
+
+    saved = schedule(2)
+    run(*saved, 15)
+    extended, fresh = schedule(4), schedule(4)
+    extended[1].load_state_dict(saved[1].state_dict())
+    assert run(*extended, 10) == pytest.approx(run(*fresh, 25))
+
+
+def test_a_schedule_saved_by_torch_chained_schedulers_still_loads(data_dir, tmp_path):
+    # Runs saved before StepSchedule hold SequentialLR(LinearLR, CosineAnnealingLR) state.
+    import torch
+
+    from rvf.train import build_scheduler
+
+    sched = torch.optim.lr_scheduler
+    old_opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)
+    old = sched.SequentialLR(old_opt, [sched.LinearLR(old_opt, 1e-3, total_iters=5),
+                                       sched.CosineAnnealingLR(old_opt, T_max=15)], milestones=[5])
+    new_opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)
+    new = build_scheduler(_cfg(data_dir, tmp_path, scheduler="cosine", epochs=2, warmup_epochs=0.5), new_opt, 10)
+    for _ in range(12):
+        old_opt.step()
+        old.step()
+    new.load_state_dict(old.state_dict())
+    new.last_epoch -= 1  # what train() does after loading: re-derive the lr at the loaded step
+    new.step()
+    assert new.get_last_lr() == pytest.approx(old.get_last_lr())
+
+
+def test_resume_refuses_settings_that_redraw_the_holdout_slice(data_dir, tmp_path):
+    cfg = _cfg(data_dir, tmp_path, epochs=1)
+    train(cfg)
+    for change, message in ((dict(holdout=0.5), "holdout 0.25 -> 0.5"), (dict(seed=7), "split_seed 42 -> 7")):
+        with pytest.raises(RunDirError, match=message):
+            train(cfg.replace(epochs=2, **change), resume=True)
+    train(cfg.replace(epochs=2, seed=7, split_seed=42), resume=True)  # another seed, the same slice
+
+
+def test_a_failed_overwrite_keeps_the_run_it_would_replace(data_dir, tmp_path):
+    # The zoo passes --overwrite every time: a typo in a model name or a data folder must
+    # fail before anything of the finished run is removed.
+    from rvf.config import ConfigError
+    from rvf.data import DatasetError
+
+    cfg = _cfg(data_dir, tmp_path, epochs=1)
+    train(cfg)
+    before = sorted(p.name for p in (tmp_path / "run").iterdir())
+    for bad, error in ((dict(model="lenett"), ValueError), (dict(data_dir=str(tmp_path / "nope")), DatasetError),
+                       (dict(model_args={"foo": 1}), ConfigError)):
+        with pytest.raises(error):
+            train(cfg.replace(**bad), overwrite=True)
+        assert sorted(p.name for p in (tmp_path / "run").iterdir()) == before
+
+
+def test_resume_refuses_another_model(data_dir, tmp_path):
+    cfg = _cfg(data_dir, tmp_path, epochs=1)
+    train(cfg)
+    with pytest.raises(RunDirError, match="model lenet -> alexnet; a resumed run keeps its model"):
+        train(cfg.replace(model="alexnet", epochs=2), resume=True)
+
+
+def test_no_holdout_keeps_the_last_epoch(data_dir, tmp_path):
+    m = train(_cfg(data_dir, tmp_path, epochs=2, holdout=0.0))
+    assert m["counts"]["holdout"] == 0 and m["best_epoch"] == 2
+    assert np.isfinite(m["valid"]["accuracy"]) and m["valid"]["threshold"] == 0.5
+
+
+def test_training_scores_in_fp32_as_evaluate_does(data_dir, tmp_path):
+    # Training under bf16 autocast; its holdout/valid scoring, threshold included, must be what
+    # evaluate.py, predict.py and the app (fp32) reproduce from the saved model.
+    m = train(_cfg(data_dir, tmp_path, epochs=1, mixed_precision="bf16"))
+    assert m["mixed_precision"] == "bf16"
+    # its own process: Accelerate's state (precision included) is per process
+    r = _run([sys.executable, "scripts/evaluate.py", "--checkpoint", str(tmp_path / "run"), "--data-dir",
+              str(data_dir), "--output-dir", str(tmp_path / "eval")], tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    ev = json.loads((tmp_path / "eval" / "metrics.json").read_text())["valid"]
+    for key in ("accuracy", "roc_auc", "average_precision", "loss", "accuracy_at_threshold"):
+        assert ev[key] == pytest.approx(m["valid"][key], abs=1e-6), key
+
+
+def test_a_compiled_run_saves_a_model_everything_can_load(data_dir, tmp_path, monkeypatch):
+    import functools
+
+    import torch
+
+    from rvf.checkpoint import load_pretrained
+
+    # the "eager" backend wraps the model exactly as inductor does, without compiling kernels
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
+    m = train(_cfg(data_dir, tmp_path, epochs=1, compile=True))
+    model, meta, _ = load_pretrained(tmp_path / "run")
+    assert meta["epoch"] == m["best_epoch"] and not any(k.startswith("_orig_mod") for k in model.state_dict())
+
+
+def test_gradient_accumulation_is_refused_not_half_done(data_dir, tmp_path, monkeypatch):
+    from rvf.config import ConfigError
+
+    monkeypatch.setenv("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "2")
+    with pytest.raises(ConfigError, match="gradient accumulation \\(2 steps"):
+        train(_cfg(data_dir, tmp_path, epochs=1))
+
+
+def test_an_odd_batch_is_mixed_but_for_its_last_image(data_dir, tmp_path):
+    import torch
+
+    from rvf.train import build_mixup, mix_batch
+
+    mixup = build_mixup(_cfg(data_dir, tmp_path, mixup=0.2, label_smoothing=0.1), num_classes=2)
+    x, labels = torch.rand(5, 3, 4, 4), torch.tensor([0, 1, 1, 0, 1])
+    mixed, targets = mix_batch(mixup, x.clone(), labels)
+    assert mixed.shape == x.shape and targets.shape == (5, 2)
+    assert torch.equal(mixed[-1], x[-1]) and targets[-1].tolist() == pytest.approx([0.05, 0.95])
+    assert torch.allclose(targets.sum(1), torch.ones(5))
+
+
 def test_device_data_learns_and_needs_the_cache(data_dir, tmp_path):
     m = train(_cfg(data_dir, tmp_path, epochs=6, device_data=True, model_args={"drop_rate": 0.0}))
     assert m["device_data"] and m["valid"]["accuracy"] >= 0.9
@@ -276,6 +418,36 @@ def test_wandb_offline_without_credentials(data_dir, tmp_path):
     assert "W&B: no API key found" in r.stdout + r.stderr and "wandb sync" in r.stdout + r.stderr
     runs = list((out / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and list(runs[0].glob("*.wandb"))
+
+
+def test_wandb_predictions_table_pairs_each_image_with_its_own_row(monkeypatch):
+    import types
+
+    from rvf.tracking import log_final_wandb
+
+    rows_logged = []
+
+    class Table:
+        def __init__(self, columns):
+            self.columns = columns
+
+        def add_data(self, *row):
+            rows_logged.append(dict(zip(self.columns, row)))
+
+    stub = types.SimpleNamespace(Table=Table, Image=lambda x: x,
+                                 plot=types.SimpleNamespace(confusion_matrix=lambda **kw: None, roc_curve=lambda *a, **kw: None))
+    monkeypatch.setitem(sys.modules, "wandb", stub)
+    run = types.SimpleNamespace(log=lambda d: None, summary={})
+    # Kaggle's valid.csv lists every real image, then every fake one; the table samples across it.
+    labels = np.array([1] * 5 + [0] * 5)
+    probs = np.stack([1.0 - labels, labels], 1).astype(float)  # a perfect model: P(fake) = 1 for fakes
+    rows = [0, 4, 5, 9]
+    images = np.zeros((4, 3, 2, 2), np.uint8)
+    log_final_wandb(run, labels, probs, rows, images, [f"{i}.jpg" for i in rows], {}, [])
+    assert [r["file"] for r in rows_logged] == ["0.jpg", "4.jpg", "5.jpg", "9.jpg"]
+    assert [r["label"] for r in rows_logged] == ["real", "real", "fake", "fake"]
+    assert all(r["prediction"] == r["label"] for r in rows_logged)
+    assert [r["p_fake"] for r in rows_logged] == [0.0, 0.0, 1.0, 1.0]
 
 
 def test_tensorboard_tracker(data_dir, tmp_path):
