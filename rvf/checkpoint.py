@@ -23,10 +23,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from rvf.data.transforms import DataConfig
+from rvf.data.transforms import INTERPOLATIONS, DataConfig
 from rvf.utils import atomic_path, atomic_write_text
 
-__all__ = ["CheckpointError", "WEIGHTS_NAME", "META_NAME", "save_pretrained", "load_pretrained", "read_meta"]
+__all__ = ["CheckpointError", "WEIGHTS_NAME", "META_NAME", "check_threshold", "save_pretrained", "load_pretrained", "read_meta"]
 
 WEIGHTS_NAME = "model.safetensors"
 META_NAME = "model.json"
@@ -80,6 +80,9 @@ def read_meta(directory: str | os.PathLike, allow_pickle: bool = False) -> dict:
     """Read and check `model.json` of a checkpoint folder (and that its weights file is there)."""
     directory = Path(directory)
     meta_path = directory / META_NAME
+    if directory.is_file():
+        raise CheckpointError(f"{directory} is a file; a checkpoint is the run folder that holds "
+                              f"{WEIGHTS_NAME} and {META_NAME}: {directory.parent}")
     if not directory.is_dir():
         raise CheckpointError(f"checkpoint folder {directory} does not exist")
     if not meta_path.is_file() or _weights_path(directory, allow_pickle) is None:
@@ -91,7 +94,31 @@ def read_meta(directory: str | os.PathLike, allow_pickle: bool = False) -> dict:
     missing = [k for k in ("model_name", "model_args", "data_config", "classes") if k not in meta]
     if missing:
         raise CheckpointError(f"{meta_path} lacks {missing}")
+    try:
+        data_cfg = DataConfig.from_dict(meta["data_config"])
+        if data_cfg.image_size < 1 or len(data_cfg.mean) != 3 or len(data_cfg.std) != 3:
+            raise ValueError("image_size must be positive and mean and std three numbers each")
+        if data_cfg.interpolation not in INTERPOLATIONS:
+            raise ValueError(f"interpolation must be one of {sorted(INTERPOLATIONS)}")
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{meta_path}: bad \"data_config\" {meta['data_config']!r} "
+                              f"({type(e).__name__}: {e})") from None
+    if meta.get("threshold") is not None:
+        check_threshold(meta["threshold"], meta_path)
+    if list(meta["classes"])[:2] != ["fake", "real"]:  # logit 0 = fake everywhere in rvf
+        raise CheckpointError(f"{meta_path}: \"classes\" must be [\"fake\", \"real\"], got {meta['classes']!r}")
     return meta
+
+
+# calibrate_threshold's "never fake" candidate sits just above 1, so the range does too.
+THRESHOLD_MAX = 1.0 + 1e-6
+
+
+def check_threshold(value, source: os.PathLike | str) -> float:
+    """Return a stored P(fake) threshold as a float, or raise `CheckpointError` naming `source`."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= THRESHOLD_MAX:
+        raise CheckpointError(f"{source}: \"threshold\" must be a probability in [0, 1], got {value!r}")
+    return float(value)
 
 
 def _pickles(directory: Path) -> list[Path]:

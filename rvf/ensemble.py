@@ -68,22 +68,29 @@ def evaluate_ensemble(checkpoints: list[str | Path], data_dir: str | Path, outpu
     from rvf.train import evaluate, load_splits
     from rvf.utils import device_name
 
+    from rvf.checkpoint import read_meta
+
+    checkpoints = [Path(c) for c in checkpoints]
     if len(checkpoints) < 2:
         raise EnsembleError(f"an ensemble needs at least two checkpoints, got {len(checkpoints)}")
-    accelerator = Accelerator()
-    members, holdout_p, valid_p, labels = [], [], [], {}
-    first = None
-    for checkpoint in map(Path, checkpoints):
-        model, meta, data_cfg = load_pretrained(checkpoint)
-        cfg = _member_config(checkpoint, meta, data_dir, cache_dir)
-        if first is None:
-            first = (checkpoint, cfg)
-        elif _slice(cfg) != _slice(first[1]):
+    if len({c.resolve() for c in checkpoints}) < len(checkpoints):
+        raise EnsembleError(f"the same run is listed twice in {[str(c) for c in checkpoints]}")
+    # Every member is checked before any is scored: a typo in the last of eight costs nothing.
+    configs = [_member_config(c, read_meta(c), data_dir, cache_dir) for c in checkpoints]
+    first = (checkpoints[0], configs[0])
+    for checkpoint, cfg in zip(checkpoints[1:], configs[1:]):
+        if _slice(cfg) != _slice(first[1]):
             raise EnsembleError(
                 f"{checkpoint} held out another slice of train (split seed {_slice(cfg)[0]}, holdout {cfg.holdout}, "
                 f"subset {cfg.subset}) than {first[0]} (split seed {_slice(first[1])[0]}, holdout {first[1].holdout}, "
                 f"subset {first[1].subset}): the members must share it (train seeds of an ensemble with the same "
                 f"split_seed)")
+    accelerator = Accelerator()
+    if output_dir is not None and accelerator.is_main_process:
+        Path(output_dir).mkdir(parents=True, exist_ok=True)  # now, not after scoring every member
+    members, holdout_p, valid_p, labels = [], [], [], {}
+    for checkpoint, cfg in zip(checkpoints, configs):
+        model, meta, data_cfg = load_pretrained(checkpoint)
         with accelerator.main_process_first():
             splits = load_splits(cfg, data_cfg, progress=accelerator.is_local_main_process)
         transform = build_eval_transform(data_cfg).to(accelerator.device)
@@ -140,7 +147,7 @@ def write_manifest(directory: str | Path, checkpoints: list[str | Path], thresho
         except ValueError:  # another drive (Windows): nothing to be relative to
             members.append(str(c.resolve()))
     manifest = {"kind": MANIFEST_KIND, "members": members, "threshold": float(threshold),
-                "valid": {k: valid.get(k) for k in ("accuracy", "roc_auc", "average_precision")}}
+                "valid": {k: valid.get(k) for k in ("accuracy", "accuracy_at_threshold", "roc_auc", "average_precision")}}
     from rvf.reports import write_json
 
     path = directory / MANIFEST
@@ -154,7 +161,7 @@ def read_manifest(directory: str | Path) -> dict:
     Raises:
         CheckpointError: naming the manifest and the key at fault.
     """
-    from rvf.checkpoint import CheckpointError
+    from rvf.checkpoint import CheckpointError, check_threshold
 
     path = Path(directory) / MANIFEST
     try:
@@ -168,9 +175,7 @@ def read_manifest(directory: str | Path) -> dict:
     members = manifest.get("members")
     if not isinstance(members, list) or len(members) < 2 or not all(isinstance(m, str) and m for m in members):
         raise CheckpointError(f"{path}: \"members\" must list at least two run folders, got {members!r}")
-    threshold = manifest.get("threshold")
-    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0.0 <= threshold <= 1.0:
-        raise CheckpointError(f"{path}: \"threshold\" must be a probability in [0, 1], got {threshold!r}")
+    threshold = check_threshold(manifest.get("threshold"), path)
     valid = manifest.get("valid") or {}
     if not isinstance(valid, dict):
         raise CheckpointError(f"{path}: \"valid\" must be an object, got {valid!r}")

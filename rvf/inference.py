@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from rvf.checkpoint import load_pretrained
-from rvf.data.transforms import IMAGE_EXTENSIONS, BadImageError, DataConfig, build_eval_transform, load_image
+from rvf.data.transforms import IMAGE_EXTENSIONS, BadImageError, DataConfig, build_eval_transform, open_rgb, to_uint8
 from rvf.models import get_cam_layer
 from rvf.utils import predict_logits
 
@@ -125,6 +125,43 @@ class Detector:
     """
 
     threshold: float
+    # Refuse images with more pixels than this before decoding them (None: Pillow's ~89 MP).
+    # A server sets it: a 16-bit PNG of 88 MP is 170 KB to upload and GBs to decode.
+    max_pixels: int | None = None
+
+    def open(self, src, name: str | None = None) -> Image.Image:
+        """Decode one image to full-size 8-bit RGB, as training's `load_image` does.
+
+        Raises:
+            BadImageError: empty, truncated, not an image, or too large to decode safely.
+        """
+        if name is None:
+            name = os.fspath(src) if isinstance(src, (str, os.PathLike)) else getattr(src, "name", "<upload>")
+        if isinstance(src, bytes):
+            src = io.BytesIO(src)
+        if isinstance(src, io.BytesIO) and not hasattr(src, "name"):
+            src.name = name  # error messages name the file by this
+        if _is_empty(src):
+            raise BadImageError(f"{name}: empty file (0 bytes)")
+        try:
+            return open_rgb(src, max_pixels=self.max_pixels)
+        except Image.DecompressionBombWarning as e:  # an error under `refuse_decompression_bombs`
+            raise BadImageError(f"{name}: image is too large to decode safely ({e})") from e
+
+    def _decode(self, chunk: list, views: set) -> list[dict | str]:
+        """Decode each (source, name) once and resize it to every (size, interpolation) view.
+
+        An ensemble's members and the Grad-CAM overlay each want their own size: one decode
+        feeds them all. Returns, per source, {view: uint8 (3, S, S)} or the error message.
+        """
+        decoded = []
+        for src, name in chunk:
+            try:
+                img = self.open(src, name)
+                decoded.append({view: to_uint8(img, *view) for view in views})
+            except BadImageError as e:
+                decoded.append(str(e))
+        return decoded
 
     def verdict(self, p_fake: float) -> str:
         """Return "fake" iff p_fake reaches the calibrated threshold, else "real"."""
@@ -221,10 +258,21 @@ class Predictor(Detector):
             "tta_hflip": self.tta_hflip,
             "epoch": self.meta.get("epoch"),
             "valid_accuracy": valid.get("accuracy"),
+            "valid_accuracy_at_threshold": valid.get("accuracy_at_threshold"),  # what the verdicts score
             "valid_roc_auc": valid.get("roc_auc"),
         }
 
     # --- inference ---
+
+    @property
+    def view(self) -> tuple[int, str]:
+        """The (size, interpolation) this model reads an image at."""
+        return self.data_cfg.image_size, self.data_cfg.interpolation
+
+    @property
+    def overlay_view(self) -> tuple[int, str]:
+        """The (size, interpolation) its Grad-CAM overlay is drawn at."""
+        return max(self.data_cfg.image_size, MIN_OVERLAY_SIZE), self.data_cfg.interpolation
 
     def load(self, src, size: int | None = None) -> torch.Tensor:
         """Decode one image to a uint8 (3, S, S) tensor exactly as training did.
@@ -232,14 +280,7 @@ class Predictor(Detector):
         Raises:
             BadImageError: empty, truncated, not an image, or too large to decode safely.
         """
-        size = size or self.data_cfg.image_size
-        name = os.fspath(src) if isinstance(src, (str, os.PathLike)) else getattr(src, "name", "<upload>")
-        if _is_empty(src):
-            raise BadImageError(f"{name}: empty file (0 bytes)")
-        try:
-            return load_image(src, size, self.data_cfg.interpolation)
-        except Image.DecompressionBombWarning as e:  # an error under `refuse_decompression_bombs`
-            raise BadImageError(f"{name}: image is too large to decode safely ({e})") from e
+        return to_uint8(self.open(src), size or self.data_cfg.image_size, self.data_cfg.interpolation)
 
     @torch.inference_mode()
     def predict_batch(self, images: torch.Tensor) -> torch.Tensor:
@@ -249,30 +290,14 @@ class Predictor(Detector):
             logits = predict_logits(self.model, x, hflip=self.tta_hflip)  # (B, 2)
         return logits.float().softmax(dim=1)[:, 0].cpu()  # (B,)
 
-    def _decode_chunk(self, chunk: list) -> tuple[list[Prediction], list[int], torch.Tensor | None]:
-        """Decode (source, name) pairs at this model's size: errors filled in, good indices, batch.
-
-        Bytes sources are wrapped in named BytesIO objects in `chunk` itself, so that callers
-        can `seek(0)` and decode them again.
-        """
-        out = [Prediction(name=name, threshold=self.threshold) for _, name in chunk]
-        good, tensors = [], []
-        for i, (src, name) in enumerate(chunk):
-            if isinstance(src, bytes):  # let error messages name it
-                src = io.BytesIO(src)
-                src.name = name
-                chunk[i] = (src, name)
-            try:
-                tensors.append(self.load(src))
-                good.append(i)
-            except BadImageError as e:
-                out[i].error = str(e)
-        return out, good, (torch.stack(tensors) if tensors else None)  # (B, 3, S, S) uint8
-
     def _predict_chunk(self, chunk: list, gradcam: bool) -> list[Prediction]:
-        out, good, batch = self._decode_chunk(chunk)
+        decoded = self._decode(chunk, {self.view, self.overlay_view} if gradcam else {self.view})
+        out = [Prediction(name=name, threshold=self.threshold, error=d if isinstance(d, str) else None)
+               for (_, name), d in zip(chunk, decoded)]
+        good = [i for i, r in enumerate(out) if r.ok]
         if not good:
             return out
+        batch = torch.stack([decoded[i][self.view] for i in good])  # (B, 3, S, S) uint8
         p_fake = self.predict_batch(batch).tolist()
         for i, p in zip(good, p_fake, strict=True):
             out[i].p_fake, out[i].p_real, out[i].label = p, 1.0 - p, self.verdict(p)
@@ -280,10 +305,7 @@ class Predictor(Detector):
             targets = [self.classes.index(out[i].label) for i in good]
             cams = self.gradcam(batch, targets)  # (B, S, S)
             for i, cam in zip(good, cams, strict=True):
-                src = chunk[i][0]
-                if hasattr(src, "seek"):
-                    src.seek(0)
-                out[i].gradcam_png = self.overlay_png(src, cam)
+                out[i].gradcam_png = self.overlay_png(decoded[i][self.overlay_view], cam)
         return out
 
     # --- Grad-CAM ---
@@ -316,15 +338,18 @@ class Predictor(Detector):
                 self.model.zero_grad(set_to_none=True)  # free the parameter grads backward made
         return np.nan_to_num(maps.astype(np.float32), nan=0.0)
 
-    def overlay_png(self, src, cam: np.ndarray, alpha: float = 0.5) -> bytes:
+    def overlay_png(self, image, cam: np.ndarray, alpha: float = 0.5) -> bytes:
         """Blend a [0, 1] heatmap (S, S) over the image, resized like the model saw it; PNG bytes.
 
-        The overlay is drawn at max(model size, 256) px so small-input models stay legible.
+        The overlay is drawn at `overlay_view`, max(model size, 256) px, so small-input models
+        stay legible. `image` is that view's uint8 (3, H, W) tensor, or a source to decode.
         """
         from pytorch_grad_cam.utils.image import show_cam_on_image
 
-        size = max(self.data_cfg.image_size, MIN_OVERLAY_SIZE)
-        rgb = self.load(src, size).permute(1, 2, 0).numpy().astype(np.float32) / 255.0  # (H, W, 3)
+        size, interpolation = self.overlay_view
+        if not isinstance(image, torch.Tensor):
+            image = to_uint8(self.open(image), size, interpolation)
+        rgb = image.permute(1, 2, 0).numpy().astype(np.float32) / 255.0  # (H, W, 3)
         heat = torch.from_numpy(np.ascontiguousarray(cam, dtype=np.float32))[None, None]  # (1, 1, S, S)
         heat = F.interpolate(heat, size=(size, size), mode="bilinear", align_corners=False)[0, 0]
         overlay = show_cam_on_image(rgb, heat.clamp(0, 1).numpy(), use_rgb=True, image_weight=1 - alpha)
@@ -366,9 +391,17 @@ class EnsemblePredictor(Detector):
         """
         from rvf.ensemble import read_manifest
 
+        from rvf.checkpoint import CheckpointError
+        from rvf.ensemble import MANIFEST
+
         manifest = read_manifest(directory)
         device = resolve_device(device)
-        members = [Predictor.from_checkpoint(m, device, allow_pickle) for m in manifest["members"]]
+        members = []
+        for m in manifest["members"]:
+            try:
+                members.append(Predictor.from_checkpoint(m, device, allow_pickle))
+            except CheckpointError as e:
+                raise CheckpointError(f"{Path(directory) / MANIFEST} lists member {m}: {e}") from e
         return cls(members, manifest["threshold"], manifest["valid"])
 
     @property
@@ -388,25 +421,20 @@ class EnsemblePredictor(Detector):
             "tta_hflip": any(m.tta_hflip for m in self.members),
             "epoch": None,
             "valid_accuracy": self.valid.get("accuracy"),
+            "valid_accuracy_at_threshold": self.valid.get("accuracy_at_threshold"),
             "valid_roc_auc": self.valid.get("roc_auc"),
             "members": [m.describe() for m in self.members],
         }
 
     def _predict_chunk(self, chunk: list, gradcam: bool) -> list[Prediction]:
-        out = [Prediction(name=name, threshold=self.threshold) for _, name in chunk]
-        decoded = []  # per member: ({chunk index: batch row}, uint8 batch)
-        for m in self.members:
-            for src, _ in chunk:
-                if hasattr(src, "seek"):
-                    src.seek(0)  # the previous member read it
-            m_out, good, batch = m._decode_chunk(chunk)
-            decoded.append(({i: row for row, i in enumerate(good)}, batch))
-            for mine, theirs in zip(out, m_out):
-                mine.error = mine.error or theirs.error  # one unreadable file fails every member alike
-        good = [i for i, r in enumerate(out) if r.error is None]
+        views = {m.view for m in self.members} | ({self._largest.overlay_view} if gradcam else set())
+        decoded = self._decode(chunk, views)
+        out = [Prediction(name=name, threshold=self.threshold, error=d if isinstance(d, str) else None)
+               for (_, name), d in zip(chunk, decoded)]
+        good = [i for i, r in enumerate(out) if r.ok]
         if not good:
             return out
-        batches = [batch[[rows[i] for i in good]] for rows, batch in decoded]  # (B, 3, S_m, S_m) each
+        batches = [torch.stack([decoded[i][m.view] for i in good]) for m in self.members]  # (B, 3, S_m, S_m) each
         p_fake = torch.stack([m.predict_batch(b) for m, b in zip(self.members, batches)]).mean(0)  # (B,)
         for i, p in zip(good, p_fake.tolist(), strict=True):
             out[i].p_fake, out[i].p_real, out[i].label = p, 1.0 - p, self.verdict(p)
@@ -419,10 +447,7 @@ class EnsemblePredictor(Detector):
                 for m, b in zip(self.members, batches)
             ]).mean(0)  # (B, S, S), the members' maps each in [0, 1]
             for i, cam in zip(good, cams.numpy(), strict=True):
-                src = chunk[i][0]
-                if hasattr(src, "seek"):
-                    src.seek(0)
-                out[i].gradcam_png = self._largest.overlay_png(src, cam)
+                out[i].gradcam_png = self._largest.overlay_png(decoded[i][self._largest.overlay_view], cam)
         return out
 
 

@@ -2,6 +2,10 @@
 
 Usage:
     python scripts/app.py --checkpoint runs/lenet [--host 127.0.0.1] [--port 5000] [--device cpu]
+    RVF_CHECKPOINT=runs/lenet python scripts/app.py
+
+Flags default to the environment the gunicorn line below reads: RVF_CHECKPOINT, RVF_DEVICE
+and RVF_TORCH_THREADS.
 
 It binds 127.0.0.1 unless told otherwise and never runs in debug mode. For anything beyond
 one user, run the same app under gunicorn instead:
@@ -15,21 +19,28 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import argparse  # noqa: E402
+import os  # noqa: E402
 
 from rvf.checkpoint import ALLOW_PICKLE_HELP  # noqa: E402
+from rvf.cli import positive_float, positive_int  # noqa: E402
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description="Serve the rvf real/fake face detector.", add_help=add_help)
-    parser.add_argument("--checkpoint", required=True,
+    parser = argparse.ArgumentParser(description=__doc__, add_help=add_help,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", default=os.environ.get("RVF_CHECKPOINT"),
                         help="a run folder (model.safetensors + model.json) or an ensemble folder "
-                             "(ensemble.json, written by scripts/ensemble.py --output-dir)")
+                             "(ensemble.json, written by scripts/ensemble.py --output-dir); default: $RVF_CHECKPOINT")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
-    parser.add_argument("--port", type=int, default=5000)
-    parser.add_argument("--device", default="cpu", help="cpu, cuda or auto (default: cpu)")
-    parser.add_argument("--max-upload-mb", type=float, default=10.0, help="request size limit (default: 10)")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch intra-op threads (default: torch's, all cores; 1 is best on shared cores)")
+    parser.add_argument("--port", type=positive_int, default=5000, help="default: 5000")
+    parser.add_argument("--device", default=os.environ.get("RVF_DEVICE", "cpu"),
+                        help="cpu, cuda or auto (default: $RVF_DEVICE, else cpu)")
+    parser.add_argument("--max-upload-mb", type=positive_float, default=10.0, help="request size limit (default: 10)")
+    parser.add_argument("--max-image-megapixels", type=positive_float, default=40.0,
+                        help="refuse larger images before decoding them (default: 40)")
+    parser.add_argument("--threads", type=positive_int, default=os.environ.get("RVF_TORCH_THREADS"),
+                        help="torch intra-op threads (default: $RVF_TORCH_THREADS, else torch's: all cores; "
+                             "1 is best on shared cores)")
     parser.add_argument("--allow-pickle", action="store_true",
                         help=ALLOW_PICKLE_HELP)
     return parser
@@ -44,6 +55,7 @@ def main(args) -> int:
             "MODEL_CHECKPOINT": args.checkpoint,
             "DEVICE": args.device,
             "MAX_CONTENT_LENGTH": int(args.max_upload_mb * 1024 * 1024),
+            "MAX_IMAGE_PIXELS": int(args.max_image_megapixels * 1e6),
             "TORCH_THREADS": args.threads,
             "ALLOW_PICKLE": args.allow_pickle,
         })

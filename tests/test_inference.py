@@ -33,6 +33,27 @@ def test_missing_threshold_defaults_to_half(tmp_path):
     assert Predictor.from_checkpoint(make_checkpoint(tmp_path, threshold=None)).threshold == 0.5
 
 
+@pytest.mark.parametrize("edit, message", [
+    (lambda m: m["data_config"].pop("std"), r"bad \"data_config\".*KeyError"),
+    (lambda m: m.update(data_config=None), r"bad \"data_config\""),
+    (lambda m: m["data_config"].update(interpolation="bogus"), r"bad \"data_config\".*bogus"),
+    (lambda m: m.update(threshold="abc"), r"\"threshold\" must be a probability in \[0, 1\], got 'abc'"),
+    (lambda m: m.update(threshold=2.0), r"\"threshold\" must be a probability"),
+    (lambda m: m.update(classes=["a"]), r"\"classes\" must be \[\"fake\", \"real\"\]"),
+])
+def test_a_malformed_model_json_is_named(tmp_path, edit, message):
+    import json
+
+    from rvf.checkpoint import CheckpointError
+
+    ckpt = make_checkpoint(tmp_path)
+    meta = json.loads((ckpt / "model.json").read_text())
+    edit(meta)
+    (ckpt / "model.json").write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match="model.json: " + message):
+        load_pretrained(ckpt)
+
+
 def test_predict_batch_is_softmax_of_logit_zero(checkpoint, predictor, face_paths):
     """The Predictor gives a file exactly what a direct call of the checkpoint's model gives."""
     model, _, data_cfg = load_pretrained(checkpoint)

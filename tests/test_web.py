@@ -82,8 +82,19 @@ def test_index_shows_model_facts(client):
     html = r.get_data(as_text=True)
     assert "lenet" in html and "64×64" in html
     assert "81.2 %" in html and "0.903" in html  # valid accuracy and AUC from the metrics
+    assert "P(fake) ≥ 50.00 %" in html
     assert 'name="viewport"' in html
     assert "Content-Security-Policy" in r.headers
+
+
+def test_index_shows_the_accuracy_of_the_verdicts_it_gives(tmp_path):
+    # The page decides at the calibrated threshold, so it quotes the accuracy there.
+    valid = {"accuracy": 0.8125, "accuracy_at_threshold": 0.8234, "roc_auc": 0.9031}
+    ckpt = make_checkpoint(tmp_path, metrics={"valid": valid}, threshold=0.4321)
+    client = create_app({"TESTING": True, "MODEL_CHECKPOINT": str(ckpt)}).test_client()
+    html = client.get("/").get_data(as_text=True)
+    assert "82.3 %" in html and "81.2 %" not in html and "P(fake) ≥ 43.21 %" in html
+    assert client.get("/api/health").json["valid_accuracy_at_threshold"] == 0.8234
 
 
 def test_index_without_metrics(tmp_path):
@@ -247,6 +258,56 @@ def test_too_many_files_is_400(app, client):
     assert r.status_code == 400 and "too many files" in r.json["error"]
 
 
+# Werkzeug leaves the parts it parsed before the limit for the garbage collector to close.
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_many_form_parts_are_refused_early_with_the_right_reason(app, client):
+    import gc
+
+    # Werkzeug's own part limit (1,000) would answer "too large" for a 150 KB request.
+    r = post(client, [(f"{i}.jpg", b"x") for i in range(app.config["MAX_FILES"] + 20)])
+    assert r.status_code == 413 and "too many form fields or files" in r.json["error"]
+    r.request.environ["wsgi.input"].close()  # the body the test client spooled (see test_upload_over_limit)
+    r = post(client, [("a.jpg", good_jpeg())], note="x" * 600_000)  # a text field over Werkzeug's 500 kB
+    assert r.status_code == 413 and "10 MB" not in r.json["error"]
+    r.request.environ["wsgi.input"].close()
+    del r
+    gc.collect()  # here, under this test's filter, not in the next test
+
+
+def test_a_file_sent_as_text_says_how_to_send_it(client):
+    r = client.post("/api/predict", data={"image": "face.jpg"}, content_type="multipart/form-data")
+    assert r.status_code == 400 and "sent as text" in r.json["error"] and "-F image=@" in r.json["error"]
+
+
+def test_images_over_the_pixel_budget_are_refused_before_decoding(checkpoint, monkeypatch):
+    import numpy as np
+
+    from PIL import ImageFile
+
+    client = create_app({"TESTING": True, "MODEL_CHECKPOINT": str(checkpoint), "MAX_IMAGE_PIXELS": 100 * 100}).test_client()
+    buf = io.BytesIO()
+    Image.fromarray(np.zeros((101, 100), np.uint16)).save(buf, "PNG")  # 16-bit, just over the budget
+    monkeypatch.setattr(ImageFile.ImageFile, "load", lambda self: pytest.fail("decoded an image over the budget"))
+    r = post(client, [("deep.png", buf.getvalue())])
+    assert r.status_code == 422 and "100x101 px is more than the 0.01 megapixels" in r.json["error"]
+
+
+def test_only_the_advertised_formats_are_decoded(client):
+    # Pillow reads EPS by running Ghostscript on it: an upload must never get that far.
+    eps = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\nnewpath 0 0 moveto 8 8 lineto stroke\nshowpage\n"
+    buf = io.BytesIO()
+    Image.new("RGB", (16, 16)).save(buf, "PPM")
+    for name, data in (("x.eps", eps), ("x.ppm", buf.getvalue())):
+        r = post(client, [(name, data)])
+        assert r.status_code == 422 and "not a readable image" in r.json["error"], r.json
+
+
+@pytest.mark.parametrize("key, value", [("MAX_CONTENT_LENGTH", None), ("MAX_FILES", 0), ("MAX_IMAGE_PIXELS", "big")])
+def test_limits_must_be_positive_integers(checkpoint, key, value):
+    with pytest.raises(ValueError, match=f"{key} must be a positive integer"):
+        create_app({"TESTING": True, "MODEL_CHECKPOINT": str(checkpoint), key: value})
+
+
 @pytest.mark.parametrize("method, path, code", [
     ("get", "/api/predict", 405), ("post", "/api/health", 405), ("get", "/api/nope", 404)])
 def test_api_http_errors_are_json(client, method, path, code):
@@ -264,3 +325,15 @@ def test_unexpected_error_is_json_500(checkpoint, monkeypatch):
     monkeypatch.setattr(app.extensions["rvf"], "predict_sources", lambda *a, **k: 1 / 0)
     r = post(app.test_client(), [("a.jpg", good_jpeg())])
     assert r.status_code == 500 and r.is_json and "error" in r.json
+
+
+def test_app_script_takes_the_checkpoint_from_the_environment(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    env = {**os.environ, "RVF_CHECKPOINT": str(tmp_path)}  # an empty folder: refused, by name
+    r = subprocess.run([sys.executable, "scripts/app.py"], capture_output=True, text=True, cwd=ROOT, env=env, timeout=120)
+    assert r.returncode == 2 and f"{tmp_path} is not an rvf checkpoint" in r.stderr and "Traceback" not in r.stderr

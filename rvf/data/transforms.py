@@ -31,6 +31,7 @@ __all__ = [
     "BadImageError",
     "DataConfig",
     "IMAGE_EXTENSIONS",
+    "IMAGE_FORMATS",
     "build_eval_transform",
     "build_train_transform",
     "load_image",
@@ -41,6 +42,9 @@ __all__ = [
 ]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+# The formats those are, and the only ones decoded (Pillow's JPEG opener also reads cameras'
+# MPO files). Pillow knows ~40 more; some shell out (EPS runs Ghostscript), none holds faces.
+IMAGE_FORMATS = ("JPEG", "PNG", "BMP", "GIF", "WEBP", "TIFF")
 
 INTERPOLATIONS = {
     "nearest": Image.Resampling.NEAREST,
@@ -104,8 +108,10 @@ def resolve_data_config(
     """
     cfg = dict(getattr(model, "pretrained_cfg", None) or {}) if model is not None else {}
     size = image_size or cfg.get("input_size", (3, 224, 224))[-1]
+    if interpolation is not None and interpolation not in INTERPOLATIONS:
+        raise ValueError(f"interpolation must be one of {', '.join(INTERPOLATIONS)}, got {interpolation!r}")
     interp = interpolation or cfg.get("interpolation") or "bilinear"
-    if interp not in INTERPOLATIONS:  # timm models may declare e.g. "bicubic" or "random"
+    if interp not in INTERPOLATIONS:  # what a timm model declares, e.g. "random"
         interp = "bilinear"
     return DataConfig(
         image_size=int(size),
@@ -119,27 +125,39 @@ def _name(src) -> str:
     return os.fspath(src) if isinstance(src, (str, os.PathLike)) else getattr(src, "name", "<upload>")
 
 
-def open_rgb(src: str | os.PathLike | BinaryIO | bytes) -> Image.Image:
+def open_rgb(src: str | os.PathLike | BinaryIO | bytes, max_pixels: int | None = None) -> Image.Image:
     """Decode an image fully and return it as 8-bit RGB.
 
     Handles grayscale, palette, RGBA/LA (composited on white), CMYK, 16-bit and 32-bit
-    integer/float modes and EXIF orientation. Pillow's decompression-bomb guard stays on.
+    integer/float modes and EXIF orientation. Only `IMAGE_FORMATS` are decoded, and
+    Pillow's decompression-bomb guard stays on.
+
+    Args:
+        src: a path, a binary file or bytes.
+        max_pixels: refuse images with more pixels than this, from the header, before
+            decoding them (a server's budget; Pillow's own limit is ~89 MP).
 
     Raises:
-        BadImageError: naming the file, when it is empty, truncated or not an image.
+        BadImageError: naming the file, when it is empty, truncated, not an image in one
+            of `IMAGE_FORMATS`, or larger than `max_pixels`.
     """
     name = _name(src)
     if isinstance(src, bytes):
         src = io.BytesIO(src)
     try:
-        with Image.open(src) as img:
+        with Image.open(src, formats=IMAGE_FORMATS) as img:
+            if max_pixels and img.width * img.height > max_pixels:
+                raise BadImageError(f"{name}: {img.width}x{img.height} px is more than the "
+                                    f"{max_pixels / 1e6:g} megapixels this server decodes")
             img.load()  # force the full decode now: truncation only shows up here
             img = ImageOps.exif_transpose(img) or img
             return _to_rgb(img)
+    except BadImageError:
+        raise
     except Image.DecompressionBombError as e:
         raise BadImageError(f"{name}: image is too large to decode safely ({e})") from e
     except UnidentifiedImageError as e:
-        raise BadImageError(f"{name}: not a readable image (empty or unknown format)") from e
+        raise BadImageError(f"{name}: not a readable image (empty, or not JPEG, PNG, WebP, GIF, BMP or TIFF)") from e
     except (OSError, SyntaxError, ValueError) as e:  # truncated, corrupt data, bad header
         raise BadImageError(f"{name}: cannot decode image ({e})") from e
 
@@ -147,11 +165,15 @@ def open_rgb(src: str | os.PathLike | BinaryIO | bytes) -> Image.Image:
 def _to_rgb(img: Image.Image) -> Image.Image:
     if img.mode == "RGB":
         return img
-    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
-        # Pillow's convert("RGB") clips these to 0..255 instead of scaling: scale ourselves.
-        arr = np.asarray(img, dtype=np.float64)
-        lo, hi = (0.0, 65535.0) if img.mode.startswith("I;16") else (arr.min(), max(arr.max(), 1e-12))
-        arr = np.clip((arr - lo) / max(hi - lo, 1e-12) * 255.0 + 0.5, 0, 255).astype(np.uint8)
+    if img.mode.startswith("I;16"):
+        # Pillow's convert("RGB") clips these to 0..255 instead of scaling: scale ourselves,
+        # in integers (round(v * 255 / 65535)), 4 bytes a pixel instead of float64's 8 and more.
+        arr = (np.asarray(img, dtype=np.uint32) * 255 + 32767) // 65535
+        return Image.fromarray(arr.astype(np.uint8), mode="L").convert("RGB")
+    if img.mode in ("I", "F"):  # 32-bit integer or float: stretch min..max to 0..255
+        arr = np.asarray(img, dtype=np.float32)
+        lo, hi = float(arr.min()), float(arr.max())
+        arr = np.clip((arr - lo) * (255.0 / max(hi - lo, 1e-12)) + 0.5, 0, 255).astype(np.uint8)
         return Image.fromarray(arr, mode="L").convert("RGB")
     if img.mode == "P":
         img = img.convert("RGBA")  # palettes may carry transparency
@@ -179,13 +201,13 @@ def to_uint8(img: Image.Image, size: int, interpolation: str = "bilinear") -> to
     return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()  # (3, H, W)
 
 
-def load_image(src, size: int, interpolation: str = "bilinear") -> torch.Tensor:
+def load_image(src, size: int, interpolation: str = "bilinear", max_pixels: int | None = None) -> torch.Tensor:
     """Decode an image (path, binary file or bytes) and return it as uint8 (3, size, size).
 
     Raises:
-        BadImageError: naming the file, when it cannot be decoded.
+        BadImageError: naming the file, when it cannot be decoded (see `open_rgb`).
     """
-    return to_uint8(open_rgb(src), size, interpolation)
+    return to_uint8(open_rgb(src, max_pixels), size, interpolation)
 
 
 class ToUint8:

@@ -42,12 +42,20 @@ def create_app(test_config: dict | None = None) -> Flask:
         ALLOW_PICKLE=False,  # True: also load a .pt/.pth state dict, with torch.load(weights_only=True)
         MAX_CONTENT_LENGTH=10 * 1024 * 1024,  # whole request, bytes; larger uploads get a 413
         MAX_FILES=32,  # images per request
+        # Pixels per image, read from the header before decoding: a 16-bit PNG of 88 MP is a
+        # 170 KB upload that takes GBs to decode. 40 MP is a 7300 x 5500 photo.
+        MAX_IMAGE_PIXELS=40_000_000,
         BATCH_SIZE=16,  # images per forward pass
         TORCH_THREADS=os.environ.get("RVF_TORCH_THREADS"),  # None: torch's default (all cores)
     )
     if test_config is not None:
         app.config.update(test_config)
-
+    for key in ("MAX_CONTENT_LENGTH", "MAX_FILES", "MAX_IMAGE_PIXELS"):
+        value = app.config[key]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{key} must be a positive integer, got {value!r}")
+    # Werkzeug refuses more than 1,000 form parts with a 413; stop at the file limit instead.
+    app.config["MAX_FORM_PARTS"] = app.config["MAX_FILES"] + 8
     init_predictor(app)
 
     from . import views
@@ -72,5 +80,6 @@ def init_predictor(app: Flask) -> None:
         torch.set_num_threads(int(app.config["TORCH_THREADS"]))
     # Uploads are untrusted: an image between Pillow's warning and error limits is refused too.
     refuse_decompression_bombs()
-    app.extensions["rvf"] = load_predictor(checkpoint, device=app.config["DEVICE"],
-                                           allow_pickle=bool(app.config["ALLOW_PICKLE"]))
+    predictor = load_predictor(checkpoint, device=app.config["DEVICE"], allow_pickle=bool(app.config["ALLOW_PICKLE"]))
+    predictor.max_pixels = app.config["MAX_IMAGE_PIXELS"]
+    app.extensions["rvf"] = predictor

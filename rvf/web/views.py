@@ -56,6 +56,8 @@ def predict():
     """Classify every uploaded file; bad files become per-file error entries."""
     files = request.files.getlist(FIELD)  # reading the form enforces MAX_CONTENT_LENGTH (413)
     if not files:
+        if FIELD in request.form:  # curl -F image=face.jpg, without the @
+            raise BadRequest(f"field {FIELD!r} was sent as text, not as a file (curl: -F {FIELD}=@face.jpg)")
         got = sorted(request.files)
         raise BadRequest(f"expected multipart/form-data with file field {FIELD!r}"
                          + (f", got field(s) {got}" if got else ", got no file"))
@@ -110,7 +112,11 @@ def api_error(e: HTTPException):
         return e
     if isinstance(e, RequestEntityTooLarge):
         limit = current_app.config["MAX_CONTENT_LENGTH"]
-        message = f"upload too large: the limit is {limit / 2**20:g} MB per request"
+        if request.content_length is not None and request.content_length > limit:
+            message = f"upload too large: the limit is {limit / 2**20:g} MB per request"
+        else:  # Werkzeug's form limits: too many parts, or a text field too long
+            message = (f"too many form fields or files, or a text field too long (at most "
+                       f"{current_app.config['MAX_FILES']} files per request)")
     else:
         message = e.description or e.name
     return jsonify(error=message), e.code

@@ -12,7 +12,10 @@
   const maxFiles = Number(form.dataset.maxFiles) || 32;
   const maxBytes = Number(form.dataset.maxBytes) || 10 * 1024 * 1024;
 
-  const pct = (p) => (100 * p).toFixed(1) + " %";
+  const pct = (p, digits = 1) => (100 * p).toFixed(digits) + " %";
+  // The header shows the threshold to 0.01 %: near it, so does the card, so that a verdict
+  // never reads as P(fake) 49.9 % -> Fake under a threshold of 49.90 %.
+  const pctBeside = (p, t) => pct(p, Math.abs(p - t) < 0.0005 ? 2 : 1);
 
   async function post(files, gradcam) {
     const body = new FormData();
@@ -64,8 +67,8 @@
     const bar = card.querySelector(".bar");
     bar.setAttribute("aria-valuenow", (100 * r.p_fake).toFixed(1));
     bar.setAttribute("aria-label", "P(fake) " + pct(r.p_fake));
-    card.querySelector(".pfake").textContent = pct(r.p_fake);
-    card.querySelector(".preal").textContent = pct(r.p_real);
+    card.querySelector(".pfake").textContent = pctBeside(r.p_fake, r.threshold);
+    card.querySelector(".preal").textContent = pctBeside(r.p_real, 1 - r.threshold);
 
     const toggle = card.querySelector(".cam-toggle");
     const cam = card.querySelector(".cam");
