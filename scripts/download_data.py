@@ -23,7 +23,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
 
 
 def main(args) -> int:
-    from rvf.data import RVF10K
+    from rvf.data import RVF10K, DatasetError
     from rvf.data.download import DownloadError, download_rvf10k
 
     try:
@@ -31,7 +31,11 @@ def main(args) -> int:
     except DownloadError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    train, valid = RVF10K(root, "train"), RVF10K(root, "valid")
+    try:
+        train, valid = RVF10K(root, "train"), RVF10K(root, "valid")
+    except DatasetError as e:  # e.g. a half-extracted earlier download at --dest
+        print(f"error: {e}\n(pass --force to download it again)", file=sys.stderr)
+        return 1
     print(f"rvf10k is in {root} ({len(train)} train, {len(valid)} valid images)", file=sys.stderr)
     print(root)  # stdout: just the root, for DATA=$(python scripts/download_data.py)
     return 0

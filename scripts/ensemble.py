@@ -17,6 +17,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from rvf.cli import output_dir, positive_int  # noqa: E402
+
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, add_help=add_help,
@@ -24,8 +26,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser.add_argument("--checkpoints", required=True, nargs="+", type=Path, metavar="RUN",
                         help="two or more training run folders (model.safetensors + model.json)")
     parser.add_argument("--data-dir", required=True, type=Path, help="dataset root (either layout)")
-    parser.add_argument("--output-dir", type=Path, help="where the reports go (default: print only)")
-    parser.add_argument("--batch-size", type=int, default=128, help="per process")
+    parser.add_argument("--output-dir", type=output_dir, help="where the reports go (default: print only)")
+    parser.add_argument("--batch-size", type=positive_int, default=128, help="per process (default: 128)")
     parser.add_argument("--cache-dir", help="decode cache folder (default $RVF_CACHE_DIR or ~/.cache/rvf)")
     return parser
 

@@ -14,6 +14,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from rvf.cli import output_dir, positive_int  # noqa: E402
+
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, add_help=add_help,
@@ -21,9 +23,11 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser.add_argument("--checkpoint", required=True, type=Path,
                         help="a training run's output folder (model.safetensors + model.json)")
     parser.add_argument("--data-dir", required=True, type=Path, help="dataset root (either layout)")
-    parser.add_argument("--split", default="valid", choices=["train", "valid", "test"])
-    parser.add_argument("--output-dir", type=Path, help="default CHECKPOINT/eval-SPLIT")
-    parser.add_argument("--batch-size", type=int, default=128, help="per process")
+    parser.add_argument("--split", default="valid", choices=["train", "valid", "test"],
+                        help="default: valid. train scores the images the model was fitted on too, so it "
+                             "is no estimate of accuracy on new faces")
+    parser.add_argument("--output-dir", type=output_dir, help="default CHECKPOINT/eval-SPLIT")
+    parser.add_argument("--batch-size", type=positive_int, default=128, help="per process (default: 128)")
     parser.add_argument("--cache-dir", help="decode cache folder (default $RVF_CACHE_DIR or ~/.cache/rvf)")
     parser.add_argument("--skip-bad", action="store_true", help="skip unreadable images instead of failing")
     parser.add_argument("--tta-hflip", action=argparse.BooleanOptionalAction, default=None,

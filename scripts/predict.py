@@ -22,18 +22,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import argparse  # noqa: E402
 
 from rvf.checkpoint import ALLOW_PICKLE_HELP  # noqa: E402
+from rvf.cli import output_dir, output_file, positive_int  # noqa: E402
 import csv  # noqa: E402
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description="Predict real/fake for face images.", add_help=add_help)
+    parser = argparse.ArgumentParser(description=__doc__, add_help=add_help,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("paths", nargs="+", metavar="PATH", help="image files and/or folders (searched recursively)")
     parser.add_argument("--checkpoint", required=True,
                         help="a run folder (model.safetensors + model.json) or an ensemble folder "
                              "(ensemble.json, written by scripts/ensemble.py --output-dir)")
-    parser.add_argument("--output", default=None, help="CSV file to write (default: stdout)")
-    parser.add_argument("--gradcam-dir", default=None, help="also write a Grad-CAM overlay PNG per image here")
-    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--output", type=output_file, default=None, help="CSV file to write (default: stdout)")
+    parser.add_argument("--gradcam-dir", type=output_dir, default=None,
+                        help="also write a Grad-CAM overlay PNG per image here (the CSV's gradcam column names it)")
+    parser.add_argument("--batch-size", type=positive_int, default=64, help="images per forward pass (default: 64)")
     parser.add_argument("--device", default="auto", help="cpu, cuda or auto (default: auto)")
     parser.add_argument("--allow-pickle", action="store_true",
                         help=ALLOW_PICKLE_HELP)
@@ -47,9 +50,6 @@ def main(args) -> int:
     from rvf.inference import find_images, load_predictor, refuse_decompression_bombs
     from rvf.utils import atomic_path
 
-    if args.batch_size < 1:
-        print("error: --batch-size must be at least 1", file=sys.stderr)
-        return 2
     try:
         files = find_images(args.paths)
         predictor = load_predictor(args.checkpoint, device=args.device, allow_pickle=args.allow_pickle)
@@ -61,9 +61,15 @@ def main(args) -> int:
         return 1
     refuse_decompression_bombs()  # these files may come from anywhere, like uploads
 
-    gradcam_dir = Path(args.gradcam_dir) if args.gradcam_dir else None
-    if gradcam_dir is not None:
-        gradcam_dir.mkdir(parents=True, exist_ok=True)
+    gradcam_dir = args.gradcam_dir
+    try:
+        if gradcam_dir is not None:
+            gradcam_dir.mkdir(parents=True, exist_ok=True)
+        if args.output:
+            args.output.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # before any work: e.g. a read-only place
+        print(f"error: cannot write there: {e.strerror or e} ({e.filename})", file=sys.stderr)
+        return 2
     # A bar for runs longer than one batch, on a terminal only (None: tqdm checks for a TTY).
     with tqdm(total=len(files), unit="img", disable=True if len(files) <= args.batch_size else None,
               file=sys.stderr) as bar:
@@ -77,10 +83,11 @@ def main(args) -> int:
             continue
         rows.append({"path": r.name, "label": r.label, "p_fake": f"{r.p_fake:.6f}", "p_real": f"{r.p_real:.6f}"})
         if r.gradcam_png is not None:
-            (gradcam_dir / _unique_name(Path(r.name).stem, used_names)).write_bytes(r.gradcam_png)
+            rows[-1]["gradcam"] = _unique_name(Path(r.name).stem, used_names)
+            (gradcam_dir / rows[-1]["gradcam"]).write_bytes(r.gradcam_png)
 
     if rows:
-        fields = ["path", "label", "p_fake", "p_real"]
+        fields = ["path", "label", "p_fake", "p_real"] + (["gradcam"] if gradcam_dir is not None else [])
         if args.output:
             with atomic_path(args.output) as tmp, open(tmp, "w", newline="") as f:
                 _write_csv(f, fields, rows)

@@ -8,6 +8,11 @@ matrix, curves, ROC, architecture, robustness) are copied to RESULTS/<run name>;
 resume states, W&B folders and samples.png (dataset faces) never are. Then RESULTS/leaderboard.md
 and .png are rebuilt from every published run, and the table between the README's results
 markers is rewritten from the same files, so the README can only show measured runs.
+
+The table names each row's config as configs/<run name>.yaml and heads itself "the full rvf10k
+valid split", so a run is refused unless its folder is named after a config in configs/ and it
+was scored on all 3,000 valid images (--force publishes it anyway). Everything is checked
+before anything is copied.
 """
 
 import argparse
@@ -24,18 +29,47 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser.add_argument("runs", nargs="*", type=Path, help="finished run folders (each with metrics.json)")
     parser.add_argument("--results", type=Path, default=ROOT / "results" / "rvf10k", help="published results root")
     parser.add_argument("--readme", type=Path, default=ROOT / "README.md", help="README whose results table to rewrite")
+    parser.add_argument("--force", action="store_true",
+                        help="publish runs not named after a config in configs/, or not scored on the full valid split")
     return parser
 
 
-def main(args) -> int:
-    from rvf.leaderboard import collect_runs, publish_run, update_readme, write_leaderboard
+FULL_VALID = 3000  # rvf10k's valid split
 
+
+def check_run(run: Path, force: bool) -> str | None:
+    """Return why `run` cannot go into the README's table, or None."""
+    import json
+
+    metrics = run / "metrics.json"
+    if not metrics.is_file():
+        return f"{run}: no metrics.json; is the run finished?"
+    if force:
+        return None
+    if not (ROOT / "configs" / f"{run.name}.yaml").is_file():
+        return (f"{run}: the table would call it configs/{run.name}.yaml, which does not exist; name the run "
+                f"folder after its config (train_zoo.py does), or pass --force")
+    n = json.loads(metrics.read_text()).get("valid", {}).get("n")
+    if n != FULL_VALID:
+        return f"{run}: scored on {n} valid images, not rvf10k's {FULL_VALID}; pass --force to publish it anyway"
+    return None
+
+
+def main(args) -> int:
+    from rvf.leaderboard import README_END, README_START, collect_runs, publish_run, update_readme, write_leaderboard
+
+    problems = [why for run in args.runs if (why := check_run(run, args.force))]
+    if not args.readme.is_file():
+        problems.append(f"--readme {args.readme}: no such file")
+    elif README_START not in (text := args.readme.read_text()) or README_END not in text:
+        problems.append(f"{args.readme}: no results markers ({README_START!r} ... {README_END!r})")
+    if not args.runs and not args.results.is_dir():
+        problems.append(f"--results {args.results}: no such folder")
+    if problems:
+        print("\n".join(f"error: {p}" for p in problems), file=sys.stderr)
+        return 2
     for run in args.runs:
-        try:
-            print(f"published {run} -> {publish_run(run, args.results)}")
-        except FileNotFoundError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
+        print(f"published {run} -> {publish_run(run, args.results)}")
     rows = collect_runs(sorted(p for p in args.results.iterdir() if p.is_dir()))
     if not rows:
         print(f"error: no published runs (metrics.json) under {args.results}", file=sys.stderr)

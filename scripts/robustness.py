@@ -14,18 +14,29 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from rvf.cli import non_negative_int, output_dir, positive_int  # noqa: E402
+
+
+def at_least_two(text: str) -> int:
+    """--limit: one image of each class at the least."""
+    value = positive_int(text)
+    if value < 2:
+        raise argparse.ArgumentTypeError("must be at least 2 (one image of each class)")
+    return value
+
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, add_help=add_help,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True, type=Path, help="a training run's folder")
     parser.add_argument("--data-dir", required=True, type=Path, help="dataset root (either layout)")
-    parser.add_argument("--split", default="valid", choices=["train", "valid", "test"])
-    parser.add_argument("--output-dir", type=Path, help="default CHECKPOINT/robustness-SPLIT")
-    parser.add_argument("--limit", type=int, help="stratified subset of this many images")
-    parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--num-workers", type=int, help="decoding processes (default: cores, at most 8)")
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--split", default="valid", choices=["train", "valid", "test"], help="default: valid")
+    parser.add_argument("--output-dir", type=output_dir, help="default CHECKPOINT/robustness-SPLIT")
+    parser.add_argument("--limit", type=at_least_two, help="a stratified subset of this many images (default: all)")
+    parser.add_argument("--batch-size", type=positive_int, default=128, help="images per forward pass (default: 128)")
+    parser.add_argument("--num-workers", type=non_negative_int,
+                        help="decoding processes; 0 decodes in this one (default: cores, at most 8)")
+    parser.add_argument("--device", default="auto", help="cpu, cuda or auto (default: auto, a GPU when there is one)")
     return parser
 
 
@@ -37,9 +48,12 @@ def main(args) -> int:
     try:
         result = evaluate_robustness(args.checkpoint, args.data_dir, args.split, args.output_dir, args.limit,
                                      args.batch_size, args.num_workers, device=args.device)
-    except (CheckpointError, DatasetError, BadImageError) as e:
+    except (CheckpointError, DatasetError, BadImageError, ValueError) as e:  # ValueError: --device
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:
+        print(f"error: {e.strerror or e} ({e.filename})", file=sys.stderr)
+        return 1
     out = args.output_dir or args.checkpoint / f"robustness-{args.split}"
     print((Path(out) / "robustness.md").read_text(), end="")
     return 0 if result["rows"] else 1

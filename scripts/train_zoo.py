@@ -24,9 +24,11 @@ sys.path.insert(0, str(ROOT))
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, add_help=add_help,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--configs", nargs="+", type=Path, default=[], help="YAML configs to train")
+    parser.add_argument("--configs", nargs="+", type=Path, default=[],
+                        help="YAML configs to train (required unless --leaderboard-only)")
     parser.add_argument("--data-dir", help="dataset root, passed to every run")
-    parser.add_argument("--output-root", type=Path, default=Path("runs/zoo"))
+    parser.add_argument("--output-root", type=Path, default=Path("runs/zoo"),
+                        help="runs go to OUTPUT_ROOT/<config name> (default: runs/zoo)")
     parser.add_argument("--group", help="W&B group (default zoo-<timestamp>)")
     parser.add_argument("--launcher", default="", help='prefix command, e.g. "accelerate launch --multi_gpu"')
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -39,9 +41,29 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
 def main(args) -> int:
     from rvf.leaderboard import collect_runs, write_leaderboard
 
+    from rvf.config import ConfigError, load_config, parse_override
+
+    configs = [] if args.leaderboard_only else args.configs
+    if not configs and not args.leaderboard_only:
+        print("error: pass --configs FILE... (or --leaderboard-only to rebuild the leaderboard)", file=sys.stderr)
+        return 2
+    # All of them checked before the first trains: a typo in the last must not wait hours.
+    problems = []
+    for cfg in configs:
+        try:
+            load_config(cfg, dict(parse_override(o) for o in args.overrides))
+        except ConfigError as e:
+            problems.append(str(e))
+    stems = [cfg.stem for cfg in configs]
+    problems += [f"two configs are named {s}.yaml: their runs would share {args.output_root / s}"
+                 for s in sorted({s for s in stems if stems.count(s) > 1})]
+    if problems:
+        print("\n".join(f"error: {p}" for p in problems), file=sys.stderr)
+        return 2
+
     group = args.group or time.strftime("zoo-%Y%m%d-%H%M%S")
     failed = []
-    for cfg in [] if args.leaderboard_only else args.configs:
+    for cfg in configs:
         out = args.output_root / cfg.stem
         if args.skip_done and (out / "metrics.json").is_file():
             print(f"[zoo] {cfg.stem}: done already, skipping", flush=True)
@@ -58,15 +80,14 @@ def main(args) -> int:
             print(f"[zoo] {cfg.stem} FAILED; going on with the rest", file=sys.stderr, flush=True)
     runs = sorted(p for p in args.output_root.iterdir() if p.is_dir()) if args.output_root.is_dir() else []
     rows = collect_runs(runs)
+    if failed:
+        print(f"error: these runs failed: {', '.join(failed)}", file=sys.stderr)
     if not rows:
         print(f"error: no finished runs (metrics.json) under {args.output_root}", file=sys.stderr)
         return 1
     md = write_leaderboard(rows, args.output_root)
     print(md.read_text())
-    if failed:
-        print(f"error: these runs failed: {', '.join(failed)}", file=sys.stderr)
-        return 1
-    return 0
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

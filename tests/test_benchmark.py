@@ -16,15 +16,18 @@ def test_benchmark_smoke(tmp_path, device_data):
     r = subprocess.run([sys.executable, "scripts/benchmark.py", "--synthetic", "48", "--image-size", "32",
                         "--batch-size", "16", "--repeats", "1", "--scaling", "1", "--device-data", device_data,
                         "--out", str(out)], capture_output=True, text=True, timeout=300, cwd=ROOT,
-                       env={"RVF_CACHE_DIR": str(tmp_path / "cache"), "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)})
+                       env={"RVF_CACHE_DIR": str(tmp_path / "cache"), "PATH": "/usr/bin:/bin", "HOME": str(tmp_path),
+                            "TMPDIR": str(tmp_path)})
     assert r.returncode == 0, r.stderr[-3000:]
+    assert not list(tmp_path.glob("rvf-bench-*"))  # its decode cache and data went with it
     res = json.loads((out / "lenet-32px-cpu.json").read_text())
     assert res["rvf_device_data"] is (device_data == "on") and res["rvf_fused_optimizer"] is True
     for key in ("baseline_train", "rvf_train", "baseline_data_only", "rvf_data_only"):
         assert res[key]["images"] == 48 and res[key]["images_per_second"] > 0, key
     assert res["speedup_epoch"] > 0 and res["cache_build_seconds"] >= 0 and res["rvf_peak_rss_mb"] > 0
     assert len(res["scaling"]["points"]) == 3 and "ms/img" in res["scaling"]["fit"]
-    assert "speed-up per epoch" in (out / "lenet-32px-cpu.md").read_text()
+    md = (out / "lenet-32px-cpu.md").read_text()
+    assert "speed-up per epoch" in md and "20 epochs incl. the one-time cache build" in md  # the README's column
 
 
 def test_probe_training_traces_each_lr(tmp_path):
@@ -68,3 +71,26 @@ def test_step_ops_counts_each_training_step(tmp_path):
     ops = json.loads(out.read_text())
     # A forward, a backward and an optimizer step: dozens of ops at least; BatchNorm adds some.
     assert 50 < ops["lenet"] < ops["alexnet_bn"] < 1000 and "ATen ops per training step" in r.stdout
+
+
+def test_benchmark_bad_input_is_one_line(tmp_path):
+    r = subprocess.run([sys.executable, "scripts/benchmark.py", "--data-dir", str(tmp_path / "nope")],
+                       capture_output=True, text=True, timeout=120, cwd=ROOT, env={"PATH": "/usr/bin:/bin",
+                                                                                    "HOME": str(tmp_path), "TMPDIR": str(tmp_path)})
+    assert r.returncode == 2 and r.stderr.startswith("error:") and "Traceback" not in r.stderr
+    assert not list(tmp_path.glob("rvf-bench-*"))
+
+
+def test_zoo_checks_every_config_before_training_any(tmp_path):
+    good = ROOT / "configs" / "lenet.yaml"
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "lenet.yaml").write_text("model: lenet\n")
+    (tmp_path / "bad.yaml").write_text("model: lenet\nepochs: 0\n")
+    r = subprocess.run([sys.executable, "scripts/train_zoo.py", "--configs", str(good), str(tmp_path / "a" / "lenet.yaml"),
+                        str(tmp_path / "bad.yaml"), str(tmp_path / "missing.yaml"), "--output-root", str(tmp_path / "zoo")],
+                       capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert r.returncode == 2 and not (tmp_path / "zoo").exists()  # nothing trained
+    assert "epochs must be at least 1" in r.stderr and "missing.yaml does not exist" in r.stderr
+    assert "two configs are named lenet.yaml" in r.stderr
+    r = subprocess.run([sys.executable, "scripts/train_zoo.py"], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert r.returncode == 2 and "--configs" in r.stderr and "--leaderboard-only" in r.stderr

@@ -88,6 +88,31 @@ def test_cli_bad_checkpoint_is_one_line_exit_2(tmp_path):
     assert err.startswith("error:") and "not an rvf checkpoint" in err and err.count("\n") == 1
 
 
+@pytest.mark.parametrize("flag, make, message", [
+    ("--output", "dir", "is a folder; give a file path"),
+    ("--gradcam-dir", "file", "is a file; give a folder"),
+    ("--batch-size", None, "must be at least 1"),
+])
+def test_cli_bad_output_paths_fail_before_any_work(checkpoint, tmp_path, capsys, flag, make, message):
+    target = tmp_path / "target"
+    if make == "dir":
+        target.mkdir()
+    elif make == "file":
+        target.write_text("x")
+    script = load_script()
+    with pytest.raises(SystemExit) as e:
+        script.get_args_parser().parse_args(["--checkpoint", str(checkpoint), str(tmp_path),
+                                             flag, "0" if make is None else str(target)])
+    assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_cli_checkpoint_given_as_its_weights_file(checkpoint, tmp_path):
+    (tmp_path / "face.jpg").write_bytes(good_jpeg())
+    code, _, err = run_cli("--checkpoint", checkpoint / "model.safetensors", tmp_path)
+    assert code == 2 and f"is a file; a checkpoint is the run folder that holds model.safetensors" in err
+    assert str(checkpoint) in err
+
+
 def test_cli_csv_to_stdout_and_explicit_bad_files(checkpoint, tmp_path):
     good = tmp_path / "good.jpg"
     good.write_bytes(good_jpeg())
@@ -133,6 +158,8 @@ def test_cli_gradcam_dir(checkpoint, tmp_path):
     assert code == 0
     cams = sorted(p.name for p in (tmp_path / "cams").iterdir())
     assert cams == ["face.1.gradcam.png", "face.gradcam.png"]
+    with open(tmp_path / "p.csv") as f:  # each row names its overlay
+        assert sorted(row["gradcam"] for row in csv.DictReader(f)) == cams
     with Image.open(tmp_path / "cams" / cams[0]) as img:
         assert img.size == (256, 256)
 

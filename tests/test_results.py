@@ -66,6 +66,30 @@ def test_publish_copies_reports_only_and_rewrites_the_table(tmp_path):
     assert r.returncode == 2 and "no results markers" in r.stderr
 
 
+def test_publish_refuses_runs_the_table_would_mislabel(tmp_path):
+    import json
+
+    readme = tmp_path / "README.md"
+    readme.write_text(f"{README_START}\n{README_END}\n")
+    results = tmp_path / "results"
+    odd = tmp_path / "runs" / "my_experiment"  # not named after a config
+    shutil.copytree(RESULTS / "lenet", odd)
+    mini = tmp_path / "mini" / "lenet"  # scored on part of the valid split
+    shutil.copytree(RESULTS / "lenet", mini)
+    m = json.loads((mini / "metrics.json").read_text())
+    m["valid"]["n"] = 400
+    (mini / "metrics.json").write_text(json.dumps(m))
+
+    def publish(*extra):
+        return subprocess.run([sys.executable, "scripts/publish_results.py", *extra, "--results", str(results),
+                               "--readme", str(readme)], capture_output=True, text=True, cwd=ROOT, timeout=120)
+
+    r = publish(str(odd), str(mini))
+    assert r.returncode == 2 and "configs/my_experiment.yaml, which does not exist" in r.stderr
+    assert "scored on 400 valid images" in r.stderr and not results.exists()  # nothing copied
+    assert publish(str(mini), "--force").returncode == 0 and (results / "lenet" / "metrics.json").is_file()
+
+
 def test_published_ensembles_are_quoted_from_their_metrics():
     import json
 

@@ -1,0 +1,61 @@
+"""What the command-line scripts share: argparse types that check a value where it is typed.
+
+A bad number or output path then fails at once, as argparse's own one-line error naming the
+flag, instead of as a traceback after minutes of scoring.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+__all__ = ["non_negative_int", "positive_int", "positive_float", "output_file", "output_dir"]
+
+
+def positive_int(text: str) -> int:
+    """An integer of at least 1 (batch sizes, counts, threads)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    """An integer of at least 0 (worker processes: 0 works in the main process)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be at least 0, got {value}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """A number above 0 (sizes in MB)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be above 0, got {value:g}")
+    return value
+
+
+def output_file(text: str) -> Path:
+    """A file to write: anything but an existing folder (its parent folders are created)."""
+    path = Path(text)
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"{path} is a folder; give a file path, e.g. {path / 'out'}")
+    return path
+
+
+def output_dir(text: str) -> Path:
+    """A folder to write into: anything but an existing file (created when missing)."""
+    path = Path(text)
+    if path.exists() and not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{path} is a file; give a folder to write into")
+    return path
