@@ -40,6 +40,8 @@ def evaluate_checkpoint(checkpoint: str | Path, data_dir: str | Path, split: str
     checkpoint = Path(checkpoint)
     output_dir = Path(output_dir) if output_dir else checkpoint / f"eval-{split}"
     model, meta, data_cfg = load_pretrained(checkpoint)
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)  # now: a bad path must not cost the whole evaluation
     dataset = RVF10K(data_dir, split, skip_bad=skip_bad)
     with accelerator.main_process_first():
         images = build_cache(dataset.samples, data_cfg.image_size, interpolation=data_cfg.interpolation,

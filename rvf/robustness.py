@@ -104,9 +104,13 @@ def evaluate_robustness(checkpoint, data_dir, split: str = "valid", output_dir=N
     from rvf.data import holdout_split
     from rvf.utils import atomic_write_text, device_name, predict_logits
 
+    from rvf.inference import resolve_device
+
     checkpoint = Path(checkpoint)
     output_dir = Path(output_dir) if output_dir else checkpoint / f"robustness-{split}"
+    device = resolve_device(device)  # "auto": the GPU when there is one
     model, meta, data_cfg = load_pretrained(checkpoint, device=device)
+    output_dir.mkdir(parents=True, exist_ok=True)  # now: a bad path must not cost the whole evaluation
     transform = build_eval_transform(data_cfg).to(device)
     ds = RVF10K(data_dir, split)
     samples = ds.samples
