@@ -1,4 +1,4 @@
-"""Score several trained detectors together: mean P(fake), threshold calibrated on the holdout slice.
+r"""Score several trained detectors together: mean P(fake), threshold calibrated on the holdout slice.
 
     python scripts/ensemble.py --checkpoints runs/zoo/vgg16_bn_best runs/zoo/alexnet_bn_best --data-dir ROOT \
         --output-dir runs/ensemble

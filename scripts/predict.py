@@ -1,14 +1,15 @@
 """Classify face images as real or fake with a trained checkpoint.
 
 Usage:
-    python scripts/predict.py --checkpoint runs/lenet photo.jpg faces/ \
-        [--output preds.csv] [--gradcam-dir cams/] [--batch-size 64] [--device auto]
+    python scripts/predict.py --checkpoint runs/lenet photo.jpg faces/ --output preds.csv
+    python scripts/predict.py --checkpoint runs/lenet faces/ --gradcam-dir cams/ --device cuda
 
 Folders are searched recursively for image files (.jpg .jpeg .png .bmp .gif .webp .tif
 .tiff); files named explicitly are tried whatever their extension. The CSV (to --output, or
 stdout) has one row per predicted image: path, label ("fake"/"real" at the checkpoint's
-calibrated threshold), p_fake, p_real. Each file that cannot be read gets one line on
-stderr and no row; the others are still predicted.
+calibrated threshold), p_fake, p_real, and with --gradcam-dir the overlay's file name.
+Each file that cannot be read gets one line on stderr and no row; the others are still
+predicted.
 
 Exit status: 0 when at least one image was predicted (even if others were bad), 1 when none
 was (no images found, or every one unreadable), 2 for a bad checkpoint, path or option.

@@ -1,4 +1,4 @@
-"""Take a screenshot of the web app with results shown, in headless Chromium (docs/screenshot.png).
+r"""Take a screenshot of the web app with results shown, in headless Chromium (docs/screenshot.png).
 
 Usage:
     python scripts/screenshot.py [--checkpoint runs/lenet] [--images a.jpg b.jpg ...] \
