@@ -101,7 +101,7 @@ def evaluate_robustness(checkpoint, data_dir, split: str = "valid", output_dir=N
     import os
 
     from rvf import reports
-    from rvf.data import holdout_split
+    from rvf.data import stratified_sample
     from rvf.utils import atomic_write_text, device_name, predict_logits
 
     from rvf.inference import resolve_device
@@ -115,7 +115,7 @@ def evaluate_robustness(checkpoint, data_dir, split: str = "valid", output_dir=N
     ds = RVF10K(data_dir, split)
     samples = ds.samples
     if limit and limit < len(samples):
-        keep, _ = holdout_split(ds.targets, 1 - limit / len(samples), seed=0)
+        keep = stratified_sample(ds.targets, limit, seed=0)
         samples = [samples[i] for i in keep]
     workers = num_workers if num_workers is not None else min(8, os.cpu_count() or 1)
     threshold = meta.get("threshold", 0.5)

@@ -31,7 +31,7 @@ from rvf import CLASSES
 from rvf.checkpoint import save_pretrained
 from rvf.config import ConfigError, TrainConfig
 from rvf.data import (RVF10K, DeviceLoader, ToUint8, build_cache, build_eval_transform, build_train_transform,
-                      collate_batch, holdout_split, resolve_data_config, use_device_data)
+                      collate_batch, holdout_split, resolve_data_config, stratified_sample, use_device_data)
 from rvf.metrics import calibrate_threshold, classification_metrics
 from rvf.step import TrainStep, build_train_step, cuda_graph_problems
 from rvf.utils import atomic_write_text, count_parameters, device_name, predict_logits, resolve_mixed_precision
@@ -68,11 +68,7 @@ class Splits:
 
 
 def _stratified_subset(targets, n: int | None, seed: int) -> np.ndarray:
-    idx = np.arange(len(targets))
-    if not n or n >= len(idx):
-        return idx
-    fit, _ = holdout_split(targets, 1 - n / len(idx), seed)
-    return fit
+    return stratified_sample(targets, n, seed) if n else np.arange(len(targets))
 
 
 def load_splits(cfg: TrainConfig, data_cfg, progress: bool = True) -> Splits:
@@ -268,6 +264,8 @@ def train_one_epoch(model, loader, transform, train_step: TrainStep, scheduler, 
     shown = _AsyncStats(device)
     t0 = time.perf_counter()
     for i, (images, labels) in enumerate(loader):
+        if not len(labels):  # skip_bad without the cache: every image of this batch was unreadable
+            continue
         x = transform(images)  # uint8 (B, 3, H, W) -> augmented, normalised float
         targets = labels
         if mixup is not None:
@@ -358,6 +356,8 @@ def evaluate(model, loader, transform, accelerator, desc: str = "eval",
     all_probs, all_labels = [], []
     for images, labels in tqdm(loader, desc=desc, unit="batch", leave=False, dynamic_ncols=True,
                                disable=not accelerator.is_local_main_process):
+        if not len(labels):  # skip_bad without the cache: nothing readable in this batch
+            continue
         logits = predict_logits(forward, transform(images), hflip=tta_hflip).float()  # (B, 2)
         logits, labels = accelerator.gather_for_metrics((logits, labels))
         all_probs.append(logits)
@@ -526,6 +526,10 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> di
     device_data = use_device_data(cfg.device_data, accelerator.device, fit_bytes, cache=cfg.cache)
     if device_data and not cfg.cache:
         raise ConfigError("device_data: true needs cache: true (the device holds the decoded uint8 split)")
+    if cfg.skip_bad and not cfg.cache and accelerator.num_processes > 1:
+        # Each process would drop its own bad files, and their batches stop lining up.
+        raise ConfigError("skip_bad with cache: false runs in one process only; with the cache (the default) "
+                          "unreadable images are dropped once, before the split is shared out")
     if device_data:
         train_loader = DeviceLoader(splits.fit, cfg.batch_size, accelerator.device, seed=cfg.seed,
                                     rank=accelerator.process_index, world_size=accelerator.num_processes)

@@ -15,6 +15,7 @@ from PIL import Image
 
 from rvf.data import (RVF10K, BadImageError, DatasetError, DataConfig, DeviceLoader, build_cache, build_eval_transform,
                       build_train_transform, collate_batch, holdout_split, load_image, resolve_data_config)
+from rvf.data.cache import cache_key
 from rvf.data.download import DownloadError, download_rvf10k
 from synth import SHARED_MINI, face, make_folder_dataset, make_kaggle_dataset
 
@@ -81,6 +82,15 @@ def test_csv_missing_column(tmp_path):
         RVF10K(tmp_path, "valid")
 
 
+def test_csv_short_row_names_its_line_blank_lines_counted(tmp_path):
+    make_kaggle_dataset(tmp_path, n=2)
+    text = (tmp_path / "train.csv").read_text().splitlines()
+    cut = text[2].rsplit(",", 2)[0]  # line 3 loses label_str and path
+    (tmp_path / "train.csv").write_text("\n".join([text[0], "", "", text[1], cut, *text[3:]]) + "\n")
+    with pytest.raises(DatasetError, match=r"train\.csv line 5: the row is cut short \(no label_str, path\)"):
+        RVF10K(tmp_path, "train")
+
+
 def test_unlisted_images_are_reported(tmp_path, caplog):
     make_kaggle_dataset(tmp_path, n=2)
     face(1).save(tmp_path / "rvf10k/train/real/extra.jpg")
@@ -141,6 +151,21 @@ def test_bad_images_fail_the_cache_or_are_skipped(tmp_path, caplog):
     ds_skip = RVF10K(root, "train", skip_bad=True)
     items = [ds_skip[i] for i in range(len(ds_skip))]
     assert sum(x is None for x in items) == 3
+    images, labels = collate_batch([None, None])  # a batch with nothing readable: empty, for the loops to skip
+    assert len(images) == len(labels) == 0
+
+
+def test_skip_bad_without_the_cache_trains_through_unreadable_batches(tmp_path):
+    from rvf.config import TrainConfig
+    from rvf.train import train
+
+    root = make_folder_dataset(tmp_path / "d", n=6)
+    for name in ("zz0.jpg", "zz1.jpg"):  # the valid split's last batch of 2 (sorted): nothing readable
+        (root / "valid" / "real" / name).write_bytes(b"not a jpeg")
+    m = train(TrainConfig(model="lenet", data_dir=str(root), output_dir=str(tmp_path / "run"), image_size=32,
+                          epochs=1, batch_size=4, eval_batch_size=2, holdout=0.25, tracker="none", cache=False,
+                          num_workers=0, skip_bad=True, cache_dir=str(tmp_path / "c")))
+    assert m["valid"]["n"] == 12
 
 
 def test_image_modes_are_converted(tmp_path):
@@ -178,6 +203,27 @@ def test_cache_reused_and_rebuilt_when_key_changes(tmp_path, caplog):
     # pixels are exactly what load_image gives (the app and CLI use it)
     x, y = b.__getitems__([3, 0])
     assert torch.equal(x[0], load_image(samples[3][0], 16)) and y.tolist() == [samples[3][1], samples[0][1]]
+
+
+def test_cache_key_covers_pillows_decoder(monkeypatch, tmp_path):
+    import PIL
+
+    root = make_folder_dataset(tmp_path / "d", n=2, splits=("train",))
+    samples = RVF10K(root, "train").samples
+    key = cache_key(samples, 16, "bilinear")
+    monkeypatch.setattr(PIL, "__version__", "0.0.1")
+    assert cache_key(samples, 16, "bilinear") != key
+
+
+def test_a_one_worker_build_gives_the_threads_back(tmp_path):
+    root = make_folder_dataset(tmp_path / "d", n=2, splits=("train",))
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        build_cache(RVF10K(root, "train").samples, 16, cache_dir=tmp_path / "c", num_workers=1, progress=False)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_truncated_or_stale_cache_is_rebuilt(tmp_path):
@@ -237,6 +283,16 @@ def test_device_loader_epochs_shards_and_contents(tmp_path):
     assert not keys[0] & keys[1]
     with pytest.raises(ValueError, match="batch_size"):
         DeviceLoader(part, 0, "cpu")
+
+
+def test_a_stratified_sample_has_exactly_the_count_asked():
+    from rvf.data import stratified_sample
+
+    targets = [0] * 1500 + [1] * 1500
+    for n in (1000, 1500, 2000, 7):  # as fractions, 1000 and 2000 of 3,000 rounded to 999 and 1999
+        keep = stratified_sample(targets, n, seed=0)
+        assert len(keep) == n and np.ptp(np.bincount(np.asarray(targets)[keep], minlength=2)) <= 1
+    assert len(stratified_sample(targets, 5000, seed=0)) == 3000
 
 
 def test_holdout_is_stratified_and_seeded():

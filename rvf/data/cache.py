@@ -21,6 +21,7 @@ import logging
 import multiprocessing as mp
 import os
 import time
+import uuid
 from pathlib import Path
 from typing import Sequence
 
@@ -45,8 +46,11 @@ def default_cache_dir() -> Path:
 
 
 def cache_key(samples: Sequence[tuple[str, int]], image_size: int, interpolation: str) -> str:
-    """Hash everything that determines the cached pixels and labels."""
-    h = hashlib.sha256(f"v{CACHE_VERSION}|{image_size}|{interpolation}|".encode())
+    """Hash everything that determines the cached pixels and labels: the files, the size and
+    filter, rvf's decode (`CACHE_VERSION`) and Pillow's, whose JPEG decoder may round otherwise."""
+    import PIL
+
+    h = hashlib.sha256(f"v{CACHE_VERSION}|{PIL.__version__}|{image_size}|{interpolation}|".encode())
     for path, label in samples:
         st = os.stat(path)
         h.update(f"{os.path.abspath(path)}|{label}|{st.st_size}|{st.st_mtime_ns}\n".encode())
@@ -106,6 +110,8 @@ def collate_batch(batch):
     kept = [b for b in batch if b is not None]
     if len(kept) < len(batch):
         log.warning("dropped %d unreadable image(s) from a batch", len(batch) - len(kept))
+    if not kept:  # every image of the batch was unreadable: an empty batch, which the loops skip
+        return torch.empty((0,), dtype=torch.uint8), torch.empty((0,), dtype=torch.long)
     return default_collate(kept)
 
 
@@ -163,7 +169,8 @@ def build_cache(samples: Sequence[tuple[str, int]], image_size: int, *, interpol
         return _wrap(images, samples, meta["bad"], skip_bad)
 
     t0 = time.perf_counter()
-    tmp = npy.with_name(f"{npy.name}.{os.getpid()}.tmp")
+    # Unique per build, even across hosts sharing the cache folder; os.replace makes one win.
+    tmp = npy.with_name(f"{npy.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
     images = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape)
     del images  # workers open their own maps; this one only sized the file
     workers = max(1, min(num_workers or os.cpu_count() or 1, len(samples)))
@@ -175,7 +182,8 @@ def build_cache(samples: Sequence[tuple[str, int]], image_size: int, *, interpol
                disable=not progress, dynamic_ncols=True)
     try:
         if workers == 1:
-            _init_worker(*init_args)
+            threads = torch.get_num_threads()
+            _init_worker(*init_args)  # sets this process to one thread, restored below
             results = map(_decode_chunk, chunks)
         else:
             pool = mp.get_context("fork" if hasattr(os, "fork") else "spawn").Pool(
@@ -194,6 +202,8 @@ def build_cache(samples: Sequence[tuple[str, int]], image_size: int, *, interpol
         if workers > 1:
             pool.terminate()
             pool.join()
+        else:
+            torch.set_num_threads(threads)
         _W.clear()
     os.replace(tmp, npy)
     seconds = time.perf_counter() - t0

@@ -25,7 +25,7 @@ from torch.utils.data import Dataset
 from rvf import CLASSES
 from rvf.data.transforms import IMAGE_EXTENSIONS, BadImageError, open_rgb
 
-__all__ = ["DatasetError", "RVF10K", "holdout_split", "find_split_dir"]
+__all__ = ["DatasetError", "RVF10K", "holdout_split", "stratified_sample", "find_split_dir"]
 
 log = logging.getLogger(__name__)
 
@@ -96,9 +96,11 @@ class RVF10K(Dataset):
             missing_cols = [c for c in CSV_COLUMNS if c not in (reader.fieldnames or [])]
             if missing_cols:
                 raise DatasetError(f"{csv_path} lacks column(s) {missing_cols}; Kaggle's has {list(CSV_COLUMNS)}")
-            rows = list(reader)
+            rows = [(reader.line_num, row) for row in reader]  # line_num: the file's own, blank lines included
         samples, missing, mismatched = [], [], []
-        for n, row in enumerate(rows, start=2):  # line 1 is the header
+        for n, row in rows:
+            if absent := [c for c in CSV_COLUMNS if row.get(c) is None]:
+                raise DatasetError(f"{csv_path} line {n}: the row is cut short (no {', '.join(absent)})")
             rel = row["path"]
             try:
                 label = int(row["label"])
@@ -189,3 +191,16 @@ def holdout_split(targets, fraction: float, seed: int) -> tuple[np.ndarray, np.n
         return idx, idx[:0]
     fit, held = train_test_split(idx, test_size=fraction, random_state=seed, stratify=targets)
     return np.sort(fit), np.sort(held)
+
+
+def stratified_sample(targets, n: int, seed: int) -> np.ndarray:
+    """Sorted indices of exactly `n` items (all of them when `n` covers them), stratified by
+    label and reproducible from `seed`. A count, not a fraction: 1 - 1000/3000 of 3,000
+    rounds to 999."""
+    from sklearn.model_selection import train_test_split
+
+    idx = np.arange(len(targets))
+    if n >= len(idx):
+        return idx
+    keep, _ = train_test_split(idx, train_size=n, random_state=seed, stratify=targets)
+    return np.sort(keep)
