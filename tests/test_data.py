@@ -91,6 +91,15 @@ def test_csv_short_row_names_its_line_blank_lines_counted(tmp_path):
         RVF10K(tmp_path, "train")
 
 
+def test_a_folder_layouts_other_files_are_reported(tmp_path, caplog):
+    root = make_folder_dataset(tmp_path, n=2, splits=("train",))
+    face(1).save(root / "train/real/x.jpg")
+    (root / "train/real/x.jfif").write_bytes((root / "train/real/x.jpg").read_bytes())
+    with caplog.at_level(logging.WARNING):
+        assert len(RVF10K(root, "train")) == 5
+    assert "1 file(s) under" in caplog.text and "x.jfif" in caplog.text
+
+
 def test_unlisted_images_are_reported(tmp_path, caplog):
     make_kaggle_dataset(tmp_path, n=2)
     face(1).save(tmp_path / "rvf10k/train/real/extra.jpg")

@@ -153,8 +153,11 @@ class RVF10K(Dataset):
             if class_dir is None:
                 found = sorted(p.name for p in split_dir.iterdir() if p.is_dir())
                 raise DatasetError(f"{split_dir} has no {cls!r} folder (found {found}); {LAYOUT_HELP}")
-            files = sorted(p for p in class_dir.rglob("*")
-                           if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+            every = [p for p in class_dir.rglob("*") if p.is_file() and not p.name.startswith(".")]
+            files = sorted(p for p in every if p.suffix.lower() in IMAGE_EXTENSIONS)
+            if others := sorted(set(every) - set(files)):
+                log.warning("%d file(s) under %s are not %s images and are ignored, e.g. %s", len(others),
+                            class_dir, "/".join(e.lstrip(".") for e in IMAGE_EXTENSIONS), [str(o) for o in others[:3]])
             samples += [(str(p), label) for p in files]
         return samples
 
