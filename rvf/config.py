@@ -198,6 +198,15 @@ _NOT_NEGATIVE = ("lr", "weight_decay", "momentum", "warmup_epochs", "min_lr", "g
                  "brightness", "contrast", "translate", "num_workers", "grad_clip")
 
 
+def _timm_optimizers() -> list[str]:
+    """timm's optimizer names, or [] on a timm too old to list them (then the factory checks)."""
+    try:
+        from timm.optim import list_optimizers
+    except ImportError:
+        return []
+    return list_optimizers()
+
+
 def _check_value(key: str, value: Any, source: str) -> None:
     if value is None:
         return
@@ -214,15 +223,12 @@ def _check_value(key: str, value: Any, source: str) -> None:
         bad = "at least 1"
     elif key in _NOT_NEGATIVE and value < 0:
         bad = "at least 0"
-    elif key == "optimizer":
-        from timm.optim import list_optimizers
+    elif key == "optimizer" and (known := _timm_optimizers()) and value.lower() not in known:
+        import difflib
 
-        if value.lower() not in list_optimizers():
-            import difflib
-
-            close = difflib.get_close_matches(value.lower(), list_optimizers(), 3)
-            bad = "a timm optimizer name" + (f" (did you mean {', '.join(close)}?)" if close else
-                                             " (timm.optim.list_optimizers())")
+        close = difflib.get_close_matches(value.lower(), known, 3)
+        bad = "a timm optimizer name" + (f" (did you mean {', '.join(close)}?)" if close else
+                                         " (timm.optim.list_optimizers())")
     if bad:
         raise ConfigError(f"{source}: {key} must be {bad}, got {value!r}")
 
