@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
+import csv
 from pathlib import Path
-
-import numpy as np
 
 from rvf.checkpoint import load_pretrained
 from rvf.data import RVF10K, build_cache, build_eval_transform
 from rvf.metrics import classification_metrics
+from rvf.utils import atomic_path
 
 __all__ = ["evaluate_checkpoint"]
 
@@ -64,8 +64,13 @@ def evaluate_checkpoint(checkpoint: str | Path, data_dir: str | Path, split: str
         reports.write_evaluation_reports(output_dir, labels, probs, metrics[split],
                                          f"{meta['model_name']} on {Path(data_dir).name}/{split}")
         reports.write_json(output_dir / "metrics.json", metrics)
-        np.savetxt(output_dir / "probabilities.csv", np.column_stack([labels, probs[:, 0]]),
-                   delimiter=",", header="label,p_fake", comments="", fmt=["%d", "%.6f"])
+        # One row per image in split order (gather_for_metrics keeps it), its file last, so that
+        # each error can be looked at.
+        with atomic_path(output_dir / "probabilities.csv") as tmp, open(tmp, "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["label", "p_fake", "path"])
+            writer.writerows((int(y), f"{p:.6f}", path)
+                             for y, p, (path, _) in zip(labels, probs[:, 0], images.samples, strict=True))
         m = metrics[split]
         accelerator.print(f"{split} ({m['n']} images): accuracy {m['accuracy']:.4f} | ROC AUC {m['roc_auc']:.4f} | "
                           f"AP {m['average_precision']:.4f} | reports in {output_dir}")

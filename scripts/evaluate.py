@@ -4,7 +4,7 @@
     ACCELERATE_USE_CPU=1 torchrun --nproc_per_node 2 scripts/evaluate.py ...   # 2-process CPU DDP
 
 Writes metrics.json, classification_report.txt, confusion_matrix.png, roc.png and
-probabilities.csv into OUT (default CHECKPOINT/eval-SPLIT).
+probabilities.csv (label, p_fake, path: one row per image) into OUT (default CHECKPOINT/eval-SPLIT).
 """
 
 import argparse

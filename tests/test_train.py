@@ -345,6 +345,12 @@ def test_training_scores_in_fp32_as_evaluate_does(data_dir, tmp_path):
     ev = json.loads((tmp_path / "eval" / "metrics.json").read_text())["valid"]
     for key in ("accuracy", "roc_auc", "average_precision", "loss", "accuracy_at_threshold"):
         assert ev[key] == pytest.approx(m["valid"][key], abs=1e-6), key
+    import csv
+
+    with open(tmp_path / "eval" / "probabilities.csv") as f:  # each row names its image
+        rows = list(csv.DictReader(f))
+    assert len(rows) == ev["n"] and len({r["path"] for r in rows}) == ev["n"]
+    assert all(int(r["label"]) == ("fake", "real").index(Path(r["path"]).parent.name) for r in rows)
 
 
 def test_a_compiled_run_saves_a_model_everything_can_load(data_dir, tmp_path, monkeypatch):
