@@ -29,18 +29,21 @@ mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd)
 DATA=/tmp/rvf-synthetic
 WORK=/tmp/rvf-gpu-check  # everything large stays here; only small text comes back
 rm -rf "$DATA" "$WORK" && mkdir -p "$WORK"
-"$PY" -c 'import torch; print("torch", torch.__version__, "|", torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU")' | tee "$OUT/device.txt"
+"$PY" -c 'import torch, accelerate, timm; print("torch", torch.__version__, "| accelerate", accelerate.__version__, "| timm", timm.__version__, "|", torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU")' | tee "$OUT/device.txt"
+# Each stage has its own time limit, so one that hangs or runs long still leaves the later
+# stages (and everything already written to $OUT) to come back. Override to scale.
+T_TESTS=${T_TESTS:-180} T_BENCH=${T_BENCH:-150} T_ZOO=${T_ZOO:-300}
 
 # 0) correctness of the graphed step first: a wrong graph makes every later number meaningless
 if [[ "$DEVICE" == cuda ]]; then
-    "$PY" -m pytest -q -p no:cacheprovider tests/test_step.py > "$OUT/pytest.log" 2>&1
+    timeout "$T_TESTS" "$PY" -m pytest -q -p no:cacheprovider tests/test_step.py > "$OUT/pytest.log" 2>&1
     echo "tests/test_step.py: rc=$? ($(tail -1 "$OUT/pytest.log"))"
 fi
 
 # 1) plain loop vs rvf, same data, model and steps (the first call also writes the synthetic set)
-"$PY" scripts/benchmark.py --synthetic "$N_TRAIN" --synthetic-dir "$DATA" --model lenet --device "$DEVICE" \
+timeout "$T_BENCH" "$PY" scripts/benchmark.py --synthetic "$N_TRAIN" --synthetic-dir "$DATA" --model lenet --device "$DEVICE" \
     --mixed-precision "$MP" --scaling 0 --out "$WORK/bench" > "$OUT/bench-lenet.log" 2>&1 || tail -30 "$OUT/bench-lenet.log"
-"$PY" scripts/benchmark.py --data-dir "$DATA" --model alexnet --device "$DEVICE" \
+timeout "$T_BENCH" "$PY" scripts/benchmark.py --data-dir "$DATA" --model alexnet --device "$DEVICE" \
     --mixed-precision "$MP" --scaling 0 --repeats 2 --out "$WORK/bench" > "$OUT/bench-alexnet.log" 2>&1 || tail -30 "$OUT/bench-alexnet.log"
 cat "$WORK"/bench/*.md 2>/dev/null
 
@@ -48,7 +51,7 @@ cat "$WORK"/bench/*.md 2>/dev/null
 ZOO=(configs/{lenet,alexnet,inception_v1,vgg16,resnet50,alexnet_bn,vgg16_bn}.yaml)
 for mode in $ZOO_MODES; do
     graph=$([[ $mode == graph ]] && echo true || echo false)
-    "$PY" scripts/train_zoo.py --data-dir "$DATA" --configs "${ZOO[@]}" --output-root "$WORK/zoo-$mode" \
+    timeout "$T_ZOO" "$PY" scripts/train_zoo.py --data-dir "$DATA" --configs "${ZOO[@]}" --output-root "$WORK/zoo-$mode" \
         --set tracker=none --set epochs="$EPOCHS" --set mixed_precision="$MP" --set cuda_graph="$graph" \
         > "$WORK/zoo-$mode.log" 2>&1 || { echo "zoo ($mode) failed:"; tail -40 "$WORK/zoo-$mode.log"; }
 done

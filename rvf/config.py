@@ -103,7 +103,8 @@ class TrainConfig:
     # Record each training step (forward, backward, optimizer) once as a CUDA graph and replay it:
     # one launch per step instead of hundreds, for small models the host cannot feed fast
     # enough (rvf.step). Needs one CUDA process, bf16 or fp32, adam/adamw, compile: false.
-    # None: on wherever those hold. Off by default until measured against the eager step on a GPU.
+    # None: on wherever those hold, and eager steps if the capture fails; true: fail instead.
+    # Off by default until measured against the eager step on a GPU.
     cuda_graph: Optional[bool] = False
 
     # --- tracking and output ---

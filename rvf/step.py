@@ -19,18 +19,24 @@ A captured step replays exactly what it recorded, which sets its rules:
 - the learning rate is read from a device tensor that `lr_changed()` refreshes after each
   scheduler step, since a Python float would be frozen into the graph;
 - the optimizer's `zero_grad` is not called between replays: the captured backward writes the
-  gradients (it does not accumulate into them), in memory the graph owns.
+  gradients (it does not accumulate into them), in memory the graph owns;
+- nothing may rebind a tensor the graph captured (parameters, buffers, optimizer state):
+  load checkpoints before the first step, and copy into parameters (`load_state_dict`)
+  rather than replace them.
+The returned loss and logits are the graph's own outputs, overwritten by the next call: read
+(or clone) them before stepping again.
 """
 
 from __future__ import annotations
 
 import contextlib
+import warnings
 from typing import Callable
 
 import torch
 from torch import nn
 
-__all__ = ["TrainStep", "CUDAGraphTrainStep", "build_train_step", "cuda_graph_problems"]
+__all__ = ["TrainStep", "CUDAGraphTrainStep", "build_train_step", "cuda_graph_problems", "set_capturable"]
 
 
 class TrainStep:
@@ -89,17 +95,28 @@ class CUDAGraphTrainStep(TrainStep):
     """A `TrainStep` captured as one CUDA graph after `warmup` eager steps, then replayed.
 
     The warm-up steps are real training steps on real batches (they also create the
-    optimizer's state and let cuDNN pick its algorithms, neither of which may happen during
-    capture); they run on a side stream, as torch.cuda.graphs' documentation asks. The batch
-    the graph is captured on is then trained on by the first replay, so no batch is skipped
-    or repeated: the weights follow the same sequence of updates as the eager step's.
+    optimizer's state and let cuDNN and cuBLAS pick algorithms and workspaces, none of which
+    may happen during capture); they run on the side stream the graph is then captured on,
+    as torch.cuda.graphs' documentation asks. The batch the graph is captured on is then
+    trained on by the first replay, so no batch is skipped or repeated: the weights follow the
+    same sequence of updates as the eager step's.
+
+    Args:
+        warmup: eager steps before the capture (at least 1: Adam's state must exist before
+            it, or the graph would record its zero-initialisation and replay it every step).
+        strict: re-raise a failed capture. When false the step warns and trains eagerly from
+            then on (a failed capture has run nothing, so no update is lost or doubled).
     """
 
-    def __init__(self, *args, warmup: int = 3, **kwargs):
+    def __init__(self, *args, warmup: int = 3, strict: bool = True, **kwargs):
         super().__init__(*args, **kwargs)
-        self.warmup = warmup
+        if warmup < 1:
+            raise ValueError(f"warmup must be at least 1 eager step before the capture, got {warmup}")
+        self.warmup, self.strict = warmup, strict
         self.graph: torch.cuda.CUDAGraph | None = None
+        self.failed: BaseException | None = None  # the capture's error, once it has fallen back to eager
         self.eager_steps = 0
+        self.stream = torch.cuda.Stream(device=self._device())
         # One fp32 device scalar per param group: the captured optimizer step reads the
         # learning rate from here, so the schedule keeps working after capture.
         self.lrs = [torch.tensor(float(g["lr"]), dtype=torch.float32, device=self._device())
@@ -113,24 +130,48 @@ class CUDAGraphTrainStep(TrainStep):
             t.fill_(float(g["lr"]))  # a kernel launch with the value as argument: no host sync
 
     def __call__(self, x: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.failed is not None:
+            return super().__call__(x, targets)
         if self.graph is None:
             if self.eager_steps < self.warmup:
                 self.eager_steps += 1
-                side = torch.cuda.Stream()
-                side.wait_stream(torch.cuda.current_stream())
-                with torch.cuda.stream(side):
-                    out = super().__call__(x, targets)
-                torch.cuda.current_stream().wait_stream(side)
-                return out
+                return self._on_stream(super().__call__, x, targets)
             self._capture(x, targets)
+            if self.graph is None:  # the capture failed and strict is off
+                return super().__call__(x, targets)
+        self._check_batch(x, targets)
+        # Re-read the lr every replay, so a caller that forgets lr_changed() after its
+        # scheduler step cannot freeze the schedule (one small kernel, no host sync).
+        self.lr_changed()
         self.static_x.copy_(x)
         self.static_targets.copy_(targets)
         self.graph.replay()
         return self.static_loss, self.static_logits
 
+    def _on_stream(self, fn: Callable, *args):
+        current = torch.cuda.current_stream()
+        self.stream.wait_stream(current)
+        with torch.cuda.stream(self.stream), warnings.catch_warnings():
+            # torch warns when a capturable optimizer steps outside a capture: these eager
+            # warm-up steps are exactly that, on purpose.
+            warnings.filterwarnings("ignore", message=r"This instance was constructed with capturable=True")
+            out = fn(*args)
+        current.wait_stream(self.stream)
+        return out
+
+    def _check_batch(self, x: torch.Tensor, targets: torch.Tensor) -> None:
+        # `copy_` would broadcast a 1-image batch over the captured one, or cast another dtype,
+        # and the graph would train on that without a word.
+        got = (tuple(x.shape), x.dtype, x.stride(), tuple(targets.shape), targets.dtype)
+        if got != self.signature:
+            raise ValueError(f"a CUDA-graph step replays the batch it was captured with: (images shape, dtype, "
+                             f"strides, targets shape, dtype) {self.signature}, got {got}; keep every batch the same "
+                             "size (drop the last incomplete one) or train with cuda_graph: false")
+
     def _capture(self, x: torch.Tensor, targets: torch.Tensor) -> None:
         # Inputs live at fixed addresses the graph reads; clone keeps x's memory format.
         self.static_x, self.static_targets = x.clone(), targets.clone()
+        self.signature = (tuple(x.shape), x.dtype, x.stride(), tuple(targets.shape), targets.dtype)
         self.optimizer.zero_grad(set_to_none=True)  # the captured backward allocates the gradients it writes
         groups = optimizer_param_groups(self.optimizer)
         floats = [g["lr"] for g in groups]
@@ -140,8 +181,18 @@ class CUDAGraphTrainStep(TrainStep):
         graph = torch.cuda.CUDAGraph()
         try:
             # thread_local: a DataLoader's pin-memory thread may allocate while this thread captures.
-            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+            with torch.cuda.graph(graph, stream=self.stream, capture_error_mode="thread_local"):
                 self.static_loss, self.static_logits = self.compute(self.static_x, self.static_targets)
+        except Exception as e:
+            if self.strict:
+                raise
+            # Capturing records kernels without running them: the weights, the optimizer's
+            # state and BatchNorm's statistics are as the last eager step left them.
+            self.optimizer.zero_grad(set_to_none=True)
+            self.failed = e
+            warnings.warn(f"the training step could not be captured as a CUDA graph ({type(e).__name__}: {e}); "
+                          "training on with eager steps", RuntimeWarning, stacklevel=3)
+            return
         finally:
             for g, v in zip(groups, floats):  # the scheduler and checkpoints keep seeing floats
                 g["lr"] = v
@@ -154,7 +205,8 @@ def optimizer_param_groups(optimizer) -> list[dict]:
 
 
 def cuda_graph_problems(device: torch.device, optimizer, *, num_processes: int = 1, mixed_precision: str = "no",
-                        compile: bool = False, gradient_accumulation_steps: int = 1) -> list[str]:
+                        compile: bool = False, gradient_accumulation_steps: int = 1,
+                        variable_batches: bool = False) -> list[str]:
     """Why a training step cannot be captured as a CUDA graph here (empty: it can)."""
     problems = []
     if torch.device(device).type != "cuda":
@@ -167,11 +219,37 @@ def cuda_graph_problems(device: torch.device, optimizer, *, num_processes: int =
         problems.append("compile: true captures graphs of its own (mode='reduce-overhead'); choose one")
     if gradient_accumulation_steps > 1:
         problems.append("gradient accumulation changes what a step does from step to step")
-    groups = optimizer_param_groups(optimizer)
-    if not all(g.get("capturable", False) for g in groups):
-        name = type(getattr(optimizer, "optimizer", optimizer)).__name__
-        problems.append(f"the optimizer ({name}) is not capturable; torch's adam and adamw are")
+    if variable_batches:
+        problems.append("skip_bad without the cache shortens a batch by its unreadable images, and a graph "
+                        "replays one batch size")
+    inner = getattr(optimizer, "optimizer", optimizer)
+    # Adam and AdamW are the capturable optimizers whose tensor-lr step rvf tests replayed.
+    if not isinstance(inner, (torch.optim.Adam, torch.optim.AdamW)):
+        problems.append(f"the optimizer is {type(inner).__name__}; a captured step needs adam or adamw")
+    elif not all(g.get("capturable", False) for g in optimizer_param_groups(optimizer)):
+        problems.append(f"the optimizer ({type(inner).__name__}) was built without capturable=True")
     return problems
+
+
+def set_capturable(optimizer, capturable: bool) -> None:
+    """Give a loaded optimizer the `capturable` flag this run was built with.
+
+    `load_state_dict` keeps the saved run's param-group flags, so a run saved eagerly and
+    resumed with a CUDA graph would refuse the capture (and the other way round would step
+    slowly). A capturable or fused step keeps each parameter's step count on its device as
+    float32, an eager unfused one on the host.
+    """
+    inner = getattr(optimizer, "optimizer", optimizer)
+    for group in inner.param_groups:
+        if "capturable" not in group:
+            continue
+        group["capturable"] = capturable
+        on_device = capturable or group.get("fused", False)
+        for p in group["params"]:
+            step = inner.state.get(p, {}).get("step")
+            if torch.is_tensor(step):
+                inner.state[p]["step"] = (step.to(p.device, torch.float32) if on_device
+                                          else step.to("cpu", torch.float32))
 
 
 def build_train_step(model: nn.Module, criterion: Callable, optimizer, *, cuda_graph: bool = False,

@@ -33,7 +33,7 @@ from rvf.config import ConfigError, TrainConfig
 from rvf.data import (RVF10K, DeviceLoader, ToUint8, build_cache, build_eval_transform, build_train_transform,
                       collate_batch, holdout_split, resolve_data_config, stratified_sample, use_device_data)
 from rvf.metrics import calibrate_threshold, classification_metrics
-from rvf.step import TrainStep, build_train_step, cuda_graph_problems
+from rvf.step import TrainStep, build_train_step, cuda_graph_problems, set_capturable
 from rvf.utils import atomic_write_text, count_parameters, device_name, predict_logits, resolve_mixed_precision
 
 __all__ = ["RunDirError", "Splits", "load_splits", "build_ema", "build_mixup", "build_optimizer", "build_scheduler",
@@ -567,7 +567,8 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> di
         model = torch.compile(model)  # training only: a compiled module's state_dict keys carry a prefix
     problems = cuda_graph_problems(accelerator.device, optimizer, num_processes=accelerator.num_processes,
                                    mixed_precision=accelerator.mixed_precision, compile=cfg.compile,
-                                   gradient_accumulation_steps=accelerator.gradient_accumulation_steps)
+                                   gradient_accumulation_steps=accelerator.gradient_accumulation_steps,
+                                   variable_batches=cfg.skip_bad and not cfg.cache)
     if accelerator.gradient_accumulation_steps > 1:
         # The loop steps the optimizer every batch; Accelerate would still divide each loss.
         raise ConfigError(f"gradient accumulation ({accelerator.gradient_accumulation_steps} steps, from the "
@@ -575,9 +576,11 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> di
     if cfg.cuda_graph and problems:
         raise ConfigError("cuda_graph: true, but a training step cannot be captured here: " + "; ".join(problems))
     use_graph = cfg.cuda_graph is not False and not problems
+    # `cuda_graph: null` (wherever it can) trains on eagerly if the capture fails; `true` stops there.
+    graph_kwargs = {"strict": cfg.cuda_graph is True} if use_graph else {}
     train_step = build_train_step(model, criterion, optimizer, cuda_graph=use_graph, grad_clip=cfg.grad_clip,
                                   aux_weight=cfg.aux_weight, backward=accelerator.backward,
-                                  clip=accelerator.clip_grad_norm_)
+                                  clip=accelerator.clip_grad_norm_, **graph_kwargs)
 
     # 5) resume, or start a fresh run record
     run = {"epoch": -1, "step": 0, "best_epoch": -1, "best_score": None, "history": [], "train_seconds": 0.0}
@@ -589,6 +592,7 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> di
         if state is None:
             raise RunDirError(f"--resume {out}: no complete saved state under {out / STATE_DIR}")
         accelerator.load_state(str(state))
+        set_capturable(optimizer, graph_wanted)  # the saved run may have stepped with or without a graph
         # The optimizer comes back holding the saved run's last lr; take it from the schedule
         # instead, which is longer when `--epochs` was raised.
         schedule = getattr(scheduler, "scheduler", scheduler)  # inside Accelerate's wrapper

@@ -23,7 +23,6 @@ sys.path.insert(0, str(ROOT))  # run from a checkout without installing the pack
 from rvf.checkpoint import save_pretrained  # noqa: E402
 from rvf.data.transforms import resolve_data_config  # noqa: E402
 from rvf.models import create_model  # noqa: E402
-from rvf.web import create_app  # noqa: E402
 
 MINI = ROOT.parent / "shared" / "data" / "rvf10k-mini"
 METRICS = {"valid": {"accuracy": 0.8125, "roc_auc": 0.9031}, "holdout": {"accuracy": 0.8, "roc_auc": 0.9}}
@@ -73,6 +72,10 @@ def checkpoint(tmp_path_factory) -> Path:
 
 @pytest.fixture
 def app(checkpoint):
+    # Imported here, not above: the training tests also run where Flask is not installed
+    # (the GPU machine's image), and this file is loaded for every test.
+    from rvf.web import create_app
+
     return create_app({"TESTING": True, "MODEL_CHECKPOINT": str(checkpoint)})
 
 

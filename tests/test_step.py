@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from rvf.config import ConfigError, TrainConfig
-from rvf.step import CUDAGraphTrainStep, TrainStep, cuda_graph_problems
+from rvf.step import CUDAGraphTrainStep, TrainStep, cuda_graph_problems, set_capturable
 from rvf.train import build_optimizer, build_scheduler, train
 from synth import make_folder_dataset
 
@@ -32,11 +32,14 @@ def test_cuda_graph_problems_name_each_reason():
     model = _net()
     sgd = torch.optim.SGD(model.parameters(), lr=0.1)
     problems = cuda_graph_problems(torch.device("cpu"), sgd, num_processes=2, mixed_precision="fp16",
-                                   compile=True, gradient_accumulation_steps=4)
+                                   compile=True, gradient_accumulation_steps=4, variable_batches=True)
     text = "; ".join(problems)
-    for needle in ("CUDA device", "one process", "fp16", "compile", "accumulation", "SGD"):
+    for needle in ("CUDA device", "one process", "fp16", "compile", "accumulation", "skip_bad", "SGD"):
         assert needle in text, (needle, text)
-    assert len(problems) == 6
+    assert len(problems) == 7
+    # Capturable optimizers other than the two whose replay is tested are named too.
+    rms = torch.optim.RMSprop(model.parameters(), lr=0.1, capturable=True)
+    assert cuda_graph_problems(torch.device("cuda"), rms) == ["the optimizer is RMSprop; a captured step needs adam or adamw"]
 
 
 def test_build_optimizer_makes_adam_capturable_only_when_asked():
@@ -46,7 +49,38 @@ def test_build_optimizer_makes_adam_capturable_only_when_asked():
     assert not any(g["capturable"] for g in build_optimizer(cfg, model).param_groups)
     # An optimizer without the option is built as usual, and then named as the obstacle.
     sgd = build_optimizer(TrainConfig(model="lenet", optimizer="sgd", fused_optimizer=False), model, capturable=True)
-    assert "not capturable" in " ".join(cuda_graph_problems(torch.device("cuda"), sgd))
+    assert "needs adam or adamw" in " ".join(cuda_graph_problems(torch.device("cuda"), sgd))
+    eager = build_optimizer(cfg, model)
+    assert cuda_graph_problems(torch.device("cuda"), eager) == ["the optimizer (AdamW) was built without capturable=True"]
+
+
+def test_a_resumed_optimizer_takes_this_runs_capturable_flag():
+    """load_state_dict keeps the saved run's flags: an eager run resumed with a graph would
+    refuse the capture, unless `set_capturable` re-applies this run's."""
+    model = _net()
+    cfg = TrainConfig(model="lenet", optimizer="adam", fused_optimizer=False)
+    saved = build_optimizer(cfg, model)  # an eager run
+    x, y = _batches(1, "cpu")[0]
+    nn.functional.cross_entropy(model(x), y).backward()
+    saved.step()
+    resumed = build_optimizer(cfg, model, capturable=True)
+    resumed.load_state_dict(saved.state_dict())
+    assert not any(g["capturable"] for g in resumed.param_groups)  # what torch does
+    set_capturable(resumed, True)
+    assert all(g["capturable"] for g in resumed.param_groups)
+    steps = [resumed.state[p]["step"] for p in model.parameters()]
+    assert all(s.dtype == torch.float32 and s.device == p.device and s.item() == 1
+               for s, p in zip(steps, model.parameters()))
+    set_capturable(resumed, False)
+    assert not any(g["capturable"] for g in resumed.param_groups)
+
+
+def test_graph_step_needs_a_warmup_step():
+    # Without an eager step first, Adam's state would be created (zeroed) inside the graph,
+    # and every replay would zero it again.
+    model = _net()
+    with pytest.raises(ValueError, match="warmup must be at least 1"):
+        CUDAGraphTrainStep(model, nn.CrossEntropyLoss(), torch.optim.Adam(model.parameters()), warmup=0)
 
 
 def test_eager_step_trains_and_clears_gradients():
@@ -72,41 +106,59 @@ def test_cuda_graph_true_off_cuda_is_one_clear_config_error(tmp_path):
 
 
 @pytest.mark.skipif(not CUDA, reason="CUDA graphs need a CUDA device")
-@pytest.mark.parametrize("optimizer", ["adam", "adamw"])
-def test_graph_replays_the_eager_steps_exactly(optimizer):
-    """Same initial weights, batches and schedule: the graphed step follows the eager one."""
+@pytest.mark.parametrize("optimizer,fused,bf16", [("adam", True, False), ("adamw", True, False),
+                                                  ("adamw", False, False), ("adamw", True, True)])
+def test_graph_replays_the_eager_steps_exactly(optimizer, fused, bf16):
+    """Same initial weights, batches and schedule: the graphed step follows the eager one.
+
+    fused=False takes Adam's foreach capturable path; bf16 adds autocast (its weight-cast cache
+    off, as training sets it) and channels_last batches, as training runs on a GPU.
+    """
     device = torch.device("cuda")
     cfg = TrainConfig(model="lenet", optimizer=optimizer, lr=1e-2, weight_decay=0.01, scheduler="cosine",
-                      warmup_epochs=1, epochs=3, grad_clip=1.0)
+                      warmup_epochs=1, epochs=3, grad_clip=1.0, fused_optimizer=fused)
     torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False)) if bf16 else None
+    fmt = torch.channels_last if bf16 else torch.contiguous_format
     runs = {}
     for graphed in (False, True):
-        model = copy.deepcopy(_net()).to(device)
+        model = copy.deepcopy(_net()).to(device, memory_format=fmt)
         opt = build_optimizer(cfg, model, capturable=graphed)
         sched = build_scheduler(cfg, opt, steps_per_epoch=4)
-        step = (CUDAGraphTrainStep if graphed else TrainStep)(model, nn.CrossEntropyLoss(), opt, grad_clip=cfg.grad_clip)
+        step = (CUDAGraphTrainStep if graphed else TrainStep)(model, nn.CrossEntropyLoss(), opt,
+                                                               grad_clip=cfg.grad_clip, autocast=autocast)
         losses = []
         for x, y in _batches(12, device):
-            loss, logits = step(x, y)
+            loss, logits = step(x.contiguous(memory_format=fmt), y)
             losses.append(loss.clone())
             sched.step()
             step.lr_changed()
         torch.cuda.synchronize()
-        runs[graphed] = (torch.stack(losses).cpu(), [p.detach().cpu() for p in model.state_dict().values()])
+        runs[graphed] = (torch.stack(losses).float().cpu(), [p.detach().cpu() for p in model.state_dict().values()])
         if graphed:
-            assert step.graph is not None and step.eager_steps == step.warmup
+            assert step.graph is not None and step.eager_steps == step.warmup and step.failed is None
+            # A batch of another size would be broadcast into the captured one: refused instead.
+            with pytest.raises(ValueError, match="replays the batch it was captured with"):
+                step(x[:1].contiguous(memory_format=fmt), y[:1])
     (l0, w0), (l1, w1) = runs[False], runs[True]
-    torch.testing.assert_close(l1, l0, rtol=1e-4, atol=1e-5)
+    tol = dict(rtol=2e-2, atol=2e-3) if bf16 else dict(rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(l1, l0, **tol)
     for a, b in zip(w0, w1):
-        torch.testing.assert_close(b.float(), a.float(), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(b.float(), a.float(), **tol)
 
 
 @pytest.mark.skipif(not CUDA, reason="CUDA graphs need a CUDA device")
-def test_train_with_cuda_graph_learns(tmp_path):
+def test_train_with_cuda_graph_matches_eager_training(tmp_path):
+    """The whole loop (Accelerate's wrappers, the device-resident split, the schedule, the EMA-free
+    best-epoch pick) gives the same run with the step graphed as without, in fp32."""
     data = make_folder_dataset(tmp_path / "data", n=24, size=32)
-    cfg = TrainConfig(model="lenet", data_dir=str(data), output_dir=str(tmp_path / "run"), image_size=32, epochs=6,
-                      batch_size=8, lr=1e-3, holdout=0.25, tracker="none", cache_dir=str(tmp_path / "cache"),
-                      cuda_graph=True, mixed_precision="bf16")
-    metrics = train(cfg)
-    assert metrics["cuda_graph"] is True
-    assert metrics["history"][-1]["train_loss"] < metrics["history"][0]["train_loss"]
+    base = TrainConfig(model="lenet", data_dir=str(data), image_size=32, epochs=6, batch_size=8, lr=1e-3,
+                       holdout=0.25, tracker="none", cache_dir=str(tmp_path / "cache"), mixed_precision="no")
+    runs = {graphed: train(base.replace(output_dir=str(tmp_path / f"run-{graphed}"), cuda_graph=graphed))
+            for graphed in (False, True)}
+    assert runs[True]["cuda_graph"] is True and runs[False]["cuda_graph"] is False
+    for key in ("train_loss", "holdout_loss"):
+        eager = torch.tensor([h[key] for h in runs[False]["history"]])
+        graphed = torch.tensor([h[key] for h in runs[True]["history"]])
+        torch.testing.assert_close(graphed, eager, rtol=5e-3, atol=1e-4, msg=lambda m: f"{key}: {m}")
+    assert runs[True]["history"][-1]["train_loss"] < runs[True]["history"][0]["train_loss"]
