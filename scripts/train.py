@@ -38,7 +38,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser.add_argument("--model", help="model name: rvf.models.list_models() or timm:<name>")
     parser.add_argument("--data-dir", help="rvf10k root (Kaggle layout or ROOT/{train,valid}/{real,fake}); "
                                            "default: download from Kaggle")
-    parser.add_argument("--output-dir", help="where checkpoints and reports go (default runs/<model>)")
+    parser.add_argument("--output-dir", help="where checkpoints and reports go (default runs/<config name>, or runs/<model> without --config)")
     parser.add_argument("--epochs", type=int, help="number of epochs (with --resume: the new total)")
     parser.add_argument("--batch-size", type=int, help="per process")
     parser.add_argument("--lr", type=float, help="peak learning rate")
@@ -72,7 +72,12 @@ def resolve_config(args):
     overrides.update({key: getattr(args, flag) for flag, key in FLAGS.items() if getattr(args, flag) is not None})
     if args.resume is not None:
         overrides["output_dir"] = str(args.resume)
-    return load_config(args.config, overrides, base=base or TrainConfig())
+    cfg = load_config(args.config, overrides, base=base or TrainConfig())
+    if cfg.output_dir is None and args.config is not None:
+        # A run is named after its recipe, as train_zoo.py and publish_results.py name them:
+        # configs/alexnet_bn.yaml and configs/flagship_alexnet_bn.yaml train the same model.
+        cfg = cfg.replace(source="--config", output_dir=str(Path("runs") / Path(args.config).stem))
+    return cfg
 
 
 def main(args) -> int:

@@ -133,6 +133,21 @@ def test_train_script_resolves_flags_over_yaml():
     assert r.returncode == 0, r.stderr
     cfg = yaml.safe_load(r.stdout)
     assert (cfg["model"], cfg["epochs"], cfg["hflip"], cfg["lr"]) == ("alexnet", 3, 0.5, 0.01)
+    assert cfg["output_dir"] == str(Path("runs") / "alexnet")  # named after the config
+
+
+def test_a_run_is_named_after_its_config_unless_told(tmp_path):
+    def out(*argv):
+        r = subprocess.run([sys.executable, str(ROOT / "scripts/train.py"), *argv, "--print-config"],
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr
+        return yaml.safe_load(r.stdout)["output_dir"]
+
+    flagship = str(ROOT / "configs/flagship_alexnet_bn.yaml")
+    assert out("-c", flagship) == str(Path("runs") / "flagship_alexnet_bn")  # not runs/alexnet_bn
+    assert out("-c", flagship, "--output-dir", str(tmp_path / "x")) == str(tmp_path / "x")
+    assert out("-c", flagship, "--set", f"output_dir={tmp_path / 'y'}") == str(tmp_path / "y")
+    assert out("--model", "lenet") is None  # no config: train() uses runs/<model>
 
 
 def test_train_script_bad_config_is_one_clear_line(tmp_path):
