@@ -17,7 +17,7 @@
 # Every seed holds out the same slice of train (SPLIT_SEED, default 42), so the seeds of a config
 # are also scored as one ensemble (scripts/ensemble.py -> $OUT/<config>_ensemble.txt).
 #
-# Knobs: MODELS (configs, default configs/flagship_resnet18.yaml), SEEDS ("0 1 2"), SPLIT_SEED, EPOCHS
+# Knobs: MODELS (configs, default flagship_alexnet_bn then flagship_resnet18), SEEDS ("0 1 2"), SPLIT_SEED, EPOCHS
 # (default: the config's), DATA (where the parts are). Try it small on a CPU:
 #   DATA=/tmp/parts SUBSET=64 EPOCHS=1 SEEDS=0 bash benchmarks/gpu_flagship.sh
 set -euo pipefail
@@ -39,7 +39,7 @@ if [[ "${1:-}" == "pack" ]]; then
 fi
 
 OUT=${OUT:-flagship}
-MODELS=${MODELS:-configs/flagship_resnet18.yaml}
+MODELS=${MODELS:-configs/flagship_alexnet_bn.yaml configs/flagship_resnet18.yaml}
 SEEDS=${SEEDS:-0 1 2}
 SPLIT_SEED=${SPLIT_SEED:-42}
 ROOT=/tmp/rvf10k
