@@ -9,15 +9,15 @@ and replays them with one call, which is how the whole 64 px zoo stops being hos
 
     step = build_train_step(model, criterion, optimizer, cuda_graph=True, backward=accelerator.backward)
     loss, logits = step(x, targets)   # forward, loss, backward, (clip), optimizer step
-    scheduler.step(); step.lr_changed()
+    scheduler.step()                  # a graphed step reads the new lr on its next call
 
 A captured step replays exactly what it recorded, which sets its rules:
 - every batch has the shape, dtype and memory format of the batch it was captured with
   (training drops the last incomplete batch);
 - nothing in the step may wait for the host (no `.item()`), and the optimizer must be
   `capturable` (torch's Adam and AdamW are);
-- the learning rate is read from a device tensor that `lr_changed()` refreshes after each
-  scheduler step, since a Python float would be frozen into the graph;
+- the learning rate is read from a device tensor that each call refreshes from the optimizer's
+  param groups before the replay, since a Python float would be frozen into the graph;
 - the optimizer's `zero_grad` is not called between replays: the captured backward writes the
   gradients (it does not accumulate into them), in memory the graph owns;
 - nothing may rebind a tensor the graph captured (parameters, buffers, optimizer state):
@@ -87,9 +87,6 @@ class TrainStep:
         self.optimizer.zero_grad(set_to_none=True)
         return loss, logits
 
-    def lr_changed(self) -> None:
-        """Call after the scheduler has set new learning rates (an eager step reads them itself)."""
-
 
 class CUDAGraphTrainStep(TrainStep):
     """A `TrainStep` captured as one CUDA graph after `warmup` eager steps, then replayed.
@@ -125,7 +122,7 @@ class CUDAGraphTrainStep(TrainStep):
     def _device(self) -> torch.device:
         return next(self.model.parameters()).device
 
-    def lr_changed(self) -> None:
+    def _load_lr(self) -> None:
         for t, g in zip(self.lrs, optimizer_param_groups(self.optimizer)):
             t.fill_(float(g["lr"]))  # a kernel launch with the value as argument: no host sync
 
@@ -140,9 +137,7 @@ class CUDAGraphTrainStep(TrainStep):
             if self.graph is None:  # the capture failed and strict is off
                 return super().__call__(x, targets)
         self._check_batch(x, targets)
-        # Re-read the lr every replay, so a caller that forgets lr_changed() after its
-        # scheduler step cannot freeze the schedule (one small kernel, no host sync).
-        self.lr_changed()
+        self._load_lr()  # whatever the scheduler set since the last call (one small kernel, no host sync)
         self.static_x.copy_(x)
         self.static_targets.copy_(targets)
         self.graph.replay()
@@ -175,7 +170,7 @@ class CUDAGraphTrainStep(TrainStep):
         self.optimizer.zero_grad(set_to_none=True)  # the captured backward allocates the gradients it writes
         groups = optimizer_param_groups(self.optimizer)
         floats = [g["lr"] for g in groups]
-        self.lr_changed()
+        self._load_lr()
         for g, t in zip(groups, self.lrs):
             g["lr"] = t  # captured as a pointer to t, not as the number it holds now
         graph = torch.cuda.CUDAGraph()

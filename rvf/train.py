@@ -274,7 +274,6 @@ def train_one_epoch(model, loader, transform, train_step: TrainStep, scheduler, 
             x = x.contiguous(memory_format=torch.channels_last)
         loss, logits = train_step(x, targets)  # forward, loss, backward, (clip), optimizer step
         scheduler.step()
-        train_step.lr_changed()
         step += 1
         if ema is not None:
             ema.update(accelerator.unwrap_model(model), step=step)
