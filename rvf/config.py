@@ -84,6 +84,12 @@ class TrainConfig:
     brightness: float = 0.0
     contrast: float = 0.0
     erase: float = 0.0  # probability of erasing a random rectangle with noise (timm RandomErasing)
+    # Shrink a random share of training images by a factor drawn from downscale_range, then
+    # blow them back up (bilinear, antialiased): the degradation of a re-uploaded, resized face,
+    # and scripts/robustness.py's "scale" test. A 256 px detector that learned only native-
+    # resolution texture loses 19 points at 0.25x without it (docs/experiments.md).
+    downscale: float = 0.0  # probability per image
+    downscale_range: tuple[float, float] = (0.25, 1.0)  # (min, max) factor of the side
     # Batch mixing (timm Mixup), labels mixed in proportion; both alphas 0 = off. MixUp blends
     # two whole images; CutMix pastes a box of one image into another at the same position,
     # so every pixel keeps its place and its texture (aligned faces, see the README).
@@ -192,7 +198,7 @@ _CHOICES = {
     "tracker": ("wandb", "tensorboard", "none"),
     "mixed_precision": ("auto", "no", "fp16", "bf16"),
 }
-_PROBABILITIES = ("hflip", "erase", "mixup_prob", "label_smoothing")
+_PROBABILITIES = ("hflip", "erase", "mixup_prob", "label_smoothing", "downscale")
 _AT_LEAST_ONE = ("epochs", "batch_size", "eval_batch_size", "step_size", "subset", "image_size", "log_every",
                  "num_sample_preds")
 _NOT_NEGATIVE = ("lr", "weight_decay", "momentum", "warmup_epochs", "min_lr", "gamma", "aux_weight",
@@ -218,6 +224,8 @@ def _check_value(key: str, value: Any, source: str) -> None:
         bad = "between 0 and 1"
     elif key == "holdout" and not 0.0 <= value < 1.0:
         bad = "a fraction of train in [0, 1)"
+    elif key in ("crop_scale", "downscale_range") and not (0.0 < value[0] <= value[1] <= 1.0):
+        bad = "[min, max] with 0 < min <= max <= 1"
     elif key == "ema_decay" and not 0.0 < value < 1.0:
         bad = "between 0 and 1 (e.g. 0.999)"
     elif key in _AT_LEAST_ONE and value < 1:

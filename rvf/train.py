@@ -540,7 +540,8 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> di
     valid_loader = _loader(splits.valid, eval_bs, cfg, train=False)
     train_tf = build_train_transform(data_cfg, hflip=cfg.hflip, crop_size=cfg.crop_size, scale=cfg.crop_scale,
                                      translate=cfg.translate, brightness=cfg.brightness, contrast=cfg.contrast,
-                                     erase=cfg.erase).to(accelerator.device)
+                                     erase=cfg.erase, downscale=cfg.downscale,
+                                     downscale_range=cfg.downscale_range).to(accelerator.device)
     eval_tf = build_eval_transform(data_cfg).to(accelerator.device)
     accelerator.print(f"data: {splits.root} | fit {splits.counts['fit']}, holdout {splits.counts['holdout']}, "
                       f"valid {splits.counts['valid']} | {data_cfg.image_size}px {data_cfg.interpolation}"

@@ -371,6 +371,28 @@ def test_crop_cuts_native_windows_per_sample():
         build_train_transform(cfg, crop_size=20)(x)
 
 
+def test_downscale_matches_the_robustness_tests_degradation_on_some_samples():
+    from PIL import Image
+
+    from rvf.robustness import Perturbation
+
+    cfg = DataConfig(32, (0.0,) * 3, (1 / 255,) * 3)  # normalisation is the identity on 0..255
+    torch.manual_seed(0)
+    # Smooth images: a bilinear resize of noise differs between PIL and torch at the edges only.
+    x = torch.nn.functional.interpolate(torch.rand(64, 3, 8, 8) * 255, size=32, mode="bicubic").clamp(0, 255)
+    x = x.round().to(torch.uint8)
+    y = build_train_transform(cfg, downscale=0.5, downscale_range=(0.25, 0.25))(x)
+    assert y.shape == x.shape
+    changed = [i for i in range(len(x)) if not torch.equal(y[i], x[i].float())]
+    assert 16 <= len(changed) <= 48  # drawn per image, p = 0.5
+    for i in changed:
+        pil = Perturbation("scale", 0.25)(Image.fromarray(x[i].permute(1, 2, 0).numpy()))
+        ref = torch.from_numpy(np.array(pil)).permute(2, 0, 1).float()
+        assert (y[i] - ref).abs().mean() < 1, f"sample {i} is not the 0.25x round trip"  # 0.5x: 16 of 255
+    with pytest.raises(ValueError, match="downscale_range"):
+        build_train_transform(cfg, downscale=0.5, downscale_range=(0.0, 1.0))
+
+
 def test_random_erasing_touches_only_some_samples():
     cfg = DataConfig(16, (0.5,) * 3, (0.5,) * 3)
     x = torch.full((64, 3, 16, 16), 128, dtype=torch.uint8)

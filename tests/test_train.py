@@ -149,6 +149,22 @@ def test_auxiliary_heads_train_with_their_weight(data_dir, tmp_path, aux_weight)
     assert aux_moved == (aux_weight > 0)  # the heads learn exactly when their loss counts
 
 
+def test_augmentation_keys_reach_the_training_transform(data_dir, tmp_path, monkeypatch):
+    import rvf.train
+
+    real_build, built = rvf.train.build_train_transform, []
+
+    def spy_build(*args, **kwargs):
+        built.append(real_build(*args, **kwargs))
+        return built[-1]
+
+    monkeypatch.setattr(rvf.train, "build_train_transform", spy_build)
+    m = train(_cfg(data_dir, tmp_path, epochs=1, downscale=0.5, downscale_range=(0.5, 0.75), hflip=0.5))
+    assert np.isfinite(m["history"][0]["train_loss"])
+    (tf,) = built
+    assert (tf.downscale, tf.downscale_range, tf.hflip) == (0.5, (0.5, 0.75), 0.5)
+
+
 @pytest.mark.parametrize("mix", [{"mixup": 0.2}, {"cutmix": 1.0}], ids=["mixup", "cutmix"])
 def test_mixup_and_cutmix_train_on_mixed_soft_targets(data_dir, tmp_path, monkeypatch, mix):
     import torch

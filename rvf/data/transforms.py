@@ -257,10 +257,15 @@ class TrainAugment(nn.Module):
         brightness, contrast: jitter strength; 0 disables it.
         erase: probability of timm's `RandomErasing` (one rectangle of per-pixel noise, on the
             normalised image).
+        downscale: probability that an image is shrunk by a factor from `downscale_range` and
+            blown back up (bilinear; antialiased on the way down, as PIL resizes): the
+            low-resolution copy a detector meets after a re-upload. One factor per batch
+            (`F.interpolate` takes one size), which images get it drawn per image.
+        downscale_range: (min, max) factor of the side.
     """
 
     def __init__(self, mean, std, *, hflip=0.0, crop=None, scale=(1.0, 1.0), ratio=(3 / 4, 4 / 3), translate=0,
-                 brightness=0.0, contrast=0.0, erase=0.0):
+                 brightness=0.0, contrast=0.0, erase=0.0, downscale=0.0, downscale_range=(0.25, 1.0)):
         super().__init__()
         self.normalize = Normalize(mean, std)
         self.crop = int(crop) if crop else None
@@ -268,12 +273,17 @@ class TrainAugment(nn.Module):
         self.translate = int(translate)
         self.brightness, self.contrast = float(brightness), float(contrast)
         self.erase = float(erase)
+        self.downscale, self.downscale_range = float(downscale), tuple(downscale_range)
+        if not 0.0 < self.downscale_range[0] <= self.downscale_range[1] <= 1.0:
+            raise ValueError(f"downscale_range must be (min, max) with 0 < min <= max <= 1, got {downscale_range}")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, dev = x.shape[0], x.device
         if self.crop is not None:
             x = self._random_crop(x)  # on uint8: a quarter of the bytes to move
         x = x.float()  # (B, 3, H, W), 0..255
+        if self.downscale > 0:
+            x = self._random_downscale(x)  # first: the degradation happened before anything else
         if self.scale != (1.0, 1.0):
             x = self._random_resized_crop(x)
         if self.hflip > 0:
@@ -294,6 +304,16 @@ class TrainAugment(nn.Module):
             # Per-sample, in place, noise drawn on x's own device.
             x = RandomErasing(self.erase, mode="pixel", device=x.device)(x)
         return x
+
+    def _random_downscale(self, x: torch.Tensor) -> torch.Tensor:
+        b, _, h, w = x.shape
+        # The factor comes from the host's generator: no device sync, and seeded like the rest.
+        f = float(torch.empty(()).uniform_(*self.downscale_range))
+        small = F.interpolate(x, size=(max(1, round(h * f)), max(1, round(w * f))), mode="bilinear",
+                              antialias=True, align_corners=False)
+        up = F.interpolate(small, size=(h, w), mode="bilinear", align_corners=False)
+        pick = torch.rand(b, 1, 1, 1, device=x.device) < self.downscale
+        return torch.where(pick, up, x)
 
     def _random_translate(self, x: torch.Tensor) -> torch.Tensor:
         # Reflect-pad by t, then cut each sample's window at its own integer offset in [0, 2t].
@@ -342,12 +362,13 @@ def _windows(x: torch.Tensor, h: int, w: int, offsets: torch.Tensor) -> torch.Te
 
 def build_train_transform(data_cfg: DataConfig, *, hflip: float = 0.0, crop_size: int | None = None,
                           scale=(1.0, 1.0), translate: int = 0, brightness: float = 0.0, contrast: float = 0.0,
-                          erase: float = 0.0) -> nn.Module:
+                          erase: float = 0.0, downscale: float = 0.0, downscale_range=(0.25, 1.0)) -> nn.Module:
     """Return the on-device training transform: uint8 batch -> augmented, normalised float."""
-    if not any([hflip, crop_size, tuple(scale) != (1.0, 1.0), translate, brightness, contrast, erase]):
+    if not any([hflip, crop_size, tuple(scale) != (1.0, 1.0), translate, brightness, contrast, erase, downscale]):
         return Normalize(data_cfg.mean, data_cfg.std)
     return TrainAugment(data_cfg.mean, data_cfg.std, hflip=hflip, crop=crop_size, scale=scale, translate=translate,
-                        brightness=brightness, contrast=contrast, erase=erase)
+                        brightness=brightness, contrast=contrast, erase=erase, downscale=downscale,
+                        downscale_range=downscale_range)
 
 
 def build_eval_transform(data_cfg: DataConfig) -> nn.Module:
