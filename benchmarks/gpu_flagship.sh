@@ -18,7 +18,8 @@
 # are also scored as one ensemble (scripts/ensemble.py -> $OUT/<config>_ensemble.txt).
 #
 # Knobs: MODELS (configs, default flagship_alexnet_bn then flagship_resnet18), SEEDS ("0 1 2"), SPLIT_SEED, EPOCHS
-# (default: the config's), DATA (where the parts are). Try it small on a CPU:
+# (default: the config's), SETS (extra overrides, e.g. SETS="downscale=0.5"), DATA (where the parts are).
+# Try it small on a CPU:
 #   DATA=/tmp/parts SUBSET=64 EPOCHS=1 SEEDS=0 bash benchmarks/gpu_flagship.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -58,6 +59,7 @@ echo "data: $(find "$ROOT/rvf10k" -name '*.jpg' | wc -l) images verified in $ROO
 extra=()
 [[ -n "${EPOCHS:-}" ]] && extra+=(--epochs "$EPOCHS")
 [[ -n "${SUBSET:-}" ]] && extra+=(--set subset="$SUBSET")
+for kv in ${SETS:-}; do extra+=(--set "$kv"); done
 for cfg in $MODELS; do
     members=()
     for seed in $SEEDS; do
