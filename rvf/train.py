@@ -466,6 +466,7 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> di
         The metrics written to `metrics.json`.
     """
     from accelerate import Accelerator, PartialState
+    from accelerate.state import AcceleratorState
     from accelerate.utils import AutocastKwargs, DataLoaderConfiguration, parse_flag_from_env, set_seed
 
     from rvf import reports, tracking
@@ -482,6 +483,11 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> di
     # A CUDA graph (rvf.step) is captured on one CUDA process; autocast's weight-cast cache
     # must then be off, or casts made before capture would be replayed stale.
     graph_wanted = cfg.cuda_graph is not False and state.device.type == "cuda" and state.num_processes == 1
+    # Accelerate keeps one precision per process and refuses a second Accelerator with another;
+    # a second train() in one process (a notebook, a sweep, the tests) may want another, so the
+    # precision-holding AcceleratorState starts afresh. PartialState (devices, the process
+    # group) is kept; the previous run's Accelerator is finished with by now.
+    AcceleratorState._reset_state()
     accelerator = Accelerator(
         mixed_precision=resolve_mixed_precision(cfg.mixed_precision, state.device),
         kwargs_handlers=[AutocastKwargs(cache_enabled=False)] if graph_wanted else None,

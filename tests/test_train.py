@@ -349,6 +349,13 @@ def test_no_holdout_keeps_the_last_epoch(data_dir, tmp_path):
     assert np.isfinite(m["valid"]["accuracy"]) and m["valid"]["threshold"] == 0.5
 
 
+def test_one_process_can_train_in_two_precisions(data_dir, tmp_path):
+    # Accelerate refuses a second Accelerator with another precision unless its state is reset.
+    first = train(_cfg(data_dir, tmp_path / "a", epochs=1, mixed_precision="no"))
+    second = train(_cfg(data_dir, tmp_path / "b", epochs=1, mixed_precision="bf16"))
+    assert (first["mixed_precision"], second["mixed_precision"]) == ("no", "bf16")
+
+
 def test_training_scores_in_fp32_as_evaluate_does(data_dir, tmp_path):
     # Training under bf16 autocast; its holdout/valid scoring, threshold included, must be what
     # evaluate.py, predict.py and the app (fp32) reproduce from the saved model.
