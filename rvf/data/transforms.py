@@ -312,6 +312,8 @@ class TrainAugment(nn.Module):
         small = F.interpolate(x, size=(max(1, round(h * f)), max(1, round(w * f))), mode="bilinear",
                               antialias=True, align_corners=False)
         up = F.interpolate(small, size=(h, w), mode="bilinear", align_corners=False)
+        # The whole batch is resampled and the picked images kept: gathering only the picked
+        # ones would need their count on the host, a device sync per step.
         pick = torch.rand(b, 1, 1, 1, device=x.device) < self.downscale
         return torch.where(pick, up, x)
 
