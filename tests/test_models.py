@@ -131,6 +131,24 @@ def test_init_std_draws_every_conv_and_linear_from_one_normal(name):
     assert default.fc.weight.std().item() == pytest.approx(0.01, rel=0.3)  # init_classifier
 
 
+@torch.no_grad()
+def test_alexnet_space_to_depth_reads_native_pixels_at_half_the_grid():
+    """`space_to_depth: 2` gives a 256 px face a 128 px face's conv grid, yet conv1 still sees
+    the detail a 2x resize would average away."""
+    s2d = create_model("alexnet_bn", space_to_depth=2).eval()
+    plain = create_model("alexnet_bn").eval()
+    conv1 = next(m for m in s2d.modules() if isinstance(m, nn.Conv2d))
+    assert conv1.in_channels == 12
+    x = torch.randn(2, 3, 256, 256)
+    assert s2d.forward_features(x).shape == plain.forward_features(x[..., ::2, ::2]).shape == (2, 256, 7, 7)
+    # A 2x2 checkerboard has zero mean over every 2x2 block: invisible at 128 px, not here.
+    checker = (torch.arange(256)[:, None] + torch.arange(256)[None, :]) % 2 * 2.0 - 1
+    assert F.avg_pool2d(x + checker, 2).allclose(F.avg_pool2d(x, 2), atol=1e-5)
+    assert not s2d(x + checker).allclose(s2d(x), atol=1e-3)
+    with pytest.raises(ValueError, match="space_to_depth must be >= 1, got 0"):
+        create_model("alexnet", space_to_depth=0)
+
+
 def test_none_kwargs_are_dropped():
     model = create_model("lenet", drop_rate=None, in_chans=None)
     assert model.head_drop.p == 0.0 and model.features[0].in_channels == 3

@@ -16,6 +16,9 @@ and the seed's version was written for 64x64 inputs only. Changes for 64 px face
       thousand faces.
     - `alexnet_bn` puts BatchNorm after every convolution (`norm_layer`); the paper's local
       response normalisation is dropped, as in torchvision.
+    - `space_to_depth=2` folds each 2x2 block of pixels into channels before conv1 (as
+      TResNet's stem does), so a 256 px face costs about what a 128 px one does past conv1
+      while conv1 still reads every native pixel, not a resized copy.
 Dropout follows the paper: after the first two fully connected layers.
 """
 
@@ -51,6 +54,8 @@ class AlexNet(ClassifierMixin, nn.Module):
         act_layer: activation after every convolution and hidden linear layer.
         pool_size: output size of the head's adaptive max-pool.
         head_hidden_size: width of the two hidden linear layers.
+        space_to_depth: fold each s x s block of pixels into channels before conv1
+            (`nn.PixelUnshuffle`); 1 (the default) leaves the input as it is.
     """
 
     def __init__(
@@ -63,12 +68,15 @@ class AlexNet(ClassifierMixin, nn.Module):
             act_layer: Callable[..., nn.Module] = nn.ReLU,
             pool_size: int = 2,
             head_hidden_size: int = 1024,
+            space_to_depth: int = 1,
     ):
         super().__init__()
         self.num_classes = num_classes
         self.head_hidden_size = head_hidden_size
-        layers: list[nn.Module] = []
-        prev_chs = in_chans
+        if space_to_depth < 1:
+            raise ValueError(f"space_to_depth must be >= 1, got {space_to_depth}")
+        layers: list[nn.Module] = [nn.PixelUnshuffle(space_to_depth)] if space_to_depth > 1 else []
+        prev_chs = in_chans * space_to_depth ** 2
         for v in cfg:
             if v == "M":
                 layers.append(nn.MaxPool2d(kernel_size=3, stride=2))
