@@ -149,6 +149,20 @@ def test_alexnet_space_to_depth_reads_native_pixels_at_half_the_grid():
         create_model("alexnet", space_to_depth=0)
 
 
+@torch.no_grad()
+def test_alexnet_stem_stride_gives_twice_the_input_grid():
+    """`stem_stride: 2` gives an S px face the conv grid a 2S px face gets, for every even S."""
+    half = create_model("alexnet_bn", stem_stride=2).eval()
+    plain = create_model("alexnet_bn").eval()
+    assert half.features[0].stride == (2, 2) and half.features[0].padding == (4, 4)
+    assert plain.features[0].stride == (4, 4) and plain.features[0].padding == (2, 2)
+    for size in (64, 70, 128, 256):
+        assert half.forward_features(torch.randn(1, 3, size, size)).shape == \
+            plain.forward_features(torch.randn(1, 3, 2 * size, 2 * size)).shape
+    with pytest.raises(ValueError, match="stem_stride must be 2 or 4, got 3"):
+        create_model("alexnet", stem_stride=3)
+
+
 def test_none_kwargs_are_dropped():
     model = create_model("lenet", drop_rate=None, in_chans=None)
     assert model.head_drop.p == 0.0 and model.features[0].in_channels == 3

@@ -19,6 +19,8 @@ and the seed's version was written for 64x64 inputs only. Changes for 64 px face
     - `space_to_depth=2` folds each 2x2 block of pixels into channels before conv1 (as
       TResNet's stem does), so a 256 px face costs about what a 128 px one does past conv1
       while conv1 still reads every native pixel, not a resized copy.
+    - `stem_stride=2` halves conv1's stride (and doubles its padding), so an S px face gets
+      the conv grid a 2S px face gets by default, from the same pixels.
 Dropout follows the paper: after the first two fully connected layers.
 """
 
@@ -56,6 +58,8 @@ class AlexNet(ClassifierMixin, nn.Module):
         head_hidden_size: width of the two hidden linear layers.
         space_to_depth: fold each s x s block of pixels into channels before conv1
             (`nn.PixelUnshuffle`); 1 (the default) leaves the input as it is.
+        stem_stride: conv1's stride, 4 (the paper's) or 2; with 2, conv1's padding is 4, so
+            an S px input (S even) gives exactly the grid a 2S px input gives with stride 4.
     """
 
     def __init__(
@@ -69,12 +73,18 @@ class AlexNet(ClassifierMixin, nn.Module):
             pool_size: int = 2,
             head_hidden_size: int = 1024,
             space_to_depth: int = 1,
+            stem_stride: int = 4,
     ):
         super().__init__()
         self.num_classes = num_classes
         self.head_hidden_size = head_hidden_size
         if space_to_depth < 1:
             raise ValueError(f"space_to_depth must be >= 1, got {space_to_depth}")
+        if stem_stride not in (2, 4):
+            raise ValueError(f"stem_stride must be 2 or 4, got {stem_stride}")
+        if stem_stride != 4:  # floor((S + 8 - 11) / 2) == floor((2S + 4 - 11) / 4) for every even S
+            out_chs, kernel, _, _ = cfg[0]
+            cfg = [(out_chs, kernel, stem_stride, 4), *cfg[1:]]
         layers: list[nn.Module] = [nn.PixelUnshuffle(space_to_depth)] if space_to_depth > 1 else []
         prev_chs = in_chans * space_to_depth ** 2
         for v in cfg:
