@@ -18,7 +18,8 @@
 # are also scored as one ensemble (scripts/ensemble.py -> $OUT/<config>_ensemble.txt).
 #
 # Knobs: MODELS (configs, default flagship_alexnet_bn then flagship_resnet18), SEEDS ("0 1 2"), SPLIT_SEED, EPOCHS
-# (default: the config's), SETS (extra overrides, e.g. SETS="downscale=0.5"), DATA (where the parts are).
+# (default: the config's), SETS (extra overrides, split on spaces, e.g. SETS="downscale=0.5", or
+# SETS='model_args={"stem_stride":2}' with JSON for a mapping), DATA (where the parts are).
 # Try it small on a CPU:
 #   DATA=/tmp/parts SUBSET=64 EPOCHS=1 SEEDS=0 bash benchmarks/gpu_flagship.sh
 set -euo pipefail
