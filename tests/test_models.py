@@ -8,6 +8,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from rvf.models import _registry, create_model, get_cam_layer, is_model, list_models, register_model
+from rvf.models._base import HighPassResiduals
 
 MODEL_NAMES = list_models()
 
@@ -161,6 +162,29 @@ def test_alexnet_stem_stride_gives_twice_the_input_grid():
             plain.forward_features(torch.randn(1, 3, 2 * size, 2 * size)).shape
     with pytest.raises(ValueError, match="stem_stride must be 2 or 4, got 3"):
         create_model("alexnet", stem_stride=3)
+
+
+@torch.no_grad()
+def test_alexnet_highpass_appends_fixed_residuals():
+    """`highpass: true` feeds conv1 the image plus its high-pass residuals: zero on flat or
+    linear shading, non-zero on a one-pixel checkerboard, and never trained or saved."""
+    model = create_model("alexnet_bn", highpass=True).eval()
+    stem = model.features[0]
+    assert isinstance(stem, HighPassResiduals) and model.features[1].in_channels == 12
+    ramp = torch.linspace(-1, 1, 64).expand(1, 3, 64, 64)  # linear shading: no residual
+    assert stem.residuals(ramp)[..., 2:-2, 2:-2].abs().max() < 1e-6
+    checker = ((torch.arange(64)[:, None] + torch.arange(64)[None, :]) % 2 * 2.0 - 1).expand(1, 3, 64, 64)
+    res = stem.residuals(checker)
+    assert res.shape == (1, 9, 64, 64) and (res[..., 2:-2, 2:-2].abs().amax(dim=(-2, -1)) > 0.5).all()
+    # Each residual channel reads only its own colour channel.
+    red_only = torch.zeros(1, 3, 64, 64)
+    red_only[:, 0] = checker[:, 0]
+    assert stem.residuals(red_only)[:, 3:].abs().max() == 0
+    assert model(torch.randn(2, 3, 64, 64)).shape == (2, 2)
+    # Trainable extras: conv1's 9 new input channels (11x11, 64 filters) and the BatchNorm.
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    assert count(model) - count(create_model("alexnet_bn")) == 9 * 64 * 11 * 11 + 2 * 9
+    assert not any(k.startswith("features.0.weight") for k in model.state_dict())
 
 
 def test_none_kwargs_are_dropped():

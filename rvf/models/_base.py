@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["AdaptiveMaxPool2d", "ClassifierMixin", "init_classifier", "init_weights"]
+__all__ = ["AdaptiveMaxPool2d", "ClassifierMixin", "HighPassResiduals", "init_classifier", "init_weights"]
 
 
 class AdaptiveMaxPool2d(nn.AdaptiveMaxPool2d):
@@ -22,6 +22,44 @@ class AdaptiveMaxPool2d(nn.AdaptiveMaxPool2d):
         if not torch.jit.is_tracing() and tuple(x.shape[-2:]) == tuple(size):
             return x
         return super().forward(x)
+
+
+class HighPassResiduals(nn.Module):
+    """Append fixed high-pass residuals of each colour channel to the image (`C -> 4C` channels).
+
+    Image forensics reads noise, not content: Fridrich and Kodovsky's rich models (SRM, 2012)
+    and the GAN-face detectors built on them (Mo et al. 2018; Zhou et al. 2018 use these three
+    kernels) filter the image with fixed high-pass kernels so the network starts from the
+    residual, where upsampling and checkerboard traces live, instead of having to learn such
+    filters from a few thousand faces. The kernels are second-order (3x3 "square", the
+    horizontal "edge") and 5x5 KV, each summing to zero, so a flat region gives 0; each is
+    applied to every channel on its own. A BatchNorm brings the residuals (a few percent of the
+    image's scale) to the image's scale before the first conv mixes them; the kernels are a
+    non-persistent buffer, so they never train and checkpoints do not carry them.
+    """
+
+    kernels = (
+        ((0, 0, 0, 0, 0), (0, -1, 2, -1, 0), (0, 2, -4, 2, 0), (0, -1, 2, -1, 0), (0, 0, 0, 0, 0)),
+        ((-1, 2, -2, 2, -1), (2, -6, 8, -6, 2), (-2, 8, -12, 8, -2), (2, -6, 8, -6, 2), (-1, 2, -2, 2, -1)),
+        ((0, 0, 0, 0, 0), (0, 0, 0, 0, 0), (0, 1, -2, 1, 0), (0, 0, 0, 0, 0), (0, 0, 0, 0, 0)),
+    )
+    scales = (4.0, 12.0, 2.0)
+
+    def __init__(self, in_chans: int = 3):
+        super().__init__()
+        k = torch.tensor(self.kernels, dtype=torch.float32) / torch.tensor(self.scales).view(-1, 1, 1)
+        # Grouped conv: output channel j filters input channel j // 3 with kernel j % 3.
+        self.register_buffer("weight", k.repeat(in_chans, 1, 1).unsqueeze(1), persistent=False)
+        self.in_chans = in_chans
+        self.out_chans = in_chans * (1 + len(self.kernels))
+        self.norm = nn.BatchNorm2d(in_chans * len(self.kernels))
+
+    def residuals(self, x: torch.Tensor) -> torch.Tensor:
+        """The raw high-pass residuals, (B, 3C, H, W), before the BatchNorm."""
+        return nn.functional.conv2d(x, self.weight.to(x.dtype), padding=2, groups=self.in_chans)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([x, self.norm(self.residuals(x))], dim=1)
 
 
 @torch.no_grad()

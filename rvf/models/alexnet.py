@@ -21,6 +21,8 @@ and the seed's version was written for 64x64 inputs only. Changes for 64 px face
       while conv1 still reads every native pixel, not a resized copy.
     - `stem_stride=2` halves conv1's stride (and doubles its padding), so an S px face gets
       the conv grid a 2S px face gets by default, from the same pixels.
+    - `highpass=True` appends fixed high-pass residuals of each colour channel to the image
+      (`HighPassResiduals`, the SRM kernels of image forensics), so conv1 reads 12 channels.
 Dropout follows the paper: after the first two fully connected layers.
 """
 
@@ -29,7 +31,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from ._base import AdaptiveMaxPool2d, ClassifierMixin, init_weights
+from ._base import AdaptiveMaxPool2d, ClassifierMixin, HighPassResiduals, init_weights
 from ._registry import (
     DEFAULT_INPUT_SIZE, DEFAULT_MEAN, DEFAULT_STD, build_model_with_cfg, register_model,
 )
@@ -60,6 +62,8 @@ class AlexNet(ClassifierMixin, nn.Module):
             (`nn.PixelUnshuffle`); 1 (the default) leaves the input as it is.
         stem_stride: conv1's stride, 4 (the paper's) or 2; with 2, conv1's padding is 4, so
             an S px input (S even) gives exactly the grid a 2S px input gives with stride 4.
+        highpass: append fixed high-pass residuals of each channel to the input
+            (`HighPassResiduals`), before any `space_to_depth`.
     """
 
     def __init__(
@@ -74,6 +78,7 @@ class AlexNet(ClassifierMixin, nn.Module):
             head_hidden_size: int = 1024,
             space_to_depth: int = 1,
             stem_stride: int = 4,
+            highpass: bool = False,
     ):
         super().__init__()
         self.num_classes = num_classes
@@ -85,8 +90,14 @@ class AlexNet(ClassifierMixin, nn.Module):
         if stem_stride != 4:  # floor((S + 8 - 11) / 2) == floor((2S + 4 - 11) / 4) for every even S
             out_chs, kernel, _, _ = cfg[0]
             cfg = [(out_chs, kernel, stem_stride, 4), *cfg[1:]]
-        layers: list[nn.Module] = [nn.PixelUnshuffle(space_to_depth)] if space_to_depth > 1 else []
-        prev_chs = in_chans * space_to_depth ** 2
+        layers: list[nn.Module] = []
+        prev_chs = in_chans
+        if highpass:
+            layers.append(HighPassResiduals(in_chans))
+            prev_chs = layers[-1].out_chans
+        if space_to_depth > 1:
+            layers.append(nn.PixelUnshuffle(space_to_depth))
+            prev_chs *= space_to_depth ** 2
         for v in cfg:
             if v == "M":
                 layers.append(nn.MaxPool2d(kernel_size=3, stride=2))
