@@ -56,7 +56,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser.add_argument("--threshold", type=cosine, default=0.95,
                         help="thumbnail cosine above which a pair counts as a near-copy (default: 0.95; on "
                              "rvf10k the pairs above it are one face with small changes of hair, expression or "
-                             "background, and below about 0.93 two faces in a similar pose)")
+                             "background, and below about 0.93 mostly two faces in a similar pose)")
     parser.add_argument("--thumbnail", type=positive_int, default=32, help="thumbnail side in px (default: 32)")
     parser.add_argument("--output-dir", type=output_dir, help="write JSON, CSV and the pairs' PNG here")
     parser.add_argument("--montage", type=non_negative_int, default=8,
