@@ -7,8 +7,8 @@ in train (scripts/near_duplicates.py).
 This module finds them with the cheapest measure that does: each image becomes a small
 thumbnail (area-averaged, so JPEG noise and fine texture cancel out), minus its own mean so that
 a brightness shift does not matter, scaled to unit length; the cosine of two thumbnails is then
-their correlation, 1.0 for a copy. A brute-force matrix product is exact and fast at this scale
-(10,000 images of 3x32x32 take a second); no index library is needed.
+their correlation, 1.0 for a copy. At this scale (thousands of images) a brute-force matrix
+product is exact and quick, so no index library is needed.
 """
 
 from __future__ import annotations

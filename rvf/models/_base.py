@@ -33,9 +33,10 @@ class HighPassResiduals(nn.Module):
     residual, where upsampling and checkerboard traces live, instead of having to learn such
     filters from a few thousand faces. The kernels are second-order (3x3 "square", the
     horizontal "edge") and 5x5 KV, each summing to zero, so a flat region gives 0; each is
-    applied to every channel on its own. A BatchNorm brings the residuals (a few percent of the
-    image's scale) to the image's scale before the first conv mixes them; the kernels are a
-    non-persistent buffer, so they never train and checkpoints do not carry them.
+    applied to every channel on its own. A BatchNorm brings the residuals (std 0.06-0.13 against
+    the normalised image's 1.07 on 128 px rvf10k faces) to the image's scale before the first
+    conv mixes them. The kernels are a non-persistent buffer, so they never train and
+    checkpoints do not carry them.
     """
 
     kernels = (
