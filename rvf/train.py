@@ -674,9 +674,14 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> di
         "images_per_second": float(np.mean([h["images_per_second"] for h in run["history"]])) if run["history"] else None,
         "params": n_params, "image_size": data_cfg.image_size, "counts": splits.counts,
         "device": device_name(accelerator.device), "num_processes": accelerator.num_processes,
-        "mixed_precision": accelerator.mixed_precision, "device_data": bool(device_data), "cuda_graph": use_graph,
+        "mixed_precision": accelerator.mixed_precision, "device_data": bool(device_data),
+        # Whether the step really replayed a graph: `cuda_graph: null` falls back to eager steps
+        # when the capture fails, and a benchmark must not credit the graph for those.
+        "cuda_graph": use_graph and getattr(train_step, "failed", None) is None,
         "torch": torch.__version__,
     }
+    if getattr(train_step, "failed", None) is not None:
+        metrics["cuda_graph_error"] = f"{type(train_step.failed).__name__}: {train_step.failed}"
     if accelerator.is_main_process:
         arch, sizes = reports.architecture_table(eval_net, input_size)
         metrics.update(sizes)

@@ -16,9 +16,12 @@ CUDA = torch.cuda.is_available()
 
 def _net() -> nn.Module:
     # BatchNorm (buffers updated in place by the graph) and an auxiliary-free head; no dropout,
-    # whose random masks a replayed graph draws differently from eager code.
+    # whose random masks a replayed graph draws differently from eager code. The conv has no
+    # bias, as before any BatchNorm: BN cancels it, so its gradient is round-off (~5e-8) that
+    # Adam scales up to lr-sized steps of arbitrary sign, and no two Adam implementations (the
+    # eager foreach step and the capturable one) agree on it (seen on an H200: 8e-3 apart).
     torch.manual_seed(0)
-    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(4),
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(4),
                          nn.Flatten(), nn.Linear(128, 2))
 
 
