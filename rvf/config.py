@@ -109,9 +109,10 @@ class TrainConfig:
     # Record each training step (forward, backward, optimizer) once as a CUDA graph and replay it:
     # one launch per step instead of hundreds, for small models the host cannot feed fast
     # enough (rvf.step). Needs one CUDA process, bf16 or fp32, adam/adamw, compile: false.
-    # None: on wherever those hold, and eager steps if the capture fails; true: fail instead.
-    # Off by default until measured against the eager step on a GPU.
-    cuda_graph: Optional[bool] = False
+    # None (the default): on wherever those hold, eager steps elsewhere and if the capture
+    # fails; true: fail instead; false: always eager. Measured on one H200 (README, GPU): the
+    # seven 64 px seed configs train in 38 s with it, the eager step's LeNet 4.9x slower.
+    cuda_graph: Optional[bool] = None
 
     # --- tracking and output ---
     output_dir: Optional[str] = None  # None: runs/<model>

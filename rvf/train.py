@@ -146,6 +146,19 @@ def build_optimizer(cfg: TrainConfig, model: nn.Module, capturable: bool = False
                                momentum=cfg.momentum, **kwargs)
 
 
+def wants_cuda_graph(cfg: TrainConfig, device, num_processes: int, precision: str | None) -> bool:
+    """Whether to build this run for a CUDA-graph step (capturable optimizer, no autocast cache).
+
+    `cuda_graph: true` always asks, and `cuda_graph_problems` then names whatever stands in the
+    way; `null` asks only where nothing known before the optimizer exists rules a graph out, so
+    a run that will step eagerly anyway (fp16, SGD, torch.compile) keeps the eager optimizer.
+    """
+    if cfg.cuda_graph is False or torch.device(device).type != "cuda" or num_processes > 1:
+        return False
+    return cfg.cuda_graph is True or (precision != "fp16" and not cfg.compile
+                                      and cfg.optimizer.lower() in ("adam", "adamw"))
+
+
 def build_mixup(cfg: TrainConfig, num_classes: int):
     """timm's `Mixup` for `cfg.mixup` / `cfg.cutmix` (one lambda per batch), or None when both are 0."""
     for key in ("mixup", "cutmix"):
@@ -480,16 +493,17 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> di
     # reads `--cpu` from the environment as AcceleratorState would, or a CPU DDP run
     # (torchrun + ACCELERATE_USE_CPU) would start as one process.
     state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
-    # A CUDA graph (rvf.step) is captured on one CUDA process; autocast's weight-cast cache
-    # must then be off, or casts made before capture would be replayed stale.
-    graph_wanted = cfg.cuda_graph is not False and state.device.type == "cuda" and state.num_processes == 1
+    precision = resolve_mixed_precision(cfg.mixed_precision, state.device)
+    # A CUDA graph (rvf.step) needs a capturable optimizer, and autocast's weight-cast cache
+    # off, or casts made before capture would be replayed stale.
+    graph_wanted = wants_cuda_graph(cfg, state.device, state.num_processes, precision)
     # Accelerate keeps one precision per process and refuses a second Accelerator with another;
     # a second train() in one process (a notebook, a sweep, the tests) may want another, so the
     # precision-holding AcceleratorState starts afresh. PartialState (devices, the process
     # group) is kept; the previous run's Accelerator is finished with by now.
     AcceleratorState._reset_state()
     accelerator = Accelerator(
-        mixed_precision=resolve_mixed_precision(cfg.mixed_precision, state.device),
+        mixed_precision=precision,
         kwargs_handlers=[AutocastKwargs(cache_enabled=False)] if graph_wanted else None,
         log_with=log_with, project_dir=str(out),
         # A seeded sampler gives each epoch the same order whether or not the run was resumed.

@@ -8,7 +8,7 @@ from torch import nn
 
 from rvf.config import ConfigError, TrainConfig
 from rvf.step import CUDAGraphTrainStep, TrainStep, cuda_graph_problems, set_capturable
-from rvf.train import build_optimizer, build_scheduler, train
+from rvf.train import build_optimizer, build_scheduler, train, wants_cuda_graph
 from synth import make_folder_dataset
 
 CUDA = torch.cuda.is_available()
@@ -43,6 +43,22 @@ def test_cuda_graph_problems_name_each_reason():
     # Capturable optimizers other than the two whose replay is tested are named too.
     rms = torch.optim.RMSprop(model.parameters(), lr=0.1, capturable=True)
     assert cuda_graph_problems(torch.device("cuda"), rms) == ["the optimizer is RMSprop; a captured step needs adam or adamw"]
+
+
+def test_cuda_graph_null_asks_for_a_graph_only_where_one_can_be_captured():
+    """The default (null) builds for a graph on one CUDA process with bf16/fp32 Adam(W) and no
+    torch.compile; anything else keeps the eager optimizer. `true` always asks, so that the
+    capture's problems are named as an error rather than skipped."""
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")  # only compared, never allocated on
+
+    def wants(device=cuda, processes=1, precision="bf16", **kw):
+        return wants_cuda_graph(TrainConfig(model="lenet", **kw), device, processes, precision)
+
+    assert TrainConfig(model="lenet").cuda_graph is None
+    assert wants() and wants(precision="no") and wants(optimizer="Adam")
+    assert not wants(device=cpu) and not wants(processes=2) and not wants(cuda_graph=False)
+    assert not wants(precision="fp16") and not wants(compile=True) and not wants(optimizer="sgd")
+    assert wants(cuda_graph=True, optimizer="sgd") and not wants(cuda_graph=True, device=cpu)
 
 
 def test_build_optimizer_makes_adam_capturable_only_when_asked():
