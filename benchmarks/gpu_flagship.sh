@@ -17,7 +17,11 @@
 # Every seed holds out the same slice of train (SPLIT_SEED, default 42), so the seeds of a config
 # are also scored as one ensemble (scripts/ensemble.py -> $OUT/<config>_ensemble.txt).
 #
-# Knobs: MODELS (configs, default flagship_alexnet_bn then flagship_resnet18), SEEDS ("0 1 2"), SPLIT_SEED, EPOCHS
+# Measured 2026-12-04 on one H200 (benchmarks/results/gpu-h200-2026-12-04.md): the four part
+# calls took about 6 s each once the machine was warm; three seeds of the 512-grid flagship with
+# their ensemble took 226 s, unpacking and md5 checks included (34 s of training per seed).
+#
+# Knobs: MODELS (configs, default flagship_alexnet_bn_grid512 then flagship_resnet18), SEEDS ("0 1 2"), SPLIT_SEED, EPOCHS
 # (default: the config's), SETS (extra overrides, split on spaces, e.g. SETS="downscale=0.5", or
 # SETS='model_args={"stem_stride":2}' with JSON for a mapping), DATA (where the parts are).
 # Try it small on a CPU:
@@ -41,7 +45,7 @@ if [[ "${1:-}" == "pack" ]]; then
 fi
 
 OUT=${OUT:-flagship}
-MODELS=${MODELS:-configs/flagship_alexnet_bn.yaml configs/flagship_resnet18.yaml}
+MODELS=${MODELS:-configs/flagship_alexnet_bn_grid512.yaml configs/flagship_resnet18.yaml}
 SEEDS=${SEEDS:-0 1 2}
 SPLIT_SEED=${SPLIT_SEED:-42}
 ROOT=/tmp/rvf10k

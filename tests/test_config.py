@@ -129,6 +129,17 @@ def test_flagship_config_is_scratch_at_native_size():
     assert cfg.tta_hflip and cfg.translate == 0 and tuple(cfg.crop_scale) == (1.0, 1.0)
 
 
+def test_grid512_flagship_is_the_flagship_with_conv1_stride_halved():
+    # Its comparison with the flagship (same seeds, same session) holds only while the two
+    # recipes differ in the stem alone.
+    from dataclasses import asdict
+
+    plain, grid = (asdict(load_config(ROOT / "configs" / f"{n}.yaml"))
+                   for n in ("flagship_alexnet_bn", "flagship_alexnet_bn_grid512"))
+    assert grid.pop("model_args") == {"stem_stride": 2} and plain.pop("model_args") == {}
+    assert grid == plain
+
+
 def test_train_script_resolves_flags_over_yaml():
     r = subprocess.run([sys.executable, str(ROOT / "scripts/train.py"), "-c", str(ROOT / "configs/alexnet.yaml"),
                         "--epochs", "3", "--set", "hflip=0.5", "--lr", "0.01", "--print-config"],

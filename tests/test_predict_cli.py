@@ -109,7 +109,7 @@ def test_cli_bad_output_paths_fail_before_any_work(checkpoint, tmp_path, capsys,
 def test_cli_checkpoint_given_as_its_weights_file(checkpoint, tmp_path):
     (tmp_path / "face.jpg").write_bytes(good_jpeg())
     code, _, err = run_cli("--checkpoint", checkpoint / "model.safetensors", tmp_path)
-    assert code == 2 and f"is a file; a checkpoint is the run folder that holds model.safetensors" in err
+    assert code == 2 and "is a file; a checkpoint is the run folder that holds model.safetensors" in err
     assert str(checkpoint) in err
 
 
