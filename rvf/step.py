@@ -5,7 +5,9 @@ before the host has launched it: Inception v1's forward, backward and Adam step 
 kernel launches, each a few microseconds of Python and dispatcher work, so the GPU idles
 most of the step (measured on one H100, rvf's eager path: Inception v1 2,131 img/s, LeNet
 15,626 img/s; see the README's performance section). A CUDA graph records those launches once
-and replays them with one call, which is how the whole 64 px zoo stops being host-bound.
+and replays them with one call, which is how the whole 64 px zoo stops being host-bound
+(measured on one H200: LeNet 106,754 img/s graphed against 21,604 eager, Inception v1 13,599
+img/s through `train()`; the seven seed configs' 20 epochs in 38 s of training).
 
     step = build_train_step(model, criterion, optimizer, cuda_graph=True, backward=accelerator.backward)
     loss, logits = step(x, targets)   # forward, loss, backward, (clip), optimizer step
