@@ -151,11 +151,12 @@ def wants_cuda_graph(cfg: TrainConfig, device, num_processes: int, precision: st
 
     `cuda_graph: true` always asks, and `cuda_graph_problems` then names whatever stands in the
     way; `null` asks only where nothing known before the optimizer exists rules a graph out, so
-    a run that will step eagerly anyway (fp16, SGD, torch.compile) keeps the eager optimizer.
+    a run that will step eagerly anyway (fp16, SGD, torch.compile, batches of varying size)
+    keeps the eager optimizer.
     """
     if cfg.cuda_graph is False or torch.device(device).type != "cuda" or num_processes > 1:
         return False
-    return cfg.cuda_graph is True or (precision != "fp16" and not cfg.compile
+    return cfg.cuda_graph is True or (precision != "fp16" and not cfg.compile and not (cfg.skip_bad and not cfg.cache)
                                       and cfg.optimizer.lower() in ("adam", "adamw"))
 
 

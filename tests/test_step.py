@@ -58,6 +58,7 @@ def test_cuda_graph_null_asks_for_a_graph_only_where_one_can_be_captured():
     assert wants() and wants(precision="no") and wants(optimizer="Adam")
     assert not wants(device=cpu) and not wants(processes=2) and not wants(cuda_graph=False)
     assert not wants(precision="fp16") and not wants(compile=True) and not wants(optimizer="sgd")
+    assert not wants(skip_bad=True, cache=False) and wants(skip_bad=True)
     assert wants(cuda_graph=True, optimizer="sgd") and not wants(cuda_graph=True, device=cpu)
 
 
