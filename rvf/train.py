@@ -156,8 +156,11 @@ def wants_cuda_graph(cfg: TrainConfig, device, num_processes: int, precision: st
     """
     if cfg.cuda_graph is False or torch.device(device).type != "cuda" or num_processes > 1:
         return False
-    return cfg.cuda_graph is True or (precision != "fp16" and not cfg.compile and not (cfg.skip_bad and not cfg.cache)
-                                      and cfg.optimizer.lower() in ("adam", "adamw"))
+    if cfg.cuda_graph is True:
+        return True
+    varying_batches = cfg.skip_bad and not cfg.cache
+    return (precision != "fp16" and not cfg.compile and not varying_batches
+            and cfg.optimizer.lower() in ("adam", "adamw"))
 
 
 def build_mixup(cfg: TrainConfig, num_classes: int):

@@ -21,8 +21,8 @@ def _net() -> nn.Module:
     # Adam scales up to lr-sized steps of arbitrary sign, and no two Adam implementations (the
     # eager foreach step and the capturable one) agree on it (seen on an H200: 8e-3 apart).
     torch.manual_seed(0)
-    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(4),
-                         nn.Flatten(), nn.Linear(128, 2))
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(4), nn.Flatten(), nn.Linear(128, 2))
 
 
 def _batches(n: int, device, size: int = 16):
