@@ -204,7 +204,11 @@ def optimizer_param_groups(optimizer) -> list[dict]:
 def cuda_graph_problems(device: torch.device, optimizer, *, num_processes: int = 1, mixed_precision: str = "no",
                         compile: bool = False, gradient_accumulation_steps: int = 1,
                         variable_batches: bool = False) -> list[str]:
-    """Why a training step cannot be captured as a CUDA graph here (empty: it can)."""
+    """Why a training step cannot be captured as a CUDA graph here (empty: it can).
+
+    `optimizer` is the built optimizer, or before it exists its config name ("adamw"): a name
+    is checked for the optimizer's kind only, not for the `capturable` flag it will be built with.
+    """
     problems = []
     if torch.device(device).type != "cuda":
         problems.append(f"it needs a CUDA device, and training runs on {device}")
@@ -219,8 +223,12 @@ def cuda_graph_problems(device: torch.device, optimizer, *, num_processes: int =
     if variable_batches:
         problems.append("skip_bad without the cache shortens a batch by its unreadable images, and a graph "
                         "replays one batch size")
-    inner = getattr(optimizer, "optimizer", optimizer)
     # Adam and AdamW are the capturable optimizers whose tensor-lr step rvf tests replayed.
+    if isinstance(optimizer, str):
+        if optimizer.lower() not in ("adam", "adamw"):
+            problems.append(f"the optimizer is {optimizer}; a captured step needs adam or adamw")
+        return problems
+    inner = getattr(optimizer, "optimizer", optimizer)
     if not isinstance(inner, (torch.optim.Adam, torch.optim.AdamW)):
         problems.append(f"the optimizer is {type(inner).__name__}; a captured step needs adam or adamw")
     elif not all(g.get("capturable", False) for g in optimizer_param_groups(optimizer)):

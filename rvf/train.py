@@ -149,18 +149,17 @@ def build_optimizer(cfg: TrainConfig, model: nn.Module, capturable: bool = False
 def wants_cuda_graph(cfg: TrainConfig, device, num_processes: int, precision: str | None) -> bool:
     """Whether to build this run for a CUDA-graph step (capturable optimizer, no autocast cache).
 
-    `cuda_graph: true` always asks, and `cuda_graph_problems` then names whatever stands in the
-    way; `null` asks only where nothing known before the optimizer exists rules a graph out, so
-    a run that will step eagerly anyway (fp16, SGD, torch.compile, batches of varying size)
-    keeps the eager optimizer.
+    Asked before the optimizer exists, with `cuda_graph_problems`' own rules. `cuda_graph: true`
+    asks on any single CUDA process, and the full check after the optimizer is built then names
+    whatever stands in the way; `null` asks only where no rule rules a graph out, so a run that
+    will step eagerly anyway (fp16, SGD, torch.compile, batches of varying size) keeps the eager
+    optimizer.
     """
     if cfg.cuda_graph is False or torch.device(device).type != "cuda" or num_processes > 1:
         return False
-    if cfg.cuda_graph is True:
-        return True
-    varying_batches = cfg.skip_bad and not cfg.cache
-    return (precision != "fp16" and not cfg.compile and not varying_batches
-            and cfg.optimizer.lower() in ("adam", "adamw"))
+    return cfg.cuda_graph is True or not cuda_graph_problems(
+        device, cfg.optimizer, num_processes=num_processes, mixed_precision=precision, compile=cfg.compile,
+        variable_batches=cfg.skip_bad and not cfg.cache)
 
 
 def build_mixup(cfg: TrainConfig, num_classes: int):

@@ -43,6 +43,9 @@ def test_cuda_graph_problems_name_each_reason():
     # Capturable optimizers other than the two whose replay is tested are named too.
     rms = torch.optim.RMSprop(model.parameters(), lr=0.1, capturable=True)
     assert cuda_graph_problems(torch.device("cuda"), rms) == ["the optimizer is RMSprop; a captured step needs adam or adamw"]
+    # Before the optimizer exists, its config name is checked for its kind only.
+    assert cuda_graph_problems(torch.device("cuda"), "AdamW") == []
+    assert cuda_graph_problems(torch.device("cuda"), "sgd") == ["the optimizer is sgd; a captured step needs adam or adamw"]
 
 
 def test_cuda_graph_null_asks_for_a_graph_only_where_one_can_be_captured():
