@@ -17,8 +17,8 @@
 # Every seed holds out the same slice of train (SPLIT_SEED, default 42), so the seeds of a config
 # are also scored as one ensemble (scripts/ensemble.py -> $OUT/<config>_ensemble.txt).
 #
-# Measured 2026-12-04 on one H200 (benchmarks/results/gpu-h200-2026-12-04.md): the four part
-# calls took about 6 s each once the machine was warm; three seeds of the 512-grid flagship with
+# Measured 2026-12-04 on one H200 (benchmarks/results/gpu-h200-2026-12-04.md): parts 01-03
+# took 3-6 s of device time per call once the machine was warm; three seeds of the 512-grid flagship with
 # their ensemble took 226 s, unpacking and md5 checks included (34 s of training per seed).
 #
 # Knobs: MODELS (configs, default flagship_alexnet_bn_grid512 then flagship_resnet18), SEEDS ("0 1 2"), SPLIT_SEED, EPOCHS
