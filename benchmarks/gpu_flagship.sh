@@ -10,20 +10,25 @@
 #   2. device run, once per part, carry [".gpu_data/rvf10k.tgz.part-0K"] (part 00 with
 #      ".gpu_data/rvf10k.md5"), command `ls -l .gpu_data`
 #      (the first call can carry part 00 and run benchmarks/gpu_check.sh as well)
-#   3. device run, carrying the last part:  bash benchmarks/gpu_flagship.sh
-#      -> unpacks, checks all 10,000 md5 sums, trains MODELS x SEEDS and writes
-#         $OUT/flagship.json and $OUT/flagship.md (accuracy, ROC AUC, AP per run; mean +- std).
+#   3. device run, carrying the last part:  bash benchmarks/gpu_flagship.sh [SWEEP ARGS]
+#      -> unpacks, checks all 10,000 md5 sums, then runs benchmarks/flagship_sweep.py: trains
+#         every variant over the seeds and writes $OUT/flagship.md and $OUT/flagship.json
+#         (holdout and valid figures per run, mean +- std, each variant's seeds as an ensemble).
 #
-# Every seed holds out the same slice of train (SPLIT_SEED, default 42), so the seeds of a config
-# are also scored as one ensemble (scripts/ensemble.py -> $OUT/<config>_ensemble.txt).
+# With no arguments it trains MODELS x SEEDS (every seed holds out the same slice of train,
+# SPLIT_SEED, default 42). Given arguments, they go to the sweep as they are; the one a device
+# call wants picks a variant on the holdout slice and stops before the call's limit, e.g.
+#   bash benchmarks/gpu_flagship.sh --select --budget-s 480 --variants \
+#       configs/flagship_alexnet_bn_grid512.yaml "configs/flagship_alexnet_bn_grid512.yaml epochs=80 mixup=0.2"
 #
 # Measured 2026-12-04 on one H200 (benchmarks/results/gpu-h200-2026-12-04.md): parts 01-03
 # took 3-6 s of device time per call once the machine was warm; three seeds of the 512-grid flagship with
 # their ensemble took 226 s, unpacking and md5 checks included (34 s of training per seed).
 #
-# Knobs: MODELS (configs, default flagship_alexnet_bn_grid512 then flagship_resnet18), SEEDS ("0 1 2"), SPLIT_SEED, EPOCHS
-# (default: the config's), SETS (extra overrides, split on spaces, e.g. SETS="downscale=0.5", or
-# SETS='model_args={"stem_stride":2}' with JSON for a mapping), DATA (where the parts are).
+# Knobs: MODELS (configs, default flagship_alexnet_bn_grid512 then flagship_resnet18), SEEDS ("0 1 2"),
+# SETS (overrides for each of MODELS, split on spaces, e.g. SETS="downscale=0.5", or
+# SETS='model_args={"stem_stride":2}' with JSON for a mapping), and for every run SPLIT_SEED, EPOCHS
+# (default: the config's) and SUBSET; DATA (where the parts are), OUT (default flagship/).
 # Try it small on a CPU:
 #   DATA=/tmp/parts SUBSET=64 EPOCHS=1 SEEDS=0 bash benchmarks/gpu_flagship.sh
 set -euo pipefail
@@ -61,48 +66,16 @@ if [[ ! -f "$ROOT/.complete" ]]; then
 fi
 echo "data: $(find "$ROOT/rvf10k" -name '*.jpg' | wc -l) images verified in $ROOT"
 
-extra=()
-[[ -n "${EPOCHS:-}" ]] && extra+=(--epochs "$EPOCHS")
-[[ -n "${SUBSET:-}" ]] && extra+=(--set subset="$SUBSET")
-for kv in ${SETS:-}; do extra+=(--set "$kv"); done
-for cfg in $MODELS; do
-    members=()
-    for seed in $SEEDS; do
-        name=$(basename "$cfg" .yaml)_seed$seed
-        "$PY" scripts/train.py --config "$cfg" --data-dir "$ROOT" --output-dir "/tmp/rvf-flagship/$name" \
-            --seed "$seed" --set split_seed="$SPLIT_SEED" --tracker none --overwrite "${extra[@]}" > "$OUT/$name.log" 2>&1 \
-            || { tail -40 "$OUT/$name.log"; exit 1; }
-        tr "\r" "\n" < "$OUT/$name.log" | grep "^valid (" | tail -1 || true
-        members+=("/tmp/rvf-flagship/$name")
-    done
-    if (( ${#members[@]} > 1 )); then
-        "$PY" scripts/ensemble.py --data-dir "$ROOT" --checkpoints "${members[@]}" \
-            > "$OUT/$(basename "$cfg" .yaml)_ensemble.txt" 2> "$OUT/$(basename "$cfg" .yaml)_ensemble.log" \
-            && cat "$OUT/$(basename "$cfg" .yaml)_ensemble.txt" || tail -20 "$OUT/$(basename "$cfg" .yaml)_ensemble.log"
-    fi
-done
-"$PY" - "$OUT" <<'PY'
-import json, pathlib, statistics, sys
-out = pathlib.Path(sys.argv[1])
-runs = {}
-for m in sorted(pathlib.Path("/tmp/rvf-flagship").glob("*/metrics.json")):
-    d = json.loads(m.read_text())
-    v = d["valid"]
-    runs.setdefault(m.parent.name.rsplit("_seed", 1)[0], []).append({
-        "run": m.parent.name, "accuracy": v["accuracy"], "roc_auc": v["roc_auc"], "ap": v["average_precision"],
-        "acc_at_threshold": v["accuracy_at_threshold"], "best_epoch": d["best_epoch"], "epochs": d["epochs"],
-        "train_seconds": round(d["train_seconds"], 1), "device": d["device"]})
-lines = ["| config | runs | accuracy % | ROC AUC | AP | train s/run | device |", "|---|---|---|---|---|---|---|"]
-summary = {}
-for cfg, rs in runs.items():
-    def ms(k, scale=1.0):
-        xs = [r[k] * scale for r in rs]
-        return statistics.mean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
-    acc, auc, ap = ms("accuracy", 100), ms("roc_auc"), ms("ap")
-    summary[cfg] = {"runs": rs, "accuracy_mean_std": acc, "roc_auc_mean_std": auc, "ap_mean_std": ap}
-    lines.append(f"| {cfg} | {len(rs)} | {acc[0]:.2f} ± {acc[1]:.2f} | {auc[0]:.4f} ± {auc[1]:.4f} | "
-                 f"{ap[0]:.4f} ± {ap[1]:.4f} | {statistics.mean(r['train_seconds'] for r in rs):.0f} | {rs[0]['device']} |")
-(out / "flagship.json").write_text(json.dumps(summary, indent=2))
-(out / "flagship.md").write_text("\n".join(lines) + "\n")
-print("\n".join(lines))
-PY
+# The knobs above, or the sweep's own arguments (benchmarks/flagship_sweep.py --help) when given.
+common=()
+[[ -n "${EPOCHS:-}" ]] && common+=(--set epochs="$EPOCHS")
+[[ -n "${SUBSET:-}" ]] && common+=(--set subset="$SUBSET")
+if (( $# )); then
+    sweep=("$@")
+else
+    variants=()
+    for cfg in $MODELS; do variants+=("$cfg ${SETS:-}"); done
+    # shellcheck disable=SC2206  # SEEDS is a list of numbers
+    sweep=(--variants "${variants[@]}" --seeds $SEEDS)
+fi
+exec "$PY" benchmarks/flagship_sweep.py --data-dir "$ROOT" --out "$OUT" --split-seed "$SPLIT_SEED" "${common[@]}" "${sweep[@]}"
