@@ -33,7 +33,7 @@
 #   DATA=/tmp/parts SUBSET=64 EPOCHS=1 SEEDS=0 bash benchmarks/gpu_flagship.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PARTS=${DATA:-.gpu_data}
+PARTS=$(realpath -m "${DATA:-.gpu_data}")  # absolute: the md5 check runs from inside ROOT
 PART_MB=${PART_MB:-56}
 PY=${PYTHON:-python3}
 
@@ -61,7 +61,7 @@ mkdir -p "$OUT"
 if [[ ! -f "$ROOT/.complete" ]]; then
     rm -rf "$ROOT" && mkdir -p "$ROOT"
     cat "$PARTS"/rvf10k.tgz.part-* | tar -xzf - -C "$ROOT"
-    (cd "$ROOT" && md5sum --quiet -c "$OLDPWD/$PARTS/rvf10k.md5") || { echo "error: md5 mismatch: a part is missing or damaged" >&2; exit 1; }
+    (cd "$ROOT" && md5sum --quiet -c "$PARTS/rvf10k.md5") || { echo "error: md5 mismatch: a part is missing or damaged" >&2; exit 1; }
     touch "$ROOT/.complete"
 fi
 echo "data: $(find "$ROOT/rvf10k" -name '*.jpg' | wc -l) images verified in $ROOT"
