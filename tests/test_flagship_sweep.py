@@ -102,10 +102,12 @@ def test_a_toy_sweep_picks_on_the_holdout_then_trains_the_other_seeds(tmp_path):
     assert picked["ensemble"]["members"] == ["lenet.epochs-3_seed3", "lenet.epochs-3_seed4"]
     assert other["ensemble"] is None and summary["skipped"] == [] and summary["failed"] == []
     assert "picked on the holdout slice: lenet.epochs-3" in r.stdout
-    assert (out / "flagship.md").read_text().count("\n") == 4
+    assert sorted(summary["ensemble_all"]["members"]) == sorted(
+        ["lenet.epochs-3_seed3", "lenet.epochs-3_seed4", "lenet.epochs-1.lr-1e-9_seed3"])
+    assert "All 3 runs as one ensemble: valid " in (out / "flagship.md").read_text()
     assert sorted(p.name for p in out.iterdir()) == sorted(
         ["flagship.json", "flagship.md", "lenet.epochs-3_seed3.log", "lenet.epochs-3_seed4.log",
-         "lenet.epochs-1.lr-1e-9_seed3.log", "lenet.epochs-3_ensemble.log"])  # no checkpoint in OUT
+         "lenet.epochs-1.lr-1e-9_seed3.log", "lenet.epochs-3_ensemble.log", "all_ensemble.log"])  # no checkpoint
 
 
 def test_a_typo_stops_the_sweep_before_any_run(tmp_path):
