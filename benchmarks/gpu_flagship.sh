@@ -28,7 +28,8 @@
 # Knobs: MODELS (configs, default flagship_alexnet_bn_grid512 then flagship_resnet18), SEEDS ("0 1 2"),
 # SETS (overrides for each of MODELS, split on spaces, e.g. SETS="downscale=0.5", or
 # SETS='model_args={"stem_stride":2}' with JSON for a mapping), and for every run SPLIT_SEED, EPOCHS
-# (default: the config's) and SUBSET; DATA (where the parts are), OUT (default flagship/).
+# (default: the config's) and SUBSET; BUDGET_S (the sweep's --budget-s: set it a minute under the
+# call's limit); DATA (where the parts are), OUT (default flagship/).
 # Try it small on a CPU:
 #   DATA=/tmp/parts SUBSET=64 EPOCHS=1 SEEDS=0 bash benchmarks/gpu_flagship.sh
 set -euo pipefail
@@ -70,6 +71,7 @@ echo "data: $(find "$ROOT/rvf10k" -name '*.jpg' | wc -l) images verified in $ROO
 common=()
 [[ -n "${EPOCHS:-}" ]] && common+=(--set epochs="$EPOCHS")
 [[ -n "${SUBSET:-}" ]] && common+=(--set subset="$SUBSET")
+[[ -n "${BUDGET_S:-}" ]] && common+=(--budget-s "$BUDGET_S")
 if (( $# )); then
     sweep=("$@")
 else
