@@ -2,7 +2,7 @@ r"""Train flagship candidates over seeds on one holdout slice, pick one on that 
 
     python benchmarks/flagship_sweep.py --data-dir ROOT --out OUT --seeds 0 1 2 \
         --variants configs/flagship_alexnet_bn_grid512.yaml \
-                   "configs/flagship_alexnet_bn_grid512.yaml epochs=100 mixup=0.2" \
+                   "configs/flagship_alexnet_bn_grid512.yaml downscale=0.5" \
                    configs/flagship_resnet18.yaml \
         --select --budget-s 480
 

@@ -17,9 +17,10 @@
 #
 # With no arguments it trains MODELS x SEEDS (every seed holds out the same slice of train,
 # SPLIT_SEED, default 42). Given arguments, they go to the sweep as they are; the one a device
-# call wants picks a variant on the holdout slice and stops before the call's limit, e.g.
+# call wants can pick a variant on the holdout slice (--select) and stops before the call's limit
+# (--budget-s), e.g. for the scale augmentation docs/experiments.md leaves to a GPU:
 #   bash benchmarks/gpu_flagship.sh --select --budget-s 480 --variants \
-#       configs/flagship_alexnet_bn_grid512.yaml "configs/flagship_alexnet_bn_grid512.yaml epochs=80 mixup=0.2"
+#       configs/flagship_alexnet_bn_grid512.yaml "configs/flagship_alexnet_bn_grid512.yaml downscale=0.5"
 #
 # Measured 2026-12-04 on one H200 (benchmarks/results/gpu-h200-2026-12-04.md): parts 01-03
 # took 3-6 s of device time per call once the machine was warm; three seeds of the 512-grid flagship with
