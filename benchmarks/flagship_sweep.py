@@ -16,7 +16,8 @@ split never picks anything.
 A device call has a hard time limit, and a run killed by it loses the summary too (session 19
 lost an ensemble that way), so `--budget-s` skips any run or ensemble that is not expected to end
 in time: a run is expected to take as long as the slowest finished run of its variant (of any
-variant before the first has finished), an ensemble a twelfth of that per member.
+variant before the first has finished), an ensemble a twelfth of that per member (a guess:
+scoring two splits once per member, not timed yet).
 
 With runs of more than one variant, all of them are also scored as one ensemble (the models
 err on different faces: at 128 px, AlexNet+BN 87.17 % and ResNet18 86.50 % made 88.73 %).
