@@ -165,6 +165,22 @@ def test_alexnet_stem_stride_gives_twice_the_input_grid():
 
 
 @torch.no_grad()
+def test_vgg_without_first_pool_runs_later_blocks_on_twice_the_grid():
+    """`first_pool: false` gives blocks 2-5 of an S px face the grid a 2S px face gets, with
+    the same weights (only a pool, which has none, is dropped)."""
+    nopool = create_model("vgg16_bn", first_pool=False).eval()
+    plain = create_model("vgg16_bn").eval()
+    assert sum(isinstance(m, nn.MaxPool2d) for m in nopool.features) == 3
+    assert sum(isinstance(m, nn.MaxPool2d) for m in plain.features) == 4
+    assert nopool.state_dict().keys() != plain.state_dict().keys()  # indices shift past the pool
+    assert [p.shape for p in nopool.parameters()] == [p.shape for p in plain.parameters()]
+    for size in (32, 64, 96):
+        assert nopool.forward_features(torch.randn(1, 3, size, size)).shape == \
+            plain.forward_features(torch.randn(1, 3, 2 * size, 2 * size)).shape
+    assert nopool(torch.randn(2, 3, 64, 64)).shape == (2, 2)
+
+
+@torch.no_grad()
 def test_alexnet_highpass_appends_fixed_residuals():
     """`highpass: true` feeds conv1 the image plus its high-pass residuals: zero on flat or
     linear shading, non-zero on a one-pixel checkerboard, and never trained or saved."""

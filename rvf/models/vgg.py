@@ -28,6 +28,9 @@ from upsampled copies of 2x2 values. Here:
       1e-4). fan_in fixes it without changing the protocol. The head's hidden linears
       are Kaiming (fan_in) too, and only the classifier gets torchvision's N(0, 0.01), which
       would shrink the signal ~3x per 1024-wide hidden layer.
+    - `first_pool=False` drops the max-pool after the first block, so blocks 2-5 of an S px
+      face run on the grid a 2S px face gets by default (conv5 8x8 at 64 px), from the same
+      pixels: VGG's counterpart of AlexNet's `stem_stride=2`, at about 3.5x the multiply-adds.
     - `init_std=0.01` draws every conv and linear from N(0, 0.01) instead. Only for
       `vgg16_bn`: BatchNorm restores the signal's scale after each conv, and the smaller
       weights learn faster relative to their size under Adam, which under the seed's
@@ -68,6 +71,8 @@ class VGG(ClassifierMixin, nn.Module):
         head_hidden_size: width of the two hidden linear layers.
         init_std: None for the Kaiming init below; a float draws every conv and linear from
             N(0, init_std) (see `rvf.models._base.init_weights`).
+        first_pool: keep the max-pool after the first block (the paper's); False doubles the
+            grid of every later block.
     """
 
     def __init__(
@@ -81,12 +86,16 @@ class VGG(ClassifierMixin, nn.Module):
             pool_size: int = 2,
             head_hidden_size: int = 1024,
             init_std: float | None = None,
+            first_pool: bool = True,
     ):
         super().__init__()
         self.num_classes = num_classes
         self.head_hidden_size = head_hidden_size
         layers: list[nn.Module] = []
         prev_chs = in_chans
+        if not first_pool:
+            first = cfg.index("M")
+            cfg = cfg[:first] + cfg[first + 1:]
         for v in cfg:
             if v == "M":
                 layers.append(nn.MaxPool2d(kernel_size=2, stride=2))
@@ -113,7 +122,7 @@ class VGG(ClassifierMixin, nn.Module):
         init_weights(self, conv_mode="fan_in", std=init_std)  # see the module docstring
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Return the conv5 feature map before the last pool, (B, 512, H/16, W/16)."""
+        """Return the conv5 feature map before the last pool, (B, 512, H/16, W/16); H/8 without `first_pool`."""
         return self.features(x)  # (B, 512, 4, 4) at 64 px
 
 
