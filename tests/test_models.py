@@ -167,7 +167,7 @@ def test_alexnet_stem_stride_gives_twice_the_input_grid():
 @torch.no_grad()
 def test_vgg_without_first_pool_runs_later_blocks_on_twice_the_grid():
     """`first_pool: false` gives blocks 2-5 of an S px face the grid a 2S px face gets, with
-    the same weights (only a pool, which has none, is dropped)."""
+    the same parameters (only a pool, which has none, is dropped)."""
     nopool = create_model("vgg16_bn", first_pool=False).eval()
     plain = create_model("vgg16_bn").eval()
     assert sum(isinstance(m, nn.MaxPool2d) for m in nopool.features) == 3
