@@ -8,7 +8,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from rvf.models import _registry, create_model, get_cam_layer, is_model, list_models, register_model
-from rvf.models._base import HighPassResiduals
+from rvf.models._base import CoordChannels, HighPassResiduals
 
 MODEL_NAMES = list_models()
 
@@ -109,7 +109,8 @@ def test_inception_norm_layer_by_name():
     plain = create_model("inception_v1", norm_layer="none").eval()
     assert not any(isinstance(m, nn.BatchNorm2d) for m in plain.modules())
     assert all(m.bias is not None for m in plain.modules() if isinstance(m, nn.Conv2d))
-    assert sum(isinstance(m, nn.BatchNorm2d) for m in create_model("inception_v1", norm_layer="batchnorm").modules()) == 57
+    bn = create_model("inception_v1", norm_layer="batchnorm")
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in bn.modules()) == 57
     # fan_in init keeps the plain net's signal alive through 22 layers, as for plain VGG16.
     feats = plain.forward_features(torch.randn(8, 3, 64, 64))
     assert 0.1 < feats.std().item() < 10
@@ -201,6 +202,41 @@ def test_alexnet_highpass_appends_fixed_residuals():
     count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
     assert count(model) - count(create_model("alexnet_bn")) == 9 * 64 * 11 * 11 + 2 * 9
     assert not any(k.startswith("features.0.weight") for k in model.state_dict())
+
+
+@torch.no_grad()
+def test_coord_channels_give_each_pixel_its_position():
+    """x and y at pixel centres, in (-1, 1), symmetric about the middle, in the input's dtype,
+    for any size; the image channels pass through untouched."""
+    image = torch.randn(2, 3, 6, 10, dtype=torch.bfloat16)
+    out = CoordChannels()(image)
+    assert out.shape == (2, 5, 6, 10) and out.dtype == torch.bfloat16 and torch.equal(out[:, :3], image)
+    xs, ys = out[0, 3].float(), out[0, 4].float()
+    assert torch.allclose(xs[0], torch.linspace(-0.9, 0.9, 10), atol=1e-2) and (xs == xs[:1]).all()
+    assert torch.allclose(ys[:, 0], torch.linspace(-5 / 6, 5 / 6, 6), atol=1e-2) and (ys == ys[:, :1]).all()
+    assert torch.equal(out[1, 3:], out[0, 3:])
+    assert torch.allclose(xs.flip(-1), -xs, atol=1e-2)  # a mirrored face sees mirrored x
+
+
+@pytest.mark.parametrize("name", ["alexnet_bn", "vgg16_bn"])
+@torch.no_grad()
+def test_coords_let_the_first_conv_see_where_it_is(name):
+    """`coords: true`: on a blank image the first conv answers the same everywhere away from
+    the border without coordinates, and differently at each place with them."""
+    plain, coords = create_model(name).eval(), create_model(name, coords=True).eval()
+    assert isinstance(coords.features[0], CoordChannels) and coords.features[1].in_channels == 5
+    conv = coords.features[1]
+    assert sum(p.numel() for p in coords.parameters()) - sum(p.numel() for p in plain.parameters()) == \
+        2 * conv.out_channels * conv.kernel_size[0] * conv.kernel_size[1]
+    assert plain.state_dict().keys() != coords.state_dict().keys()  # conv1 moved to features.1
+    assert len(coords.state_dict()) == len(plain.state_dict())  # no stored grid
+    blank = torch.zeros(1, 3, 64, 64)
+    inner = lambda m: m.features[:2](blank)[..., 2:-2, 2:-2]  # noqa: E731  (B, 64, h, w) off the padding
+    assert inner(plain).std(dim=(-2, -1)).max() < 1e-6
+    assert (inner(coords).std(dim=(-2, -1)) > 1e-3).float().mean() > 0.9
+    assert coords(torch.randn(2, 3, 48, 80)).shape == (2, 2)
+    both = create_model("alexnet_bn", coords=True, highpass=True)
+    assert both.features[2].in_channels == 14  # 3 + 9 residuals + x, y
 
 
 def test_none_kwargs_are_dropped():

@@ -23,6 +23,8 @@ and the seed's version was written for 64x64 inputs only. Changes for 64 px face
       the conv grid a 2S px face gets by default, from the same pixels.
     - `highpass=True` appends fixed high-pass residuals of each colour channel to the image
       (`HighPassResiduals`, the SRM kernels of image forensics), so conv1 reads 12 channels.
+    - `coords=True` appends each pixel's x and y (`CoordChannels`, CoordConv), so conv1 can
+      tell where on the aligned face it is.
 Dropout follows the paper: after the first two fully connected layers.
 """
 
@@ -31,7 +33,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from ._base import AdaptiveMaxPool2d, ClassifierMixin, HighPassResiduals, init_weights
+from ._base import AdaptiveMaxPool2d, ClassifierMixin, CoordChannels, HighPassResiduals, init_weights
 from ._registry import (
     DEFAULT_INPUT_SIZE, DEFAULT_MEAN, DEFAULT_STD, build_model_with_cfg, register_model,
 )
@@ -64,6 +66,8 @@ class AlexNet(ClassifierMixin, nn.Module):
             an S px input (S even) gives exactly the grid a 2S px input gives with stride 4.
         highpass: append fixed high-pass residuals of each channel to the input
             (`HighPassResiduals`), before any `space_to_depth`.
+        coords: append two channels holding each pixel's x and y (`CoordChannels`), after
+            any high-pass residuals and before any `space_to_depth`.
     """
 
     def __init__(
@@ -79,6 +83,7 @@ class AlexNet(ClassifierMixin, nn.Module):
             space_to_depth: int = 1,
             stem_stride: int = 4,
             highpass: bool = False,
+            coords: bool = False,
     ):
         super().__init__()
         self.num_classes = num_classes
@@ -95,6 +100,9 @@ class AlexNet(ClassifierMixin, nn.Module):
         if highpass:
             layers.append(HighPassResiduals(in_chans))
             prev_chs = layers[-1].out_chans
+        if coords:
+            layers.append(CoordChannels())
+            prev_chs += CoordChannels.out_extra
         if space_to_depth > 1:
             layers.append(nn.PixelUnshuffle(space_to_depth))
             prev_chs *= space_to_depth ** 2

@@ -35,6 +35,8 @@ from upsampled copies of 2x2 values. Here:
       `vgg16_bn`: BatchNorm restores the signal's scale after each conv, and the smaller
       weights learn faster relative to their size under Adam, which under the seed's
       protocol took VGG16+BN from 78.47 % to 86.43 % (configs/vgg16_bn.yaml).
+    - `coords=True` appends each pixel's x and y to the image (`CoordChannels`, CoordConv),
+      so the first conv can tell where on the aligned face it is.
 """
 
 from collections.abc import Callable
@@ -42,7 +44,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from ._base import AdaptiveMaxPool2d, ClassifierMixin, init_weights
+from ._base import AdaptiveMaxPool2d, ClassifierMixin, CoordChannels, init_weights
 from ._registry import (
     DEFAULT_INPUT_SIZE, DEFAULT_MEAN, DEFAULT_STD, build_model_with_cfg, register_model,
 )
@@ -73,6 +75,8 @@ class VGG(ClassifierMixin, nn.Module):
             N(0, init_std) (see `rvf.models._base.init_weights`).
         first_pool: keep the max-pool after the first block (the paper's); False doubles the
             grid of every later block.
+        coords: append two channels holding each pixel's x and y (`CoordChannels`), so the
+            first conv reads `in_chans + 2`.
     """
 
     def __init__(
@@ -87,12 +91,16 @@ class VGG(ClassifierMixin, nn.Module):
             head_hidden_size: int = 1024,
             init_std: float | None = None,
             first_pool: bool = True,
+            coords: bool = False,
     ):
         super().__init__()
         self.num_classes = num_classes
         self.head_hidden_size = head_hidden_size
         layers: list[nn.Module] = []
         prev_chs = in_chans
+        if coords:
+            layers.append(CoordChannels())
+            prev_chs += CoordChannels.out_extra
         if not first_pool:
             first = cfg.index("M")
             cfg = cfg[:first] + cfg[first + 1:]
