@@ -75,8 +75,8 @@ class CoordChannels(nn.Module):
     has a std of 0.95 / 1.28 px (rows / columns) for fakes against 1.41 / 1.91 px for reals, and
     its length alone ranks them with ROC AUC 0.63 (benchmarks/alignment.py). With two coordinate
     channels conv1 can tie a feature to an absolute place instead of leaving deeper layers to
-    infer it from the zero padding. Measured gains are within seed noise so far (docs/experiments.md,
-    session 22): CNNs with padding already know much of where they are.
+    infer it from the zero padding. Measured, the gain is within seed noise (docs/experiments.md,
+    session 22): CNNs with zero padding already know much of where they are.
 
     The channels are made from the input's own size on every call, so any image size works and
     nothing is stored in checkpoints; they span the normalised image's range.
