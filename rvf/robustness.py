@@ -29,15 +29,30 @@ class Perturbation:
 
     Args:
         kind: "clean", "jpeg" (value = quality), "scale" (value = down-scale factor, then
-            back up), "blur" (value = Gaussian radius in pixels) or "noise" (value = std of
-            additive Gaussian noise on the 0..255 scale, seeded per image).
+            back up), "blur" (value = Gaussian radius in pixels), "noise" (value = std of
+            additive Gaussian noise on the 0..255 scale, seeded per image) or "shift" (value =
+            whole pixels the picture moves down and right, its top rows and left columns
+            repeated into the gap: the same face, framed a little differently).
         value: the kind's parameter.
     """
 
+    KINDS = ("clean", "jpeg", "scale", "blur", "noise", "shift")
+
     def __init__(self, kind: str, value: float = 0.0):
-        if kind not in ("clean", "jpeg", "scale", "blur", "noise"):
-            raise ValueError(f"unknown perturbation {kind!r}")
+        if kind not in self.KINDS:
+            raise ValueError(f"unknown perturbation {kind!r} (one of {', '.join(self.KINDS)})")
+        if kind == "shift" and (value != int(value) or value < 0):
+            raise ValueError(f"a shift is a whole number of pixels, 0 or more, got {value:g}")
         self.kind, self.value = kind, value
+
+    @classmethod
+    def parse(cls, text: str) -> "Perturbation":
+        """`KIND[:VALUE]`, e.g. "clean", "jpeg:75", "shift:2"."""
+        kind, _, value = text.partition(":")
+        try:
+            return cls(kind, float(value) if value else 0.0)
+        except ValueError as e:
+            raise ValueError(f"perturbation {text!r}: {e}") from None
 
     @property
     def name(self) -> str:
@@ -50,7 +65,8 @@ class Perturbation:
             return Image.open(io.BytesIO(buf.getvalue())).convert("RGB")
         if self.kind == "scale":
             w, h = img.size
-            small = img.resize((max(1, round(w * self.value)), max(1, round(h * self.value))), Image.Resampling.BILINEAR)
+            size = (max(1, round(w * self.value)), max(1, round(h * self.value)))
+            small = img.resize(size, Image.Resampling.BILINEAR)
             return small.resize((w, h), Image.Resampling.BILINEAR)
         if self.kind == "blur":
             return img.filter(ImageFilter.GaussianBlur(self.value))
@@ -58,6 +74,10 @@ class Perturbation:
             rng = np.random.default_rng(seed)
             arr = np.asarray(img, dtype=np.float32) + rng.normal(0, self.value, (img.size[1], img.size[0], 3))
             return Image.fromarray(np.clip(arr + 0.5, 0, 255).astype(np.uint8))
+        if self.kind == "shift":
+            k = int(self.value)
+            arr = np.pad(np.asarray(img), ((k, 0), (k, 0), (0, 0)), mode="edge")  # (H + k, W + k, 3)
+            return Image.fromarray(arr[:img.size[1], :img.size[0]])
         return img
 
 

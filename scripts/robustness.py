@@ -6,6 +6,10 @@ Conditions: clean, JPEG q = 95 / 75 / 50, down-then-up scaling 0.5x / 0.25x, Gau
 (radius 1 px) and Gaussian noise (std 8 of 255), each applied at the image's native size
 before the model's own resize. Writes robustness.md (table), robustness.json and
 robustness.png into OUT (default CHECKPOINT/robustness-SPLIT).
+
+--perturbations picks others, as KIND[:VALUE], e.g. how much a detector leans on where the
+face sits (the picture moved down and right by whole native pixels, edges repeated):
+    python scripts/robustness.py --checkpoint runs/X --data-dir ROOT --perturbations clean shift:1 shift:2 shift:4
 """
 
 import argparse
@@ -25,6 +29,16 @@ def at_least_two(text: str) -> int:
     return value
 
 
+def perturbation(text: str):
+    """--perturbations: KIND[:VALUE], checked here so that a typo stops before any evaluation."""
+    from rvf.robustness import Perturbation
+
+    try:
+        return Perturbation.parse(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, add_help=add_help,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -37,6 +51,10 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser.add_argument("--num-workers", type=non_negative_int,
                         help="decoding processes; 0 decodes in this one (default: cores, at most 8)")
     parser.add_argument("--device", default="auto", help="cpu, cuda or auto (default: auto, a GPU when there is one)")
+    parser.add_argument("--perturbations", nargs="+", type=perturbation, metavar="KIND[:VALUE]",
+                        help="conditions to run, in order, e.g. clean jpeg:75 shift:2; kinds: clean, jpeg (quality), "
+                             "scale (factor), blur (radius), noise (std of 255), shift (pixels down and right) "
+                             "(default: the list above)")
     return parser
 
 
@@ -47,7 +65,8 @@ def main(args) -> int:
 
     try:
         result = evaluate_robustness(args.checkpoint, args.data_dir, args.split, args.output_dir, args.limit,
-                                     args.batch_size, args.num_workers, device=args.device)
+                                     args.batch_size, args.num_workers, perturbations=args.perturbations,
+                                     device=args.device)
     except (CheckpointError, DatasetError, BadImageError, ValueError) as e:  # ValueError: --device
         print(f"error: {e}", file=sys.stderr)
         return 2
