@@ -1,4 +1,4 @@
-"""Evaluate a trained detector under JPEG re-compression, rescaling, blur and noise.
+"""Evaluate a trained detector under JPEG re-compression, rescaling, blur and noise (and, asked, reframing).
 
     python scripts/robustness.py --checkpoint runs/lenet --data-dir ROOT [--split valid] [--limit 1000]
 
