@@ -22,52 +22,13 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-# The eye band of a face aligned as FFHQ aligns it, as fractions of the image: (top, bottom, left, right).
-EYE_BAND = (3 / 8, 9 / 16, 1 / 4, 3 / 4)
+from rvf.framing import EYE_BAND, face_offsets, grey  # noqa: E402
 
-
-def grey(images, batch_size: int = 1024) -> torch.Tensor:
-    """uint8 `(N, 3, H, W)` (a memory map is fine) -> float32 `(N, H, W)`, the mean of the channels."""
-    return torch.cat([torch.as_tensor(np.array(images[i:i + batch_size])).float().mean(1)
-                      for i in range(0, len(images), batch_size)])
-
-
-def face_offsets(faces: torch.Tensor, template: torch.Tensor, band: tuple[float, float, float, float] = EYE_BAND,
-                 max_shift: int = 6) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each face's shift against `template` over `band`, by normalised cross-correlation.
-
-    Args:
-        faces: `(N, H, W)` grey faces.
-        template: `(H, W)`, e.g. the mean face.
-        band: the compared window as fractions of H and W: (top, bottom, left, right).
-        max_shift: largest shift tried, in pixels, each way along each axis.
-
-    Returns:
-        offsets `(N, 2)` (rows, columns: where the face's band lies against the template's,
-        + = down / right) and the best correlation `(N,)`, 1.0 for a perfect match.
-    """
-    n, h, w = faces.shape
-    r0, r1, c0, c1 = round(band[0] * h), round(band[1] * h), round(band[2] * w), round(band[3] * w)
-    if r0 < max_shift or c0 < max_shift or r1 + max_shift > h or c1 + max_shift > w:
-        raise ValueError(f"max_shift {max_shift} takes the band {(r0, r1, c0, c1)} outside a {h}x{w} image")
-    t = template[r0:r1, c0:c1]
-    t = (t - t.mean()) / t.std(unbiased=False)  # zero mean, so a window's mean cancels in the dot product
-    window = faces[:, None, r0 - max_shift:r1 + max_shift, c0 - max_shift:c1 + max_shift]  # (N, 1, bh + 2S, bw + 2S)
-    size = t.shape
-    dot = F.conv2d(window, t[None, None]) / t.numel()  # (N, 1, 2S + 1, 2S + 1): mean((P - mean P) * T)
-    mean = F.avg_pool2d(window, size, stride=1)
-    std = (F.avg_pool2d(window * window, size, stride=1) - mean * mean).clamp_min(1e-6).sqrt()
-    ncc = (dot / std).flatten(1)  # (N, (2S + 1)^2)
-    best, idx = ncc.max(dim=1)
-    side = 2 * max_shift + 1
-    offsets = torch.stack([idx // side, idx % side], dim=1) - max_shift
-    return offsets, best
+__all__ = ["EYE_BAND", "face_offsets", "grey", "get_args_parser", "main"]
 
 
 def get_args_parser() -> argparse.ArgumentParser:

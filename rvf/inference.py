@@ -8,7 +8,9 @@ Everything that turns an image into a verdict lives here, once:
 - `p_fake = softmax(logits)[:, 0]` (logit 0 = fake, 1 = real) and the verdict at the
   checkpoint's calibrated threshold: "fake" iff `p_fake >= threshold`;
 - Grad-CAM with `pytorch_grad_cam.GradCAM` on `rvf.models.get_cam_layer(model)`, for the
-  class of the verdict, rendered as a PNG overlay.
+  class of the verdict, rendered as a PNG overlay;
+- the run's framing check (`rvf.framing`), when it has one: whether the face sits where the
+  training faces sat, a warning beside the verdict, never a change to it.
 
 An `EnsemblePredictor` serves several of them as one (the mean P(fake) at the ensemble's own
 calibrated threshold); `load_predictor` returns whichever a folder holds.
@@ -36,6 +38,7 @@ from PIL import Image
 
 from rvf.checkpoint import load_pretrained
 from rvf.data.transforms import IMAGE_EXTENSIONS, BadImageError, DataConfig, build_eval_transform, open_rgb, to_uint8
+from rvf.framing import FramingReference
 from rvf.models import get_cam_layer
 from rvf.utils import predict_logits
 
@@ -108,6 +111,7 @@ class Prediction:
     p_real: float | None = None
     error: str | None = None
     gradcam_png: bytes | None = None  # PNG bytes of the overlay, when asked for
+    framing: dict | None = None  # `rvf.framing.Framing.to_dict()`, when the model has a framing check
 
     @property
     def ok(self) -> bool:
@@ -206,10 +210,13 @@ class Predictor(Detector):
         meta: the checkpoint's `model.json` (see `rvf.checkpoint`).
         data_cfg: the input config the model was trained with.
         device: where to run it.
+        framing: the run's framing reference (`framing.safetensors`), or None for no check.
     """
 
-    def __init__(self, model: torch.nn.Module, meta: dict, data_cfg: DataConfig, device="cpu"):
+    def __init__(self, model: torch.nn.Module, meta: dict, data_cfg: DataConfig, device="cpu",
+                 framing: FramingReference | None = None):
         self.device = torch.device(device)
+        self.framing = framing
         self.model = model.to(self.device).eval()
         self.meta = meta
         self.data_cfg = data_cfg
@@ -234,9 +241,15 @@ class Predictor(Detector):
         `allow_pickle` also accepts a `.pt`/`.pth`/... state dict, read with
         `torch.load(weights_only=True)` (see `rvf.checkpoint.load_pretrained`).
         """
+        from rvf.checkpoint import CheckpointError
+
         device = resolve_device(device)
         model, meta, data_cfg = load_pretrained(directory, device, allow_pickle=allow_pickle)
-        return cls(model, meta, data_cfg, device)
+        try:
+            framing = FramingReference.load(directory)  # None for runs trained before the check
+        except ValueError as e:
+            raise CheckpointError(str(e)) from e
+        return cls(model, meta, data_cfg, device, framing)
 
     # --- facts for the UI and the health check ---
 
@@ -260,6 +273,7 @@ class Predictor(Detector):
             "valid_accuracy": valid.get("accuracy"),
             "valid_accuracy_at_threshold": valid.get("accuracy_at_threshold"),  # what the verdicts score
             "valid_roc_auc": valid.get("roc_auc"),
+            "framing_check": self.framing is not None,
         }
 
     # --- inference ---
@@ -301,12 +315,19 @@ class Predictor(Detector):
         p_fake = self.predict_batch(batch).tolist()
         for i, p in zip(good, p_fake, strict=True):
             out[i].p_fake, out[i].p_real, out[i].label = p, 1.0 - p, self.verdict(p)
+        self._check_framing(out, good, batch)
         if gradcam:
             targets = [self.classes.index(out[i].label) for i in good]
             cams = self.gradcam(batch, targets)  # (B, S, S)
             for i, cam in zip(good, cams, strict=True):
                 out[i].gradcam_png = self.overlay_png(decoded[i][self.overlay_view], cam)
         return out
+
+    def _check_framing(self, out: list[Prediction], good: list[int], batch: torch.Tensor) -> None:
+        """Attach each good image's framing check (the model's own view of it) to its prediction."""
+        if self.framing is not None:
+            for i, f in zip(good, self.framing.check(batch), strict=True):
+                out[i].framing = f.to_dict()
 
     # --- Grad-CAM ---
 
@@ -378,8 +399,11 @@ class EnsemblePredictor(Detector):
         self.members = list(members)
         self.threshold = float(threshold)
         self.valid = dict(valid or {})
-        # The overlay is drawn by the member that sees the most pixels.
+        # The overlay is drawn by the member that sees the most pixels; the framing check is the
+        # largest member's that has one (the members were trained on the same faces).
         self._largest = max(self.members, key=lambda m: m.image_size)
+        self._framed = max((m for m in self.members if m.framing is not None), key=lambda m: m.image_size,
+                           default=None)
 
     @classmethod
     def from_directory(cls, directory: str | os.PathLike, device: str | torch.device = "cpu",
@@ -423,6 +447,7 @@ class EnsemblePredictor(Detector):
             "valid_accuracy": self.valid.get("accuracy"),
             "valid_accuracy_at_threshold": self.valid.get("accuracy_at_threshold"),
             "valid_roc_auc": self.valid.get("roc_auc"),
+            "framing_check": self._framed is not None,
             "members": [m.describe() for m in self.members],
         }
 
@@ -438,6 +463,8 @@ class EnsemblePredictor(Detector):
         p_fake = torch.stack([m.predict_batch(b) for m, b in zip(self.members, batches)]).mean(0)  # (B,)
         for i, p in zip(good, p_fake.tolist(), strict=True):
             out[i].p_fake, out[i].p_real, out[i].label = p, 1.0 - p, self.verdict(p)
+        if self._framed is not None:
+            self._framed._check_framing(out, good, batches[self.members.index(self._framed)])
         if gradcam:
             targets = [self._largest.classes.index(out[i].label) for i in good]
             size = self.image_size

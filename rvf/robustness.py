@@ -19,6 +19,8 @@ from tqdm.auto import tqdm
 from rvf.checkpoint import load_pretrained
 from rvf.data import RVF10K, build_eval_transform, open_rgb
 from rvf.data.transforms import to_uint8
+from rvf.framing import FILE_NAME as FRAMING_FILE
+from rvf.framing import FramingReference
 from rvf.metrics import classification_metrics
 
 __all__ = ["PERTURBATIONS", "Perturbation", "evaluate_robustness"]
@@ -30,19 +32,24 @@ class Perturbation:
     Args:
         kind: "clean", "jpeg" (value = quality), "scale" (value = down-scale factor, then
             back up), "blur" (value = Gaussian radius in pixels), "noise" (value = std of
-            additive Gaussian noise on the 0..255 scale, seeded per image) or "shift" (value =
+            additive Gaussian noise on the 0..255 scale, seeded per image), "shift" (value =
             whole pixels the picture moves down and right, its top rows and left columns
-            repeated into the gap: the same face, framed a little differently).
+            repeated into the gap: the same face, framed a little differently), "crop" (value =
+            the share of the side kept, a square at a random place, seeded per image: a face
+            cropped by another tool) or "rotate" (value = degrees counter-clockwise about the
+            centre, corners filled by the nearest edge: a tilted head left untilted).
         value: the kind's parameter.
     """
 
-    KINDS = ("clean", "jpeg", "scale", "blur", "noise", "shift")
+    KINDS = ("clean", "jpeg", "scale", "blur", "noise", "shift", "crop", "rotate")
 
     def __init__(self, kind: str, value: float = 0.0):
         if kind not in self.KINDS:
             raise ValueError(f"unknown perturbation {kind!r} (one of {', '.join(self.KINDS)})")
         if kind == "shift" and (value != int(value) or value < 0):
             raise ValueError(f"a shift is a whole number of pixels, 0 or more, got {value:g}")
+        if kind == "crop" and not 0 < value <= 1:
+            raise ValueError(f"a crop keeps a share of the side in (0, 1], got {value:g}")
         self.kind, self.value = kind, value
 
     @classmethod
@@ -78,6 +85,18 @@ class Perturbation:
             k = int(self.value)
             arr = np.pad(np.asarray(img), ((k, 0), (k, 0), (0, 0)), mode="edge")  # (H + k, W + k, 3)
             return Image.fromarray(arr[:img.size[1], :img.size[0]])
+        if self.kind == "crop":
+            w, h = img.size
+            side = max(1, round(min(w, h) * self.value))
+            x, y = np.random.default_rng(seed).integers(0, [w - side + 1, h - side + 1])
+            return img.crop((int(x), int(y), int(x) + side, int(y) + side))
+        if self.kind == "rotate":
+            # Pad by edge, rotate, cut back: corners take the border's colours, not black ones.
+            w, h = img.size
+            k = (w + h) // 2
+            arr = np.pad(np.asarray(img), ((k, k), (k, k), (0, 0)), mode="edge")
+            turned = Image.fromarray(arr).rotate(self.value, resample=Image.Resampling.BILINEAR)
+            return turned.crop((k, k, k + w, k + h))
         return img
 
 
@@ -116,7 +135,9 @@ def evaluate_robustness(checkpoint, data_dir, split: str = "valid", output_dir=N
         progress: show a progress bar per perturbation (a 256 px model takes minutes each on a CPU).
 
     Returns:
-        {"rows": [{"perturbation", "accuracy", "roc_auc", "delta_accuracy", ...}], ...}
+        {"rows": [{"perturbation", "accuracy", "roc_auc", "delta_accuracy", ...}], ...}; when the
+        run has a framing check (`framing.safetensors`), each row also has "framing_off" (the
+        share of faces it calls off) and "accuracy_framing_ok" (accuracy on the others).
     """
     import os
 
@@ -139,19 +160,30 @@ def evaluate_robustness(checkpoint, data_dir, split: str = "valid", output_dir=N
         samples = [samples[i] for i in keep]
     workers = num_workers if num_workers is not None else min(8, os.cpu_count() or 1)
     threshold = meta.get("threshold", 0.5)
+    # The run's framing check, when it has one: which faces would the app have warned about?
+    framing = FramingReference.load(checkpoint)
     rows = []
     for p in perturbations or PERTURBATIONS:
         loader = DataLoader(_Perturbed(samples, p, data_cfg.image_size, data_cfg.interpolation),
                             batch_size=batch_size, num_workers=workers)
-        probs, labels = [], []
+        probs, labels, off = [], [], []
         with torch.no_grad():
             for x, y in tqdm(loader, desc=f"{p.name:>12}", unit="batch", disable=not progress):
                 logits = predict_logits(model, transform(x.to(device)), hflip=meta.get("tta_hflip", False))
                 probs.append(logits.float().softmax(1).cpu())
                 labels.append(y)
-        m = classification_metrics(torch.cat(labels).numpy(), torch.cat(probs).numpy(), threshold=threshold)
-        rows.append({"perturbation": p.name, "accuracy": m["accuracy"], "roc_auc": m["roc_auc"],
-                     "average_precision": m["average_precision"], "accuracy_at_threshold": m["accuracy_at_threshold"]})
+                if framing is not None:
+                    off += [not f.ok for f in framing.check(x)]
+        labels, probs = torch.cat(labels).numpy(), torch.cat(probs).numpy()
+        m = classification_metrics(labels, probs, threshold=threshold)
+        row = {"perturbation": p.name, "accuracy": m["accuracy"], "roc_auc": m["roc_auc"],
+               "average_precision": m["average_precision"], "accuracy_at_threshold": m["accuracy_at_threshold"]}
+        if framing is not None:
+            off = np.asarray(off)
+            right = probs.argmax(1) == labels
+            row["framing_off"] = float(off.mean())  # the share the app would have warned about
+            row["accuracy_framing_ok"] = float(right[~off].mean()) if (~off).any() else None
+        rows.append(row)
     clean = rows[0]["accuracy"] if rows and rows[0]["perturbation"] == "clean" else None
     for r in rows:
         r["delta_accuracy"] = None if clean is None else r["accuracy"] - clean
@@ -161,11 +193,19 @@ def evaluate_robustness(checkpoint, data_dir, split: str = "valid", output_dir=N
     output_dir.mkdir(parents=True, exist_ok=True)
     reports.write_json(output_dir / "robustness.json", result)
     lines = [f"# Robustness of `{meta['model_name']}` on {split} ({len(samples)} images)", "",
-             "| perturbation | accuracy % | change (points) | ROC AUC | AP |", "|---|---|---|---|---|"]
+             "| perturbation | accuracy % | change (points) | ROC AUC | AP |"
+             + (" framing off % | accuracy % where framing ok |" if framing is not None else ""),
+             "|---|---|---|---|---|" + ("---|---|" if framing is not None else "")]
     for r in rows:
         delta = "" if r["delta_accuracy"] is None else f"{100 * r['delta_accuracy']:+.2f}"
-        lines.append(f"| {r['perturbation']} | {100 * r['accuracy']:.2f} | {delta} | {r['roc_auc']:.4f} "
-                     f"| {r['average_precision']:.4f} |")
+        line = (f"| {r['perturbation']} | {100 * r['accuracy']:.2f} | {delta} | {r['roc_auc']:.4f} "
+                f"| {r['average_precision']:.4f} |")
+        if framing is not None:
+            ok_acc = r["accuracy_framing_ok"]
+            line += f" {100 * r['framing_off']:.1f} | {'' if ok_acc is None else f'{100 * ok_acc:.2f}'} |"
+        lines.append(line)
+    if framing is None:
+        lines += ["", f"No framing check: {checkpoint} has no {FRAMING_FILE} (add one with scripts/framing.py)."]
     atomic_write_text(output_dir / "robustness.md", "\n".join(lines) + "\n")
     plt = reports._plt()
     fig, ax = plt.subplots(figsize=(7, 3.4))

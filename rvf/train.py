@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 import rvf
 from rvf import CLASSES
 from rvf.checkpoint import save_pretrained
+from rvf.framing import FramingReference, dataset_images
 from rvf.config import ConfigError, TrainConfig
 from rvf.data import (RVF10K, DeviceLoader, ToUint8, build_cache, build_eval_transform, build_train_transform,
                       collate_batch, holdout_split, resolve_data_config, stratified_sample, use_device_data)
@@ -43,8 +44,8 @@ log = logging.getLogger(__name__)
 
 STATE_DIR = "checkpoints"  # Accelerate save_state folders, for resuming only
 STATE_MARKER = "rvf_state.json"  # written last inside a state folder: marks it complete
-RUN_OUTPUTS = (STATE_DIR, "wandb", "model.safetensors", "model.json", "config.yaml", "metrics.json",
-               "classification_report.txt", "*.png", "architecture.txt", "events.out.tfevents.*", "rvf",
+RUN_OUTPUTS = (STATE_DIR, "wandb", "model.safetensors", "model.json", "framing.safetensors", "config.yaml",
+               "metrics.json", "classification_report.txt", "*.png", "architecture.txt", "events.out.tfevents.*", "rvf",
                "eval-*", "robustness-*")  # what --overwrite removes
 
 
@@ -700,6 +701,8 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> di
     if getattr(train_step, "failed", None) is not None:
         metrics["cuda_graph_error"] = f"{type(train_step.failed).__name__}: {train_step.failed}"
     if accelerator.is_main_process:
+        # Where the training faces sit, so the app and the CLI can warn about faces framed otherwise.
+        FramingReference.fit(dataset_images(splits.fit), seed=cfg.seed).save(out)
         arch, sizes = reports.architecture_table(eval_net, input_size)
         metrics.update(sizes)
         atomic_write_text(out / "architecture.txt", arch)

@@ -7,9 +7,11 @@ Usage:
 Folders are searched recursively for image files (.jpg .jpeg .png .bmp .gif .webp .tif
 .tiff); files named explicitly are tried whatever their extension. The CSV (to --output, or
 stdout) has one row per predicted image: path, label ("fake"/"real" at the checkpoint's
-calibrated threshold), p_fake, p_real, and with --gradcam-dir the overlay's file name.
-Each file that cannot be read gets one line on stderr and no row; the others are still
-predicted.
+calibrated threshold), p_fake, p_real, with --gradcam-dir the overlay's file name, and, when
+the run has a framing check (framing.safetensors), `framing`: "ok", or "off" and why: the
+face does not sit where the training faces sat (FFHQ's alignment), so its verdict means
+little. Each file that cannot be read gets one line on stderr and no row; the others are
+still predicted.
 
 Exit status: 0 when at least one image was predicted (even if others were bad), 1 when none
 was (no images found, or every one unreadable), 2 for a bad checkpoint, path or option.
@@ -83,12 +85,15 @@ def main(args) -> int:
             print(f"skipped: {r.error}", file=sys.stderr)
             continue
         rows.append({"path": r.name, "label": r.label, "p_fake": f"{r.p_fake:.6f}", "p_real": f"{r.p_real:.6f}"})
+        if r.framing is not None:
+            rows[-1]["framing"] = "ok" if r.framing["ok"] else f"off: {r.framing['note']}"
         if r.gradcam_png is not None:
             rows[-1]["gradcam"] = _unique_name(Path(r.name).stem, used_names)
             (gradcam_dir / rows[-1]["gradcam"]).write_bytes(r.gradcam_png)
 
     if rows:
-        fields = ["path", "label", "p_fake", "p_real"] + (["gradcam"] if gradcam_dir is not None else [])
+        fields = (["path", "label", "p_fake", "p_real"] + (["gradcam"] if gradcam_dir is not None else [])
+                  + (["framing"] if predictor.describe()["framing_check"] else []))
         if args.output:
             with atomic_path(args.output) as tmp, open(tmp, "w", newline="") as f:
                 _write_csv(f, fields, rows)
@@ -96,8 +101,10 @@ def main(args) -> int:
             _write_csv(sys.stdout, fields, rows)
     n_bad = len(results) - len(rows)
     n_fake = sum(row["label"] == "fake" for row in rows)
+    n_off = sum(row.get("framing", "ok") != "ok" for row in rows)
     print(f"predicted {len(rows)} of {len(results)} images ({n_fake} fake, {len(rows) - n_fake} real)"
           + (f"; {n_bad} could not be read" if n_bad else "")
+          + (f"; {n_off} framed unlike the training faces (see the framing column)" if n_off else "")
           + (f"; wrote {args.output}" if args.output and rows else ""), file=sys.stderr)
     return 0 if rows else 1
 

@@ -10,6 +10,12 @@ robustness.png into OUT (default CHECKPOINT/robustness-SPLIT).
 --perturbations picks others, as KIND[:VALUE], e.g. how much a detector leans on where the
 face sits (the picture moved down and right by whole native pixels, edges repeated):
     python scripts/robustness.py --checkpoint runs/X --data-dir ROOT --perturbations clean shift:1 shift:2 shift:4
+
+When the run has a framing check (framing.safetensors: written by training, or added to an
+older run by scripts/framing.py), the table also says which share of the faces the web app
+and the CLI would have warned about as framed unlike the training faces, and the accuracy
+on the rest; crop:F (a random square of F of the side) and rotate:DEG reframe a face as
+another tool might.
 """
 
 import argparse
@@ -53,7 +59,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser.add_argument("--device", default="auto", help="cpu, cuda or auto (default: auto, a GPU when there is one)")
     parser.add_argument("--perturbations", nargs="+", type=perturbation, metavar="KIND[:VALUE]",
                         help="conditions to run, in order, e.g. clean jpeg:75 shift:2; kinds: clean, jpeg (quality), "
-                             "scale (factor), blur (radius), noise (std of 255), shift (pixels down and right) "
+                             "scale (factor), blur (radius), noise (std of 255), shift (pixels down and right), "
+                             "crop (share of the side kept), rotate (degrees) "
                              "(default: the list above)")
     return parser
 

@@ -89,7 +89,8 @@ def upload(driver, url: str, paths, timeout: float = 60) -> list[dict]:
     """Open the page, choose `paths` in its file input and wait until every card has a result.
 
     Returns:
-        One dict per card, in page order: filename, verdict text, P(fake) text, error text.
+        One dict per card, in page order: filename, verdict text, P(fake) text, error text and
+        framing warning text ("" when hidden).
     """
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
@@ -108,6 +109,7 @@ def upload(driver, url: str, paths, timeout: float = 60) -> list[dict]:
         "verdict": card.find_element(By.CSS_SELECTOR, ".verdict").text,
         "p_fake": card.find_element(By.CSS_SELECTOR, ".pfake").text,
         "error": card.find_element(By.CSS_SELECTOR, ".error").text,
+        "framing": card.find_element(By.CSS_SELECTOR, ".framing").text,
     } for card in driver.find_elements(By.CSS_SELECTOR, ".card")]
 
 

@@ -49,3 +49,39 @@ def make_kaggle_dataset(root: Path, n: int = 8, size: int = 32) -> Path:
                     w.writerow([k, f"/kaggle/input/x/{p.stem}.png", p.stem, label, cls, f"{split}/{cls}/{p.name}"])
                     k += 1
     return root
+
+
+def blurry_face(seed: int = 0, size: int = 64):
+    """A random blurry grey 'face' (float (S, S), 20..220): structure everywhere, so every shift differs."""
+    import torch
+    import torch.nn.functional as F
+
+    g = torch.Generator().manual_seed(seed)
+    noise = torch.rand(1, 1, size // 8, size // 8, generator=g)
+    return F.interpolate(noise, size=(size, size), mode="bicubic", align_corners=False)[0, 0].clamp(0, 1) * 200 + 20
+
+
+def aligned_faces(n: int, size: int = 64, jitter: int = 1, seed: int = 0):
+    """uint8 (n, 3, S, S): one face moved by up to `jitter` px each way and lightly noised, as aligned faces are.
+
+    What rvf.framing's tests fit a framing reference on; `torch.roll` of one by a few pixels is a reframed face.
+    """
+    import torch
+
+    rng = np.random.default_rng(seed)
+    base = blurry_face(size=size)
+    out = []
+    for _ in range(n):
+        dy, dx = rng.integers(-jitter, jitter + 1, 2).tolist()
+        f = torch.roll(base, (dy, dx), dims=(0, 1)) + torch.from_numpy(rng.normal(0, 4, (size, size))).float()
+        out.append(f.clamp(0, 255).to(torch.uint8).expand(3, size, size))
+    return torch.stack(out)
+
+
+def png_bytes(image) -> bytes:
+    """uint8 (3, H, W) tensor -> PNG bytes."""
+    import io
+
+    buf = io.BytesIO()
+    Image.fromarray(image.permute(1, 2, 0).numpy()).save(buf, format="PNG")
+    return buf.getvalue()

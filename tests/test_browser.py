@@ -64,3 +64,24 @@ def test_bad_file_shows_error(app, tmp_path):
         [card] = shot.upload(driver, url, [bad])
     assert card["verdict"] == "Could not classify"
     assert "notes.jpg" in card["error"] and "not a readable image" in card["error"]
+
+
+def test_a_face_framed_unlike_the_training_faces_is_flagged(tmp_path):
+    from conftest import make_checkpoint
+    from rvf.framing import FramingReference
+    from rvf.web import create_app
+    from synth import aligned_faces, png_bytes
+
+    run = make_checkpoint(tmp_path / "run", image_size=64)
+    faces = aligned_faces(200)
+    FramingReference.fit(faces).save(run)
+    (tmp_path / "aligned.png").write_bytes(png_bytes(faces[0]))
+    (tmp_path / "moved.png").write_bytes(png_bytes(faces[1].roll((6, 6), dims=(1, 2))))
+    app = create_app({"TESTING": True, "MODEL_CHECKPOINT": str(run)})
+    with shot.serve(app) as url, shot.chrome(tmp_path / "profile") as driver:
+        cards = {c["filename"]: c for c in shot.upload(driver, url, [tmp_path / "aligned.png", tmp_path / "moved.png"])}
+        footer = driver.find_element(By.TAG_NAME, "footer").text
+    assert cards["aligned.png"]["framing"] == "" and cards["aligned.png"]["verdict"] in ("Fake", "Real")
+    assert cards["moved.png"]["framing"].startswith("Framed unlike the training faces: the eyes sit")
+    assert cards["moved.png"]["verdict"] in ("Fake", "Real")  # a warning beside the verdict, not instead of it
+    assert "such faces get a warning" in footer

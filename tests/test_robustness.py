@@ -26,7 +26,7 @@ def test_perturbations_degrade_as_named():
     noisy = [np.asarray(Perturbation("noise", 8)(img, seed=s)) for s in (1, 1, 2)]
     assert np.array_equal(noisy[0], noisy[1]) and not np.array_equal(noisy[0], noisy[2])  # seeded per image
     with pytest.raises(ValueError, match="unknown perturbation"):
-        Perturbation("rotate", 10)
+        Perturbation("sharpen", 1)
 
 
 @pytest.mark.parametrize("tta_hflip", [False, True], ids=["plain", "tta_hflip"])
@@ -42,7 +42,9 @@ def test_robustness_script_clean_row_matches_evaluate(tmp_path, tta_hflip):
     result = json.loads((tmp_path / "rob" / "robustness.json").read_text())
     assert [row["perturbation"] for row in result["rows"]] == [p.name for p in PERTURBATIONS]
     assert (tmp_path / "rob" / "robustness.png").stat().st_size > 0
-    assert "jpeg 75" in (tmp_path / "rob" / "robustness.md").read_text()
+    table = (tmp_path / "rob" / "robustness.md").read_text()
+    assert "jpeg 75" in table and "No framing check" in table and "scripts/framing.py" in table
+    assert "framing_off" not in result["rows"][0]
     r = subprocess.run([sys.executable, str(ROOT / "scripts/evaluate.py"), "--checkpoint", str(checkpoint),
                         "--data-dir", str(data), "--output-dir", str(tmp_path / "ev")],
                        capture_output=True, text=True, timeout=300,
@@ -63,7 +65,7 @@ def test_a_shift_moves_the_picture_and_repeats_its_edges():
     assert np.array_equal(out[:3, 3:], np.broadcast_to(a[:1, :-3], (3, 29, 3)))  # top row repeated
     assert np.array_equal(out[3:, :3], np.broadcast_to(a[:-3, :1], (29, 3, 3)))  # left column repeated
     assert Perturbation.parse("shift:2").name == "shift 2" and Perturbation.parse("clean").name == "clean"
-    for bad in ("shift:1.5", "shift:-1", "jpeg:high", "rotate:10"):
+    for bad in ("shift:1.5", "shift:-1", "jpeg:high", "sharpen:1", "crop:0", "crop:1.5"):
         with pytest.raises(ValueError, match=f"perturbation '{bad}'"):
             Perturbation.parse(bad)
 
@@ -71,7 +73,11 @@ def test_a_shift_moves_the_picture_and_repeats_its_edges():
 def test_robustness_script_runs_the_perturbations_asked_for(tmp_path):
     from conftest import make_checkpoint
 
+    from rvf.framing import FramingReference
+    from synth import aligned_faces
+
     checkpoint = make_checkpoint(tmp_path / "ckpt")
+    FramingReference.fit(aligned_faces(50)).save(checkpoint)  # a run with a framing check
     data = make_folder_dataset(tmp_path / "data", n=4, size=48, splits=("valid",))
     cmd = [sys.executable, str(ROOT / "scripts/robustness.py"), "--checkpoint", str(checkpoint),
            "--data-dir", str(data), "--output-dir", str(tmp_path / "rob"), "--num-workers", "0",
@@ -80,5 +86,23 @@ def test_robustness_script_runs_the_perturbations_asked_for(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     rows = json.loads((tmp_path / "rob" / "robustness.json").read_text())["rows"]
     assert [row["perturbation"] for row in rows] == ["clean", "shift 2"]
+    # synth's flat colour fields are nothing like the reference's faces: every one is called off
+    assert [row["framing_off"] for row in rows] == [1.0, 1.0] and rows[0]["accuracy_framing_ok"] is None
+    assert "| framing off % |" in r.stdout
     r = subprocess.run(cmd[:-2] + ["shift:0.5"], capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and "whole number of pixels" in r.stderr
+
+
+def test_a_crop_keeps_a_seeded_square_and_a_rotation_keeps_the_size():
+    img = face(0, 40, seed=2)
+    a = np.asarray(img)
+    crop = Perturbation.parse("crop:0.5")
+    out = np.asarray(crop(img, seed=5))
+    assert out.shape == (20, 20, 3) and np.array_equal(out, np.asarray(crop(img, seed=5)))  # seeded per image
+    ys, xs = [(y, x) for y in range(21) for x in range(21) if np.array_equal(a[y:y + 20, x:x + 20], out)][0]
+    assert 0 <= ys <= 20 and 0 <= xs <= 20  # a window of the picture, pixels copied
+    assert np.array_equal(np.asarray(Perturbation.parse("crop:1")(img)), a)
+    turned = np.asarray(Perturbation.parse("rotate:15")(img))
+    assert turned.shape == a.shape and not np.array_equal(turned, a)
+    assert turned[0, 0].sum() > 0 and turned[-1, -1].sum() > 0  # corners from the edges, not black
+    assert np.abs(np.asarray(Perturbation.parse("rotate:0")(img), float) - a).max() <= 1

@@ -16,8 +16,9 @@ from rvf.train import RunDirError, latest_state, train
 from synth import SHARED_MINI, make_folder_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
-REPORTS = ["model.safetensors", "model.json", "config.yaml", "metrics.json", "classification_report.txt",
-           "confusion_matrix.png", "curves.png", "roc.png", "samples.png", "architecture.txt"]
+REPORTS = ["model.safetensors", "model.json", "framing.safetensors", "config.yaml", "metrics.json",
+           "classification_report.txt", "confusion_matrix.png", "curves.png", "roc.png", "samples.png",
+           "architecture.txt"]
 
 
 @pytest.fixture(scope="module")

@@ -6,8 +6,10 @@
                        field `gradcam=1`) adds a base64 PNG overlay per image
 
 A predict response is `{"model": name, "results": [...]}` with one entry per file, in order:
-`{"filename", "label", "p_fake", "p_real", "threshold"[, "gradcam_png"]}`, or
-`{"filename", "threshold", "error"}` for a file that could not be read. The status is 200 when
+`{"filename", "label", "p_fake", "p_real", "threshold"[, "framing"][, "gradcam_png"]}`, or
+`{"filename", "threshold", "error"}` for a file that could not be read. "framing" comes when
+the model has a framing check (`rvf.framing`): `{"ok", "offset", "correlation"[, "note"]}`,
+"ok" false (with a "note" saying why) for a face that does not sit where the training faces sat. The status is 200 when
 at least one file was predicted (bad files are error entries beside the good ones) and 422
 when none was, with a top-level "error". Malformed requests get 400, oversize uploads 413;
 every API error body is `{"error": "..."}`.

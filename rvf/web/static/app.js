@@ -69,6 +69,13 @@
     bar.setAttribute("aria-label", "P(fake) " + pct(r.p_fake));
     card.querySelector(".pfake").textContent = pctBeside(r.p_fake, r.threshold);
     card.querySelector(".preal").textContent = pctBeside(r.p_real, 1 - r.threshold);
+    if (r.framing && !r.framing.ok) {
+      // The verdict stands; the warning says how little it may mean for this picture.
+      const warn = card.querySelector(".framing");
+      warn.textContent = "Framed unlike the training faces: " + r.framing.note + ".";
+      warn.hidden = false;
+      card.classList.add("off-frame");
+    }
 
     const toggle = card.querySelector(".cam-toggle");
     const cam = card.querySelector(".cam");
