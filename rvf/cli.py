@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Callable
 
-__all__ = ["non_negative_int", "positive_int", "positive_float", "output_file", "output_dir"]
+__all__ = ["non_negative_int", "positive_int", "positive_float", "float_in", "output_file", "output_dir"]
 
 
 def _whole_number(text: str, least: int) -> int:
@@ -32,15 +33,34 @@ def non_negative_int(text: str) -> int:
     return _whole_number(text, 0)
 
 
-def positive_float(text: str) -> float:
-    """A number above 0 (sizes in MB)."""
+def _number(text: str) -> float:
     try:
-        value = float(text)
+        return float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+
+
+def positive_float(text: str) -> float:
+    """A number above 0 (sizes in MB)."""
+    value = _number(text)
     if not value > 0:
         raise argparse.ArgumentTypeError(f"must be above 0, got {value:g}")
     return value
+
+
+def float_in(low: float, high: float, *, include_low: bool = True, what: str = "") -> Callable[[str], float]:
+    """An argparse type for a number in [low, high), or (low, high) without `include_low`.
+
+    `what` names the kind of number in the error, e.g. "a cosine": "must be a cosine in [-1, 1)".
+    """
+    def parse(text: str) -> float:
+        value = _number(text)
+        if not (low <= value if include_low else low < value) or not value < high:
+            interval = f"{'[' if include_low else '('}{low:g}, {high:g})"
+            raise argparse.ArgumentTypeError(f"must be {what + ' ' if what else ''}in {interval}, got {value:g}")
+        return value
+
+    return parse
 
 
 def output_file(text: str) -> Path:

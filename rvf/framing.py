@@ -100,7 +100,7 @@ class Framing:
     """Where one face sits against the training faces, and whether that is usual.
 
     `offset` is (down, right) in hundredths of the picture's side: (0, 0) is where the training
-    faces' eyes sit on average, and 1.6 is 4 pixels of a 256 px face.
+    faces' eyes sit on average, and 1.56 is 4 pixels of a 256 px face.
     """
 
     ok: bool

@@ -16,16 +16,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from rvf.cli import float_in  # noqa: E402
 
-def quantile(text: str) -> float:
-    """--quantile: the share of training faces each limit may leave out, in (0, 0.5)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
-    if not 0 < value < 0.5:
-        raise argparse.ArgumentTypeError(f"must be in (0, 0.5), got {value:g}")
-    return value
+
+# --quantile: the share of training faces each limit may leave out.
+quantile = float_in(0.0, 0.5, include_low=False)
 
 
 def get_args_parser() -> argparse.ArgumentParser:

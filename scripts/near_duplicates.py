@@ -20,27 +20,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from rvf.cli import non_negative_int, output_dir, positive_int  # noqa: E402
+from rvf.cli import float_in, non_negative_int, output_dir, positive_int  # noqa: E402
 
 
-def fraction(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
-    if not 0.0 <= value < 1.0:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {value:g}")
-    return value
-
-
-def cosine(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
-    if not -1.0 <= value < 1.0:
-        raise argparse.ArgumentTypeError(f"must be a cosine in [-1, 1), got {value:g}")
-    return value
+fraction = float_in(0.0, 1.0)  # --holdout, as the training config takes it
+cosine = float_in(-1.0, 1.0, what="a cosine")
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
