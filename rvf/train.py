@@ -29,10 +29,10 @@ from tqdm.auto import tqdm
 import rvf
 from rvf import CLASSES
 from rvf.checkpoint import save_pretrained
-from rvf.framing import FramingReference, dataset_images
 from rvf.config import ConfigError, TrainConfig
 from rvf.data import (RVF10K, DeviceLoader, ToUint8, build_cache, build_eval_transform, build_train_transform,
                       collate_batch, holdout_split, resolve_data_config, stratified_sample, use_device_data)
+from rvf.framing import FramingReference, dataset_images
 from rvf.metrics import calibrate_threshold, classification_metrics
 from rvf.step import TrainStep, build_train_step, cuda_graph_problems, set_capturable
 from rvf.utils import atomic_write_text, count_parameters, device_name, predict_logits, resolve_mixed_precision
@@ -569,7 +569,8 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> di
     eval_tf = build_eval_transform(data_cfg).to(accelerator.device)
     accelerator.print(f"data: {splits.root} | fit {splits.counts['fit']}, holdout {splits.counts['holdout']}, "
                       f"valid {splits.counts['valid']} | {data_cfg.image_size}px {data_cfg.interpolation}"
-                      + (f" | train split on {accelerator.device} ({train_loader.nbytes / 2**20:.0f} MB)" if device_data else ""))
+                      + (f" | train split on {accelerator.device} ({train_loader.nbytes / 2**20:.0f} MB)"
+                         if device_data else ""))
 
     # 3) optimizer, schedule, loss (the schedule counts single-process steps: Accelerate
     #    steps it once per process per optimizer step)
@@ -653,7 +654,8 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> di
             kept = f" {out} keeps the best model and the saved state of the epochs before." if epoch else ""
             raise DivergedError(f"epoch {epoch + 1}: training diverged (train loss {stats['loss']:.4g}); lower lr, "
                                 f"set grad_clip, or train in fp32 (--mixed-precision no).{kept}")
-        hold = classification_metrics(labels, probs, loss=loss) if len(labels) else {"accuracy": float("nan"), "loss": float("nan")}
+        hold = (classification_metrics(labels, probs, loss=loss) if len(labels)
+                else {"accuracy": float("nan"), "loss": float("nan")})
         row = {"epoch": epoch + 1, "train_loss": stats["loss"], "train_accuracy": stats["accuracy"],
                "holdout_loss": hold["loss"], "holdout_accuracy": hold["accuracy"],
                "holdout_roc_auc": hold.get("roc_auc", float("nan")),
@@ -689,7 +691,8 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> di
     metrics = {
         "model": cfg.model, "valid": valid, "holdout": meta["metrics"]["holdout"], "best_epoch": run["best_epoch"],
         "epochs": cfg.epochs, "history": run["history"], "train_seconds": run["train_seconds"],
-        "images_per_second": float(np.mean([h["images_per_second"] for h in run["history"]])) if run["history"] else None,
+        "images_per_second": (float(np.mean([h["images_per_second"] for h in run["history"]]))
+                              if run["history"] else None),
         "params": n_params, "image_size": data_cfg.image_size, "counts": splits.counts,
         "device": device_name(accelerator.device), "num_processes": accelerator.num_processes,
         "mixed_precision": accelerator.mixed_precision, "device_data": bool(device_data),

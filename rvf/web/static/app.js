@@ -74,7 +74,6 @@
       const warn = card.querySelector(".framing");
       warn.textContent = "Framed unlike the training faces: " + r.framing.note + ".";
       warn.hidden = false;
-      card.classList.add("off-frame");
     }
 
     const toggle = card.querySelector(".cam-toggle");
