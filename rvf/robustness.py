@@ -16,6 +16,7 @@ from PIL import Image, ImageFilter
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from rvf import CLASSES
 from rvf.checkpoint import load_pretrained
 from rvf.data import RVF10K, build_eval_transform, open_rgb
 from rvf.data.transforms import to_uint8
@@ -135,17 +136,19 @@ def evaluate_robustness(checkpoint, data_dir, split: str = "valid", output_dir=N
         progress: show a progress bar per perturbation (a 256 px model takes minutes each on a CPU).
 
     Returns:
-        {"rows": [{"perturbation", "accuracy", "roc_auc", "delta_accuracy", ...}], ...}; when the
-        run has a framing check (`framing.safetensors`), each row also has "framing_off" (the
-        share of faces it calls off) and "accuracy_framing_ok" (accuracy on the others).
+        {"rows": [{"perturbation", "accuracy", "roc_auc", "delta_accuracy", "recall", ...}], ...};
+        "recall" maps each class to the share of its faces called right, which says which way a
+        perturbation pushes the verdicts (accuracy alone cannot: 50 % is both "all real" and a
+        coin toss). When the run has a framing check (`framing.safetensors`), each row also has
+        "framing_off" (the share of faces it calls off) and "accuracy_framing_ok" (accuracy on
+        the others).
     """
     import os
 
     from rvf import reports
     from rvf.data import stratified_sample
-    from rvf.utils import atomic_write_text, device_name, predict_logits
-
     from rvf.inference import resolve_device
+    from rvf.utils import atomic_write_text, device_name, predict_logits
 
     checkpoint = Path(checkpoint)
     output_dir = Path(output_dir) if output_dir else checkpoint / f"robustness-{split}"
@@ -177,7 +180,8 @@ def evaluate_robustness(checkpoint, data_dir, split: str = "valid", output_dir=N
         labels, probs = torch.cat(labels).numpy(), torch.cat(probs).numpy()
         m = classification_metrics(labels, probs, threshold=threshold)
         row = {"perturbation": p.name, "accuracy": m["accuracy"], "roc_auc": m["roc_auc"],
-               "average_precision": m["average_precision"], "accuracy_at_threshold": m["accuracy_at_threshold"]}
+               "average_precision": m["average_precision"], "accuracy_at_threshold": m["accuracy_at_threshold"],
+               "recall": {c: m["per_class"][c]["recall"] for c in CLASSES}}
         if framing is not None:
             off = np.asarray(off)
             right = probs.argmax(1) == labels
@@ -193,12 +197,13 @@ def evaluate_robustness(checkpoint, data_dir, split: str = "valid", output_dir=N
     output_dir.mkdir(parents=True, exist_ok=True)
     reports.write_json(output_dir / "robustness.json", result)
     lines = [f"# Robustness of `{meta['model_name']}` on {split} ({len(samples)} images)", "",
-             "| perturbation | accuracy % | change (points) | ROC AUC | AP |"
+             f"| perturbation | accuracy % | change (points) | {' / '.join(CLASSES)} called right % | ROC AUC | AP |"
              + (" framing off % | accuracy % where framing ok |" if framing is not None else ""),
-             "|---|---|---|---|---|" + ("---|---|" if framing is not None else "")]
+             "|---|---|---|---|---|---|" + ("---|---|" if framing is not None else "")]
     for r in rows:
         delta = "" if r["delta_accuracy"] is None else f"{100 * r['delta_accuracy']:+.2f}"
-        line = (f"| {r['perturbation']} | {100 * r['accuracy']:.2f} | {delta} | {r['roc_auc']:.4f} "
+        recall = " / ".join(f"{100 * r['recall'][c]:.1f}" for c in CLASSES)
+        line = (f"| {r['perturbation']} | {100 * r['accuracy']:.2f} | {delta} | {recall} | {r['roc_auc']:.4f} "
                 f"| {r['average_precision']:.4f} |")
         if framing is not None:
             ok_acc = r["accuracy_framing_ok"]
@@ -209,9 +214,14 @@ def evaluate_robustness(checkpoint, data_dir, split: str = "valid", output_dir=N
     atomic_write_text(output_dir / "robustness.md", "\n".join(lines) + "\n")
     plt = reports._plt()
     fig, ax = plt.subplots(figsize=(7, 3.4))
-    ax.bar([r["perturbation"] for r in rows], [100 * r["accuracy"] for r in rows], color="tab:blue")
-    ax.set_ylabel("accuracy (%)")
-    ax.set_ylim(40, 100)
+    names = [r["perturbation"] for r in rows]
+    ax.bar(names, [100 * r["accuracy"] for r in rows], color="tab:blue", label="accuracy")
+    for c, marker in zip(CLASSES, "v^"):  # each class's recall: where the verdicts went
+        ax.plot(names, [100 * r["recall"][c] for r in rows], marker, color="black", linestyle="none",
+                label=f"{c} called right")
+    ax.legend(fontsize="small", loc="lower left")
+    ax.set_ylabel("%")
+    ax.set_ylim(0, 100)  # a class's recall can fall to 0
     ax.grid(axis="y", alpha=0.3)
     ax.tick_params(axis="x", rotation=30)
     ax.set_title(f"{meta['model_name']}: accuracy under degradation ({split})")

@@ -55,6 +55,9 @@ def test_robustness_script_clean_row_matches_evaluate(tmp_path, tta_hflip):
     ev = ev_all["valid"]
     assert result["rows"][0]["accuracy"] == pytest.approx(ev["accuracy"])
     assert result["rows"][0]["roc_auc"] == pytest.approx(ev["roc_auc"])
+    # which way the verdicts went: each class's recall, as evaluate.py's report has it
+    assert result["rows"][0]["recall"] == pytest.approx({c: ev["per_class"][c]["recall"] for c in ("fake", "real")})
+    assert "| fake / real called right % |" in table
 
 
 def test_a_shift_moves_the_picture_and_repeats_its_edges():
