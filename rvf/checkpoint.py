@@ -26,7 +26,8 @@ from safetensors.torch import save_file
 from rvf.data.transforms import INTERPOLATIONS, DataConfig
 from rvf.utils import atomic_path, atomic_write_text
 
-__all__ = ["CheckpointError", "WEIGHTS_NAME", "META_NAME", "check_threshold", "save_pretrained", "load_pretrained", "read_meta"]
+__all__ = ["CheckpointError", "WEIGHTS_NAME", "META_NAME", "check_threshold", "save_pretrained", "load_pretrained",
+           "read_meta"]
 
 WEIGHTS_NAME = "model.safetensors"
 META_NAME = "model.json"

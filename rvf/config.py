@@ -104,7 +104,9 @@ class TrainConfig:
     mixed_precision: Optional[str] = "auto"
     channels_last: bool = True  # NHWC weights and batches: faster convs on GPUs, and on a 2-core CPU too (LeNet 1.4x)
     compile: bool = False  # torch.compile the model
-    device_data: Optional[bool] = None  # whole uint8 train split on the device, batches indexed there; None: on for GPUs, and on a CPU for splits up to 256 MB
+    # the whole uint8 train split on the device, batches indexed there; None: on for GPUs, and
+    # on a CPU for splits up to 256 MB
+    device_data: Optional[bool] = None
     fused_optimizer: bool = True  # torch's fused optimizer kernel where there is one (adam, adamw, sgd...)
     # Record each training step (forward, backward, optimizer) once as a CUDA graph and replay it:
     # one launch per step instead of hundreds, for small models the host cannot feed fast

@@ -147,7 +147,8 @@ def write_manifest(directory: str | Path, checkpoints: list[str | Path], thresho
         except ValueError:  # another drive (Windows): nothing to be relative to
             members.append(str(c.resolve()))
     manifest = {"kind": MANIFEST_KIND, "members": members, "threshold": float(threshold),
-                "valid": {k: valid.get(k) for k in ("accuracy", "accuracy_at_threshold", "roc_auc", "average_precision")}}
+                "valid": {k: valid.get(k)
+                          for k in ("accuracy", "accuracy_at_threshold", "roc_auc", "average_precision")}}
     from rvf.reports import write_json
 
     path = directory / MANIFEST

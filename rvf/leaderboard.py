@@ -51,12 +51,14 @@ def write_leaderboard(rows: list[dict], out_dir: str | Path, title: str = "rvf10
     out_dir.mkdir(parents=True, exist_ok=True)
     lines = [f"# {title}", "",
              "Valid split (3,000 images on the full rvf10k), best epoch chosen on the holdout slice of train.", "",
-             "| # | model | run | size | params | MACs | accuracy % | seed % | ROC AUC | AP | best epoch | train time | device |",
+             "| # | model | run | size | params | MACs | accuracy % | seed % | ROC AUC | AP | best epoch "
+             "| train time | device |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for i, r in enumerate(rows, 1):
         seed = SEED_ACCURACY.get(r["model"])
         lines.append(
-            f"| {i} | `{r['model']}` | {r['run']} | {r['image_size']} | {_fmt_count(r['params'])} | {_fmt_count(r['macs'])} "
+            f"| {i} | `{r['model']}` | {r['run']} | {r['image_size']} | {_fmt_count(r['params'])} "
+            f"| {_fmt_count(r['macs'])} "
             f"| {100 * r['accuracy']:.2f} | {seed if seed is not None else '-'} | {r['roc_auc']:.4f} | {r['ap']:.4f} "
             f"| {r['best_epoch']}/{r['epochs']} | {r['train_seconds'] / 60:.1f} min | {r['device']} |")
     md = out_dir / "leaderboard.md"
@@ -117,7 +119,8 @@ def readme_table(rows: list[dict]) -> str:
         delta = f"{acc - seed:+.2f} pts" if seed is not None else "-"
         lines.append(
             f"| `configs/{r['run']}.yaml` | `{r['model']}` | {acc_s} "
-            f"| {f'{seed} %' if seed is not None else '-'} | {delta} | {r['roc_auc']:.4f} | {r['ap']:.4f} | {eer} | {acc_t} "
+            f"| {f'{seed} %' if seed is not None else '-'} | {delta} | {r['roc_auc']:.4f} | {r['ap']:.4f} | {eer} "
+            f"| {acc_t} "
             f"| {r['best_epoch']}/{r['epochs']} | {_fmt_count(r['params'])} | {machine}, torch {r.get('torch', '')} "
             f"| {r['train_seconds'] / 60:.1f} min |")
     return "\n".join(lines) + "\n"

@@ -51,10 +51,12 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser.add_argument("--mixed-precision", default="auto", choices=["auto", "no", "bf16"],
                         help="rvf path only (the plain loop is fp32); auto: bf16 where the device does it "
                              "in hardware, as training decides")
-    parser.add_argument("--channels-last", type=int, default=1, help="rvf path: 1 = NHWC model and batches (as in training)")
+    parser.add_argument("--channels-last", type=int, default=1,
+                        help="rvf path: 1 = NHWC model and batches (as in training)")
     parser.add_argument("--device-data", choices=["auto", "on", "off"], default="auto",
                         help="rvf path: keep the uint8 split on the device (auto: as training decides)")
-    parser.add_argument("--fused-optimizer", type=int, default=1, help="rvf path: 1 = torch's fused Adam (as in training)")
+    parser.add_argument("--fused-optimizer", type=int, default=1,
+                        help="rvf path: 1 = torch's fused Adam (as in training)")
     parser.add_argument("--cuda-graph", type=int, default=1,
                         help="on a CUDA device, also time rvf's step captured as a CUDA graph (rvf.step; "
                              "training's cuda_graph option): 1 = yes")
@@ -221,7 +223,8 @@ def main(args) -> int:
     data_dir = args.data_dir or _synthetic_folder(args.synthetic_dir or tmp / "data", args.synthetic)
     train = RVF10K(data_dir, "train")
     split_dir = Path(train.samples[0][0]).parents[1]  # ROOT[/rvf10k]/train, for ImageFolder
-    res = {"model": args.model, "image_size": args.image_size, "batch_size": args.batch_size, "device": device_name(device),
+    res = {"model": args.model, "image_size": args.image_size, "batch_size": args.batch_size,
+           "device": device_name(device),
            "cores": cores, "torch": torch.__version__, "images": len(train), "data": str(data_dir),
            "command": "python " + " ".join([sys.argv[0], *sys.argv[1:]])}
 
@@ -315,7 +318,8 @@ def main(args) -> int:
         lat = []
         for _ in range(30):
             t0 = time.perf_counter()
-            model(eval_tf(load_image(path, data_cfg.image_size, data_cfg.interpolation).to(device))).softmax(1)[0, 0].item()
+            x = load_image(path, data_cfg.image_size, data_cfg.interpolation).to(device)
+            model(eval_tf(x)).softmax(1)[0, 0].item()
             lat.append(time.perf_counter() - t0)
         res["single_image_latency_ms"] = round(1000 * statistics.median(lat[5:]), 2)
     print(f"{'inference':>22}: {res['inference_images_per_second']} img/s (batch {len(x)}), "
@@ -328,8 +332,9 @@ def main(args) -> int:
             n = max(args.batch_size, int(len(cached) * frac))
             part = cached.subset(np.random.default_rng(0).permutation(len(cached))[:n])
             loader = DataLoader(part, batch_size=args.batch_size, shuffle=True, collate_fn=collate_batch)
-            sec, n_img = time_epochs(RvfStep(fresh_model(), train_tf, device, autocast_dtype=autocast,
-                                             channels_last=args.channels_last, fused=args.fused_optimizer), loader, 2, 0)
+            step = RvfStep(fresh_model(), train_tf, device, autocast_dtype=autocast,
+                           channels_last=args.channels_last, fused=args.fused_optimizer)
+            sec, n_img = time_epochs(step, loader, 2, 0)
             pts.append((n_img, sec))
             print(f"{'scaling':>22}: {n_img:6d} images -> {sec:6.2f} s", flush=True)
         xs, ys = np.array(pts, dtype=float).T
@@ -337,7 +342,8 @@ def main(args) -> int:
         pred = slope * xs + intercept
         r2 = 1 - ((ys - pred) ** 2).sum() / max(((ys - ys.mean()) ** 2).sum(), 1e-12)
         res["scaling"] = {"points": [{"images": int(a), "seconds": round(b, 3)} for a, b in pts],
-                          "fit": f"seconds = {slope * 1000:.4f} ms/img x N + {intercept:.3f} s", "r2": round(float(r2), 5)}
+                          "fit": f"seconds = {slope * 1000:.4f} ms/img x N + {intercept:.3f} s",
+                          "r2": round(float(r2), 5)}
         print(f"{'scaling fit':>22}: {res['scaling']['fit']}  (R^2 = {res['scaling']['r2']})", flush=True)
 
     args.out.mkdir(parents=True, exist_ok=True)
@@ -362,16 +368,19 @@ def _markdown(r: dict) -> str:
         rows.append(f"| rvf, CUDA graph | {t['images_per_second']} | {t['epoch_seconds']} | | |")
     rows.append("")
     if "speedup_epoch" in r:
-        rows.append(f"- speed-up per epoch (warm cache): **{r['speedup_epoch']}x**; data only: {r['speedup_data_only']}x")
+        rows.append(f"- speed-up per epoch (warm cache): **{r['speedup_epoch']}x**; "
+                    f"data only: {r['speedup_data_only']}x")
+        projected = r["projected_20_epochs_seconds"]
         rows.append(f"- 20 epochs incl. the one-time cache build: **{r['speedup_20_epochs_incl_cache']}x** "
-                    f"({r['projected_20_epochs_seconds']['baseline']} s vs {r['projected_20_epochs_seconds']['rvf_incl_cache_build']} s)")
+                    f"({projected['baseline']} s vs {projected['rvf_incl_cache_build']} s)")
     if "speedup_epoch_cuda_graph" in r:
         rows.append(f"- speed-up per image with the step as a CUDA graph: **{r['speedup_epoch_cuda_graph']}x**")
     rows.append(f"- rvf path: split resident on the device: {r.get('rvf_device_data', False)}; "
                 f"fused optimizer: {r.get('rvf_fused_optimizer', False)}; "
                 f"precision: {r.get('rvf_mixed_precision', 'no')} (baseline: fp32)")
     rows.append(f"- cache build: {r['cache_build_seconds']} s for {r['cache_mb']} MB")
-    rows.append(f"- inference: {r['inference_images_per_second']} img/s; one JPEG end to end: {r['single_image_latency_ms']} ms")
+    rows.append(f"- inference: {r['inference_images_per_second']} img/s; "
+                f"one JPEG end to end: {r['single_image_latency_ms']} ms")
     if "scaling" in r:
         pts = ", ".join(f"{p['images']} img: {p['seconds']} s" for p in r["scaling"]["points"])
         rows.append(f"- scaling: {pts}; fit {r['scaling']['fit']}, R^2 {r['scaling']['r2']}")

@@ -5,9 +5,10 @@ r"""Score several trained detectors together: mean P(fake), threshold calibrated
 
 Each member uses its own input size and test-time flips, as it was trained. The members must
 have held out the same slice of train (same `holdout` and `split_seed` in their configs;
-`split_seed` defaults to `seed`), because the ensemble's threshold is calibrated on it. Prints each member's and the ensemble's valid accuracy
-and ROC AUC, and writes metrics.json, classification_report.txt, confusion_matrix.png, roc.png
-and probabilities.csv (one column per member too) into OUT.
+`split_seed` defaults to `seed`), because the ensemble's threshold is calibrated on it. Prints
+each member's and the ensemble's valid accuracy and ROC AUC, and writes metrics.json,
+classification_report.txt, confusion_matrix.png, roc.png and probabilities.csv (one column per
+member too) into OUT.
 """
 
 import argparse

@@ -78,8 +78,8 @@ def main(args) -> int:
 
     torch.manual_seed(args.seed)
     data_cfg = resolve_data_config(create_model(args.model), image_size=args.image_size)
-    cached = build_cache(RVF10K(args.data_dir, "train").samples, data_cfg.image_size, interpolation=data_cfg.interpolation,
-                         name="train")
+    cached = build_cache(RVF10K(args.data_dir, "train").samples, data_cfg.image_size,
+                         interpolation=data_cfg.interpolation, name="train")
     tf = build_eval_transform(data_cfg)
     order = np.random.default_rng(args.seed).permutation(len(cached))
     batches = []

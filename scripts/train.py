@@ -38,7 +38,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser.add_argument("--model", help="model name: rvf.models.list_models() or timm:<name>")
     parser.add_argument("--data-dir", help="rvf10k root (Kaggle layout or ROOT/{train,valid}/{real,fake}); "
                                            "default: download from Kaggle")
-    parser.add_argument("--output-dir", help="where checkpoints and reports go (default runs/<config name>, or runs/<model> without --config)")
+    parser.add_argument("--output-dir", help="where checkpoints and reports go (default runs/<config name>, "
+                                             "or runs/<model> without --config)")
     parser.add_argument("--epochs", type=int, help="number of epochs (with --resume: the new total)")
     parser.add_argument("--batch-size", type=int, help="per process")
     parser.add_argument("--lr", type=float, help="peak learning rate")
@@ -54,7 +55,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser.add_argument("--overwrite", action="store_true", help="replace a run already in the output dir")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override any config key (repeatable), e.g. --set hflip=0.5 --set crop_scale=[0.8,1]")
-    parser.add_argument("--print-config", action="store_true", help="print the resolved config (every key, with its value) and exit")
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the resolved config (every key, with its value) and exit")
     return parser
 
 

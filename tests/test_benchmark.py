@@ -75,8 +75,8 @@ def test_step_ops_counts_each_training_step(tmp_path):
 
 def test_benchmark_bad_input_is_one_line(tmp_path):
     r = subprocess.run([sys.executable, "scripts/benchmark.py", "--data-dir", str(tmp_path / "nope")],
-                       capture_output=True, text=True, timeout=120, cwd=ROOT, env={"PATH": "/usr/bin:/bin",
-                                                                                    "HOME": str(tmp_path), "TMPDIR": str(tmp_path)})
+                       capture_output=True, text=True, timeout=120, cwd=ROOT,
+                       env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "TMPDIR": str(tmp_path)})
     assert r.returncode == 2 and r.stderr.startswith("error:") and "Traceback" not in r.stderr
     assert not list(tmp_path.glob("rvf-bench-*"))
 
@@ -86,8 +86,9 @@ def test_zoo_checks_every_config_before_training_any(tmp_path):
     (tmp_path / "a").mkdir()
     (tmp_path / "a" / "lenet.yaml").write_text("model: lenet\n")
     (tmp_path / "bad.yaml").write_text("model: lenet\nepochs: 0\n")
-    r = subprocess.run([sys.executable, "scripts/train_zoo.py", "--configs", str(good), str(tmp_path / "a" / "lenet.yaml"),
-                        str(tmp_path / "bad.yaml"), str(tmp_path / "missing.yaml"), "--output-root", str(tmp_path / "zoo")],
+    r = subprocess.run([sys.executable, "scripts/train_zoo.py", "--configs", str(good),
+                        str(tmp_path / "a" / "lenet.yaml"), str(tmp_path / "bad.yaml"), str(tmp_path / "missing.yaml"),
+                        "--output-root", str(tmp_path / "zoo")],
                        capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert r.returncode == 2 and not (tmp_path / "zoo").exists()  # nothing trained
     assert "epochs must be at least 1" in r.stderr and "missing.yaml does not exist" in r.stderr

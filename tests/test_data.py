@@ -134,7 +134,8 @@ def test_layout_errors_name_the_path(tmp_path, case):
 def _bad_files(d: Path) -> dict:
     buf = io.BytesIO()
     face(0, 64).save(buf, "JPEG")
-    files = {"zero.jpg": b"", "text.jpg": b"not an image at all", "truncated.jpg": buf.getvalue()[: len(buf.getvalue()) // 2]}
+    files = {"zero.jpg": b"", "text.jpg": b"not an image at all",
+             "truncated.jpg": buf.getvalue()[: len(buf.getvalue()) // 2]}
     for name, data in files.items():
         (d / name).write_bytes(data)
     return files

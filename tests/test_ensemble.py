@@ -124,7 +124,8 @@ def test_an_ensemble_folder_serves_like_one_checkpoint(runs, served):
     assert isinstance(ens, EnsemblePredictor) and ens.threshold == m["threshold"]
     assert ens.model_name == "ensemble(lenet + alexnet)" and ens.image_size == 40
     info = ens.describe()
-    assert info["valid_accuracy"] == m["valid"]["accuracy"] and [d["model"] for d in info["members"]] == ["lenet", "alexnet"]
+    assert info["valid_accuracy"] == m["valid"]["accuracy"]
+    assert [d["model"] for d in info["members"]] == ["lenet", "alexnet"]
 
     files = sorted((data / "valid").rglob("*.jpg"))
     results = ens.predict_sources([str(f) for f in files], batch_size=7)  # chunks that split the classes
@@ -199,7 +200,8 @@ def test_web_app_and_predict_cli_take_an_ensemble_folder(runs, served):
     ('{"kind": "something else"}', "not an rvf ensemble manifest"),
     ('{"kind": "rvf-ensemble", "members": ["../lenet"], "threshold": 0.5}', "at least two run folders"),
     ('{"kind": "rvf-ensemble", "members": ["../lenet", "../alexnet"], "threshold": 1.5}', "probability in"),
-    ('{"kind": "rvf-ensemble", "members": ["../lenet", "../gone"], "threshold": 0.5}', "ensemble.json lists member .*gone"),
+    ('{"kind": "rvf-ensemble", "members": ["../lenet", "../gone"], "threshold": 0.5}',
+     "ensemble.json lists member .*gone"),
 ])
 def test_a_bad_ensemble_manifest_is_named(runs, manifest, message):
     tmp, _, _ = runs

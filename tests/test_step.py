@@ -42,10 +42,12 @@ def test_cuda_graph_problems_name_each_reason():
     assert len(problems) == 7
     # Capturable optimizers other than the two whose replay is tested are named too.
     rms = torch.optim.RMSprop(model.parameters(), lr=0.1, capturable=True)
-    assert cuda_graph_problems(torch.device("cuda"), rms) == ["the optimizer is RMSprop; a captured step needs adam or adamw"]
+    assert cuda_graph_problems(torch.device("cuda"), rms) == [
+        "the optimizer is RMSprop; a captured step needs adam or adamw"]
     # Before the optimizer exists, its config name is checked for its kind only.
     assert cuda_graph_problems(torch.device("cuda"), "AdamW") == []
-    assert cuda_graph_problems(torch.device("cuda"), "sgd") == ["the optimizer is sgd; a captured step needs adam or adamw"]
+    assert cuda_graph_problems(torch.device("cuda"), "sgd") == [
+        "the optimizer is sgd; a captured step needs adam or adamw"]
 
 
 def test_cuda_graph_null_asks_for_a_graph_only_where_one_can_be_captured():
@@ -74,7 +76,8 @@ def test_build_optimizer_makes_adam_capturable_only_when_asked():
     sgd = build_optimizer(TrainConfig(model="lenet", optimizer="sgd", fused_optimizer=False), model, capturable=True)
     assert "needs adam or adamw" in " ".join(cuda_graph_problems(torch.device("cuda"), sgd))
     eager = build_optimizer(cfg, model)
-    assert cuda_graph_problems(torch.device("cuda"), eager) == ["the optimizer (AdamW) was built without capturable=True"]
+    assert cuda_graph_problems(torch.device("cuda"), eager) == [
+        "the optimizer (AdamW) was built without capturable=True"]
 
 
 def test_a_resumed_optimizer_takes_this_runs_capturable_flag():

@@ -465,7 +465,8 @@ def test_wandb_predictions_table_pairs_each_image_with_its_own_row(monkeypatch):
             rows_logged.append(dict(zip(self.columns, row)))
 
     stub = types.SimpleNamespace(Table=Table, Image=lambda x: x,
-                                 plot=types.SimpleNamespace(confusion_matrix=lambda **kw: None, roc_curve=lambda *a, **kw: None))
+                                 plot=types.SimpleNamespace(confusion_matrix=lambda **kw: None,
+                                                            roc_curve=lambda *a, **kw: None))
     monkeypatch.setitem(sys.modules, "wandb", stub)
     run = types.SimpleNamespace(log=lambda d: None, summary={})
     # Kaggle's valid.csv lists every real image, then every fake one; the table samples across it.
@@ -553,7 +554,8 @@ def test_two_process_ddp_counts_each_image_once(data_dir, tmp_path):
     launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29537"]
     out = tmp_path / "run"
     r = _run([*launch, "scripts/train.py", "--data-dir", str(data), "--output-dir", str(out), "--epochs", "1",
-              "--image-size", "32", "--batch-size", "4", "--tracker", "none"], tmp_path, timeout=600, ACCELERATE_USE_CPU="1")
+              "--image-size", "32", "--batch-size", "4", "--tracker", "none"],
+             tmp_path, timeout=600, ACCELERATE_USE_CPU="1")
     assert r.returncode == 0, r.stderr[-3000:]
     m2train = json.loads((out / "metrics.json").read_text())
     assert m2train["num_processes"] == 2 and m2train["valid"]["n"] == 23

@@ -284,7 +284,8 @@ def test_images_over_the_pixel_budget_are_refused_before_decoding(checkpoint, mo
 
     from PIL import ImageFile
 
-    client = create_app({"TESTING": True, "MODEL_CHECKPOINT": str(checkpoint), "MAX_IMAGE_PIXELS": 100 * 100}).test_client()
+    app = create_app({"TESTING": True, "MODEL_CHECKPOINT": str(checkpoint), "MAX_IMAGE_PIXELS": 100 * 100})
+    client = app.test_client()
     buf = io.BytesIO()
     Image.fromarray(np.zeros((101, 100), np.uint16)).save(buf, "PNG")  # 16-bit, just over the budget
     monkeypatch.setattr(ImageFile.ImageFile, "load", lambda self: pytest.fail("decoded an image over the budget"))
@@ -335,5 +336,6 @@ def test_app_script_takes_the_checkpoint_from_the_environment(tmp_path):
     from conftest import ROOT
 
     env = {**os.environ, "RVF_CHECKPOINT": str(tmp_path)}  # an empty folder: refused, by name
-    r = subprocess.run([sys.executable, "scripts/app.py"], capture_output=True, text=True, cwd=ROOT, env=env, timeout=120)
+    r = subprocess.run([sys.executable, "scripts/app.py"], capture_output=True, text=True, cwd=ROOT, env=env,
+                       timeout=120)
     assert r.returncode == 2 and f"{tmp_path} is not an rvf checkpoint" in r.stderr and "Traceback" not in r.stderr

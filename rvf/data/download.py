@@ -56,5 +56,6 @@ def download_rvf10k(dest: str | os.PathLike | None = None, force: bool = False) 
         raise DownloadError(f"rvf10k download failed: {why} {manual}") from e
     root = find_dataset_root(path)
     if root is None:
-        raise DownloadError(f"kagglehub downloaded to {path}, but no train.csv with an rvf10k/ folder is there. {manual}")
+        raise DownloadError(f"kagglehub downloaded to {path}, but no train.csv with an rvf10k/ folder is there. "
+                            f"{manual}")
     return root

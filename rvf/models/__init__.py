@@ -8,10 +8,12 @@
 Importing each family module runs its `@register_model` decorators (as in timm).
 """
 
-from .alexnet import *
-from .inception import *
-from .lenet import *
-from .resnet import *
-from .vgg import *
 from ._registry import create_model, get_cam_layer, is_model, list_models, register_model
 from ._timm import TIMM_PREFIX
+from .alexnet import *  # noqa: F403 (the imports register the models; their names come along)
+from .inception import *  # noqa: F403
+from .lenet import *  # noqa: F403
+from .resnet import *  # noqa: F403
+from .vgg import *  # noqa: F403
+
+__all__ = ["TIMM_PREFIX", "create_model", "get_cam_layer", "is_model", "list_models", "register_model"]
