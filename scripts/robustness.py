@@ -5,7 +5,9 @@
 Conditions: clean, JPEG q = 95 / 75 / 50, down-then-up scaling 0.5x / 0.25x, Gaussian blur
 (radius 1 px) and Gaussian noise (std 8 of 255), each applied at the image's native size
 before the model's own resize. Writes robustness.md (table), robustness.json and
-robustness.png into OUT (default CHECKPOINT/robustness-SPLIT).
+robustness.png into OUT (default CHECKPOINT/robustness-SPLIT). Each row has accuracy, its change
+from clean, the share of fakes and of reals called right (which way the verdicts moved), ROC
+AUC and average precision.
 
 --perturbations picks others, as KIND[:VALUE], e.g. how much a detector leans on where the
 face sits (the picture moved down and right by whole native pixels, edges repeated):
