@@ -15,10 +15,9 @@ calibrated threshold and the valid-split figures.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 
@@ -63,12 +62,10 @@ def evaluate_ensemble(checkpoints: list[str | Path], data_dir: str | Path, outpu
     from torch.utils.data import DataLoader
 
     from rvf import reports
-    from rvf.checkpoint import load_pretrained
+    from rvf.checkpoint import load_pretrained, read_meta
     from rvf.data import build_eval_transform, collate_batch
     from rvf.train import evaluate, load_splits
     from rvf.utils import device_name
-
-    from rvf.checkpoint import read_meta
 
     checkpoints = [Path(c) for c in checkpoints]
     if len(checkpoints) < 2:

@@ -413,10 +413,8 @@ class EnsemblePredictor(Detector):
         Raises:
             CheckpointError: naming the manifest, or the member's file, at fault.
         """
-        from rvf.ensemble import read_manifest
-
         from rvf.checkpoint import CheckpointError
-        from rvf.ensemble import MANIFEST
+        from rvf.ensemble import MANIFEST, read_manifest
 
         manifest = read_manifest(directory)
         device = resolve_device(device)

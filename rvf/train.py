@@ -30,8 +30,19 @@ import rvf
 from rvf import CLASSES
 from rvf.checkpoint import save_pretrained
 from rvf.config import ConfigError, TrainConfig
-from rvf.data import (RVF10K, DeviceLoader, ToUint8, build_cache, build_eval_transform, build_train_transform,
-                      collate_batch, holdout_split, resolve_data_config, stratified_sample, use_device_data)
+from rvf.data import (
+    RVF10K,
+    DeviceLoader,
+    ToUint8,
+    build_cache,
+    build_eval_transform,
+    build_train_transform,
+    collate_batch,
+    holdout_split,
+    resolve_data_config,
+    stratified_sample,
+    use_device_data,
+)
 from rvf.framing import FramingReference, dataset_images
 from rvf.metrics import calibrate_threshold, classification_metrics
 from rvf.step import TrainStep, build_train_step, cuda_graph_problems, set_capturable

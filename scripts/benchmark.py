@@ -205,8 +205,16 @@ def main(args) -> int:
     from torch.utils.data import DataLoader
     from torchvision import transforms as T
 
-    from rvf.data import (RVF10K, DeviceLoader, build_cache, build_train_transform, collate_batch, load_image,
-                          resolve_data_config, use_device_data)
+    from rvf.data import (
+        RVF10K,
+        DeviceLoader,
+        build_cache,
+        build_train_transform,
+        collate_batch,
+        load_image,
+        resolve_data_config,
+        use_device_data,
+    )
     from rvf.data.transforms import build_eval_transform
     from rvf.inference import resolve_device
     from rvf.models import create_model

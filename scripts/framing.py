@@ -18,7 +18,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from rvf.cli import float_in  # noqa: E402
 
-
 # --quantile: the share of training faces each limit may leave out.
 quantile = float_in(0.0, 0.5, include_low=False)
 
@@ -37,7 +36,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def main(args) -> int:
     from rvf.checkpoint import CheckpointError, read_meta
-    from rvf.data import RVF10K, BadImageError, DatasetError, DataConfig, build_cache
+    from rvf.data import RVF10K, BadImageError, DataConfig, DatasetError, build_cache
     from rvf.framing import FILE_NAME, FramingReference, dataset_images
 
     try:

@@ -22,7 +22,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from rvf.cli import float_in, non_negative_int, output_dir, positive_int  # noqa: E402
 
-
 fraction = float_in(0.0, 1.0)  # --holdout, as the training config takes it
 cosine = float_in(-1.0, 1.0, what="a cosine")
 

@@ -23,10 +23,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import argparse  # noqa: E402
+import csv  # noqa: E402
 
 from rvf.checkpoint import ALLOW_PICKLE_HELP  # noqa: E402
 from rvf.cli import output_dir, output_file, positive_int  # noqa: E402
-import csv  # noqa: E402
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:

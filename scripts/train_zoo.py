@@ -39,9 +39,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
 
 
 def main(args) -> int:
-    from rvf.leaderboard import collect_runs, write_leaderboard
-
     from rvf.config import ConfigError, load_config, parse_override
+    from rvf.leaderboard import collect_runs, write_leaderboard
 
     configs = [] if args.leaderboard_only else args.configs
     if not configs and not args.leaderboard_only:

@@ -7,10 +7,9 @@ through /usr/bin/chromedriver. Skipped when Chromium or its driver is not instal
 import importlib.util
 
 import pytest
+from conftest import ROOT
 from PIL import Image
 from selenium.webdriver.common.by import By
-
-from conftest import ROOT
 
 
 def load_screenshot_script():
@@ -68,9 +67,10 @@ def test_bad_file_shows_error(app, tmp_path):
 
 def test_a_face_framed_unlike_the_training_faces_is_flagged(tmp_path):
     from conftest import make_checkpoint
+    from synth import aligned_faces, png_bytes
+
     from rvf.framing import FramingReference
     from rvf.web import create_app
-    from synth import aligned_faces, png_bytes
 
     run = make_checkpoint(tmp_path / "run", image_size=64)
     faces = aligned_faces(200)

@@ -12,12 +12,24 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from synth import SHARED_MINI, face, make_folder_dataset, make_kaggle_dataset
 
-from rvf.data import (RVF10K, BadImageError, DatasetError, DataConfig, DeviceLoader, build_cache, build_eval_transform,
-                      build_train_transform, collate_batch, holdout_split, load_image, resolve_data_config)
+from rvf.data import (
+    RVF10K,
+    BadImageError,
+    DataConfig,
+    DatasetError,
+    DeviceLoader,
+    build_cache,
+    build_eval_transform,
+    build_train_transform,
+    collate_batch,
+    holdout_split,
+    load_image,
+    resolve_data_config,
+)
 from rvf.data.cache import cache_key
 from rvf.data.download import DownloadError, download_rvf10k
-from synth import SHARED_MINI, face, make_folder_dataset, make_kaggle_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 

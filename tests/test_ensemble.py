@@ -10,13 +10,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from synth import make_folder_dataset
 
 from rvf.checkpoint import CheckpointError
 from rvf.config import TrainConfig
 from rvf.ensemble import EnsembleError, evaluate_ensemble
 from rvf.inference import EnsemblePredictor, Predictor, load_predictor
 from rvf.train import train
-from synth import make_folder_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -5,8 +5,8 @@ import importlib.util
 import numpy as np
 import pytest
 import torch
-
 from conftest import ROOT, make_checkpoint
+
 from rvf.export import DEFAULT_ATOL, ExportError, check_parity, default_output, export_checkpoint, load_exported
 from rvf.inference import Predictor
 

@@ -9,7 +9,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from synth import make_folder_dataset
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from synth import aligned_faces, blurry_face, png_bytes
 
 from rvf.framing import FILE_NAME, FramingReference, dataset_images, face_offsets
-from synth import aligned_faces, blurry_face, png_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZE = 64

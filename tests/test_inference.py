@@ -6,9 +6,9 @@ import threading
 import numpy as np
 import pytest
 import torch
+from conftest import BAD_IMAGES, VALID_IMAGES, good_jpeg, image_bytes, make_checkpoint
 from PIL import Image
 
-from conftest import BAD_IMAGES, VALID_IMAGES, good_jpeg, image_bytes, make_checkpoint
 from rvf.checkpoint import load_pretrained
 from rvf.data.transforms import BadImageError, build_eval_transform, load_image, resolve_data_config
 from rvf.inference import Predictor, find_images, refuse_decompression_bombs, resolve_device

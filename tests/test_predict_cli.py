@@ -9,9 +9,9 @@ import sys
 
 import pytest
 import torch
+from conftest import BAD_IMAGES, ROOT, VALID_IMAGES, good_jpeg
 from PIL import Image
 
-from conftest import BAD_IMAGES, ROOT, VALID_IMAGES, good_jpeg
 from rvf.checkpoint import load_pretrained
 from rvf.data.transforms import build_eval_transform, load_image
 

@@ -21,19 +21,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import ROOT, image_bytes, make_checkpoint
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 from safetensors.torch import load_file
+from synth import make_folder_dataset
 
-from conftest import ROOT, image_bytes, make_checkpoint
 from rvf.checkpoint import CheckpointError, load_pretrained
 from rvf.data import RVF10K, build_cache
 from rvf.data.transforms import load_image
 from rvf.inference import refuse_decompression_bombs
 from rvf.train import latest_state
 from rvf.web import create_app
-from synth import make_folder_dataset
 
 FUZZ_EXAMPLES = int(os.environ.get("RVF_FUZZ_EXAMPLES", "300"))  # per fuzz test; docs/reliability.md ran more
 FUZZ_DEADLINE = timedelta(seconds=2)  # one request, decode to JSON; typically ~10 ms here

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from synth import face, make_folder_dataset
 
 from rvf.robustness import PERTURBATIONS, Perturbation
-from synth import face, make_folder_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -75,9 +75,9 @@ def test_a_shift_moves_the_picture_and_repeats_its_edges():
 
 def test_robustness_script_runs_the_perturbations_asked_for(tmp_path):
     from conftest import make_checkpoint
+    from synth import aligned_faces
 
     from rvf.framing import FramingReference
-    from synth import aligned_faces
 
     checkpoint = make_checkpoint(tmp_path / "ckpt")
     FramingReference.fit(aligned_faces(50)).save(checkpoint)  # a run with a framing check

@@ -4,12 +4,12 @@ import copy
 
 import pytest
 import torch
+from synth import make_folder_dataset
 from torch import nn
 
 from rvf.config import ConfigError, TrainConfig
 from rvf.step import CUDAGraphTrainStep, TrainStep, cuda_graph_problems, set_capturable
 from rvf.train import build_optimizer, build_scheduler, train, wants_cuda_graph
-from synth import make_folder_dataset
 
 CUDA = torch.cuda.is_available()
 

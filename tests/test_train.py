@@ -10,10 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 from safetensors.torch import load_file
+from synth import SHARED_MINI, make_folder_dataset
 
 from rvf.config import TrainConfig
 from rvf.train import RunDirError, latest_state, train
-from synth import SHARED_MINI, make_folder_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 REPORTS = ["model.safetensors", "model.json", "framing.safetensors", "config.yaml", "metrics.json",

@@ -4,9 +4,9 @@ import base64
 import io
 
 import pytest
+from conftest import BAD_IMAGES, METRICS, VALID_IMAGES, good_jpeg, make_checkpoint
 from PIL import Image
 
-from conftest import BAD_IMAGES, METRICS, VALID_IMAGES, good_jpeg, make_checkpoint
 from rvf.checkpoint import CheckpointError
 from rvf.web import create_app
 from rvf.web.views import safe_name
@@ -281,7 +281,6 @@ def test_a_file_sent_as_text_says_how_to_send_it(client):
 
 def test_images_over_the_pixel_budget_are_refused_before_decoding(checkpoint, monkeypatch):
     import numpy as np
-
     from PIL import ImageFile
 
     app = create_app({"TESTING": True, "MODEL_CHECKPOINT": str(checkpoint), "MAX_IMAGE_PIXELS": 100 * 100})

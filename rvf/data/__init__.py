@@ -1,8 +1,8 @@
 """Data: the rvf10k dataset, the decode-once cache, transforms and the Kaggle download."""
 
 from rvf.data.cache import DecodedImages, build_cache, collate_batch, default_cache_dir
-from rvf.data.device_loader import DeviceLoader, use_device_data
 from rvf.data.dataset import RVF10K, DatasetError, holdout_split, stratified_sample
+from rvf.data.device_loader import DeviceLoader, use_device_data
 from rvf.data.transforms import (
     BadImageError,
     DataConfig,

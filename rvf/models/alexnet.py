@@ -34,9 +34,7 @@ import torch
 from torch import nn
 
 from ._base import AdaptiveMaxPool2d, ClassifierMixin, CoordChannels, HighPassResiduals, init_weights
-from ._registry import (
-    DEFAULT_INPUT_SIZE, DEFAULT_MEAN, DEFAULT_STD, build_model_with_cfg, register_model,
-)
+from ._registry import DEFAULT_INPUT_SIZE, DEFAULT_MEAN, DEFAULT_STD, build_model_with_cfg, register_model
 
 __all__ = ["AlexNet"]
 

@@ -23,7 +23,12 @@ from torch import nn
 
 from ._base import ClassifierMixin
 from ._registry import (
-    DEFAULT_INPUT_SIZE, DEFAULT_MEAN, DEFAULT_STD, build_model_with_cfg, init_classifier, register_model,
+    DEFAULT_INPUT_SIZE,
+    DEFAULT_MEAN,
+    DEFAULT_STD,
+    build_model_with_cfg,
+    init_classifier,
+    register_model,
 )
 
 __all__ = ["ResNet", "Bottleneck"]
