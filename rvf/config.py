@@ -68,6 +68,9 @@ class TrainConfig:
     # fade fast instead of lingering, which a BatchNorm net's early epochs otherwise show
     # as a chance-level EMA for several epochs.
     ema_warmup: bool = False
+    # Sharpness-Aware Minimization's radius (rvf.step.SAMTrainStep), e.g. 0.05; 0 = off. Each
+    # step then takes two forward and backward passes, so an epoch costs about twice as long.
+    sam_rho: float = 0.0
     tta_hflip: bool = False  # evaluate (holdout, valid, the saved model) on each image and its mirror, logits averaged
     aux_weight: float = 0.3  # loss weight of each auxiliary head (inception_v1 aux_logits: true); the paper's 0.3
 

@@ -38,7 +38,8 @@ from typing import Callable
 import torch
 from torch import nn
 
-__all__ = ["TrainStep", "CUDAGraphTrainStep", "build_train_step", "cuda_graph_problems", "set_capturable"]
+__all__ = ["TrainStep", "SAMTrainStep", "CUDAGraphTrainStep", "build_train_step", "cuda_graph_problems",
+           "set_capturable"]
 
 
 class TrainStep:
@@ -66,18 +67,21 @@ class TrainStep:
         self.clip = clip or torch.nn.utils.clip_grad_norm_
         self.autocast = autocast or contextlib.nullcontext
 
-    def compute(self, x: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Forward, loss, backward and optimizer step; return (loss, logits), both detached."""
+    def forward_loss(self, x: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Forward and loss: (loss, logits of the main head)."""
         with self.autocast():
             out = self.model(x)
         if isinstance(out, (tuple, list)):
             # Auxiliary classifiers (Inception v1's `aux_logits`) add their own weighted
             # losses; only the main head is counted in accuracy and used at eval.
             logits, *aux = out
-            loss = self.criterion(logits, targets) + self.aux_weight * sum(self.criterion(a, targets) for a in aux)
-        else:
-            logits = out
-            loss = self.criterion(logits, targets)
+            aux_loss = sum(self.criterion(a, targets) for a in aux)
+            return self.criterion(logits, targets) + self.aux_weight * aux_loss, logits
+        return self.criterion(out, targets), out
+
+    def compute(self, x: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Forward, loss, backward and optimizer step; return (loss, logits), both detached."""
+        loss, logits = self.forward_loss(x, targets)
         self.backward(loss)
         if self.grad_clip:
             self.clip(self.model.parameters(), self.grad_clip)
@@ -88,6 +92,74 @@ class TrainStep:
         loss, logits = self.compute(x, targets)
         self.optimizer.zero_grad(set_to_none=True)
         return loss, logits
+
+
+class SAMTrainStep(TrainStep):
+    """A `TrainStep` that descends with the gradient taken at the worst nearby weights (SAM).
+
+    Sharpness-Aware Minimization (Foret et al. 2021, "Sharpness-Aware Minimization for
+    Efficiently Improving Generalization"): the gradient g at the weights w moves them to
+    w + rho * g / ||g||, the steepest point on a sphere of radius rho around them; the loss is
+    taken there again, and its gradient, back at w, is what the optimizer steps with. That
+    prefers flat minima, which is what generalises when a network fits its few thousand
+    training faces completely. Each step costs two forward and backward passes.
+
+    The second pass leaves BatchNorm's running statistics alone (momentum 0), so they track
+    the weights that are kept, once a step, as in a plain step. Its dropout masks are drawn
+    afresh (as in the paper's and the common implementations). The loss and logits returned
+    are the first pass's, at the weights being trained. Under fp16 the gradients are scaled by
+    the loss scale, which the normalisation cancels; a gradient with infs or NaNs perturbs
+    nothing (the scaler then skips the step as usual).
+
+    Args:
+        rho: the neighbourhood's radius, in the weights' own units (the paper's 0.05).
+    """
+
+    def __init__(self, *args, rho: float, **kwargs):
+        super().__init__(*args, **kwargs)
+        if not rho > 0:
+            raise ValueError(f"SAM needs a radius rho > 0, got {rho}")
+        self.rho = rho
+
+    def compute(self, x: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        loss, logits = self.forward_loss(x, targets)
+        self.backward(loss)
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        grads = [p.grad for p in params]
+        norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads, 2.0)).float())
+        # A non-finite norm (an fp16 overflow) gives scale 0: no perturbation, and no NaN written into the weights.
+        scale = torch.where(torch.isfinite(norm), self.rho / (norm + 1e-12), torch.zeros_like(norm))
+        eps = torch._foreach_mul(grads, scale)
+        for e in eps:  # 0 * inf is NaN
+            torch.nan_to_num_(e, nan=0.0, posinf=0.0, neginf=0.0)
+        with torch.no_grad():
+            torch._foreach_add_(params, eps)
+        self.optimizer.zero_grad(set_to_none=True)
+        with frozen_batchnorm_stats(self.model):
+            sharp_loss, _ = self.forward_loss(x, targets)
+        self.backward(sharp_loss)
+        with torch.no_grad():
+            torch._foreach_sub_(params, eps)
+        if self.grad_clip:
+            self.clip(self.model.parameters(), self.grad_clip)
+        self.optimizer.step()
+        return loss.detach(), logits.detach()
+
+
+@contextlib.contextmanager
+def frozen_batchnorm_stats(model: nn.Module):
+    """Train-mode BatchNorm that normalises with the batch's statistics but does not record them."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training]
+    saved = [(m.momentum, None if m.num_batches_tracked is None else m.num_batches_tracked.clone()) for m in norms]
+    for m in norms:
+        m.momentum = 0.0  # running = (1 - 0) * running + 0 * batch; None (a cumulative mean) would count the pass
+    try:
+        yield
+    finally:
+        for m, (momentum, tracked) in zip(norms, saved):
+            m.momentum = momentum
+            if tracked is not None:
+                m.num_batches_tracked.copy_(tracked)
 
 
 class CUDAGraphTrainStep(TrainStep):
@@ -203,7 +275,7 @@ def optimizer_param_groups(optimizer) -> list[dict]:
 
 def cuda_graph_problems(device: torch.device, optimizer, *, num_processes: int = 1, mixed_precision: str = "no",
                         compile: bool = False, gradient_accumulation_steps: int = 1,
-                        variable_batches: bool = False) -> list[str]:
+                        variable_batches: bool = False, sam: bool = False) -> list[str]:
     """Why a training step cannot be captured as a CUDA graph here (empty: it can).
 
     `optimizer` is the built optimizer, or before it exists its config name ("adamw"): a name
@@ -223,6 +295,8 @@ def cuda_graph_problems(device: torch.device, optimizer, *, num_processes: int =
     if variable_batches:
         problems.append("skip_bad without the cache shortens a batch by its unreadable images, and a graph "
                         "replays one batch size")
+    if sam:
+        problems.append("a SAM step (sam_rho > 0) runs two passes that rvf does not capture; train eagerly")
     # Adam and AdamW are the capturable optimizers whose tensor-lr step rvf tests replayed.
     if isinstance(optimizer, str):
         if optimizer.lower() not in ("adam", "adamw"):
@@ -258,6 +332,10 @@ def set_capturable(optimizer, capturable: bool) -> None:
 
 
 def build_train_step(model: nn.Module, criterion: Callable, optimizer, *, cuda_graph: bool = False,
-                     **kwargs) -> TrainStep:
-    """An eager `TrainStep`, or a `CUDAGraphTrainStep` when `cuda_graph` is true."""
+                     sam_rho: float = 0.0, **kwargs) -> TrainStep:
+    """An eager `TrainStep`, a `SAMTrainStep` when `sam_rho` > 0, or a `CUDAGraphTrainStep` when `cuda_graph`."""
+    if sam_rho and cuda_graph:
+        raise ValueError("a SAM step (sam_rho > 0) is not captured as a CUDA graph; build it with cuda_graph=False")
+    if sam_rho:
+        return SAMTrainStep(model, criterion, optimizer, rho=sam_rho, **kwargs)
     return (CUDAGraphTrainStep if cuda_graph else TrainStep)(model, criterion, optimizer, **kwargs)

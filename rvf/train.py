@@ -171,7 +171,7 @@ def wants_cuda_graph(cfg: TrainConfig, device, num_processes: int, precision: st
         return False
     return cfg.cuda_graph is True or not cuda_graph_problems(
         device, cfg.optimizer, num_processes=num_processes, mixed_precision=precision, compile=cfg.compile,
-        variable_batches=cfg.skip_bad and not cfg.cache)
+        variable_batches=cfg.skip_bad and not cfg.cache, sam=cfg.sam_rho > 0)
 
 
 def build_mixup(cfg: TrainConfig, num_classes: int):
@@ -502,6 +502,8 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> di
 
     out = cfg.resolved_output_dir()
     mixup = build_mixup(cfg, num_classes=len(CLASSES))  # here, so bad settings fail before any decoding
+    if cfg.sam_rho < 0:
+        raise ConfigError(f"sam_rho is SAM's neighbourhood radius (e.g. 0.05; 0 = off), got {cfg.sam_rho}")
     log_with, init_kwargs, tracker_note = tracking.resolve_tracker(cfg, out)
     # PartialState is the process/device state the Accelerator below will share; its device
     # decides what "auto" precision means (bf16 only where the hardware does bf16 maths). It
@@ -604,7 +606,7 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> di
     problems = cuda_graph_problems(accelerator.device, optimizer, num_processes=accelerator.num_processes,
                                    mixed_precision=accelerator.mixed_precision, compile=cfg.compile,
                                    gradient_accumulation_steps=accelerator.gradient_accumulation_steps,
-                                   variable_batches=cfg.skip_bad and not cfg.cache)
+                                   variable_batches=cfg.skip_bad and not cfg.cache, sam=cfg.sam_rho > 0)
     if accelerator.gradient_accumulation_steps > 1:
         # The loop steps the optimizer every batch; Accelerate would still divide each loss.
         raise ConfigError(f"gradient accumulation ({accelerator.gradient_accumulation_steps} steps, from the "
@@ -614,8 +616,8 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> di
     use_graph = cfg.cuda_graph is not False and not problems
     # `cuda_graph: null` (wherever it can) trains on eagerly if the capture fails; `true` stops there.
     graph_kwargs = {"strict": cfg.cuda_graph is True} if use_graph else {}
-    train_step = build_train_step(model, criterion, optimizer, cuda_graph=use_graph, grad_clip=cfg.grad_clip,
-                                  aux_weight=cfg.aux_weight, backward=accelerator.backward,
+    train_step = build_train_step(model, criterion, optimizer, cuda_graph=use_graph, sam_rho=cfg.sam_rho,
+                                  grad_clip=cfg.grad_clip, aux_weight=cfg.aux_weight, backward=accelerator.backward,
                                   clip=accelerator.clip_grad_norm_, **graph_kwargs)
 
     # 5) resume, or start a fresh run record

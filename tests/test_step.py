@@ -8,7 +8,7 @@ from synth import make_folder_dataset
 from torch import nn
 
 from rvf.config import ConfigError, TrainConfig
-from rvf.step import CUDAGraphTrainStep, TrainStep, cuda_graph_problems, set_capturable
+from rvf.step import CUDAGraphTrainStep, SAMTrainStep, TrainStep, build_train_step, cuda_graph_problems, set_capturable
 from rvf.train import build_optimizer, build_scheduler, train, wants_cuda_graph
 
 CUDA = torch.cuda.is_available()
@@ -187,3 +187,101 @@ def test_train_with_cuda_graph_matches_eager_training(tmp_path):
         graphed = torch.tensor([h[key] for h in runs[True]["history"]])
         torch.testing.assert_close(graphed, eager, rtol=5e-3, atol=1e-4, msg=lambda m: f"{key}: {m}")
     assert runs[True]["history"][-1]["train_loss"] < runs[True]["history"][0]["train_loss"]
+
+
+# --- SAM ---------------------------------------------------------------------------------
+
+
+def test_sam_step_descends_with_the_gradient_at_the_perturbed_weights():
+    """One SAM step with plain SGD, against the paper's update written out by hand."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2))
+    x, y = torch.randn(6, 4), torch.randint(0, 2, (6,))
+    rho, lr = 0.05, 0.1
+
+    ref = copy.deepcopy(model)
+    params = list(ref.parameters())
+    g = torch.autograd.grad(nn.functional.cross_entropy(ref(x), y), params)
+    norm = torch.sqrt(sum((gi ** 2).sum() for gi in g))
+    with torch.no_grad():
+        for p, gi in zip(params, g):
+            p.add_(gi * rho / norm)
+    g_sharp = torch.autograd.grad(nn.functional.cross_entropy(ref(x), y), params)
+    expected = [p0 - lr * gs for p0, gs in zip(model.parameters(), g_sharp)]
+
+    step = build_train_step(model, nn.CrossEntropyLoss(), torch.optim.SGD(model.parameters(), lr=lr), sam_rho=rho)
+    assert isinstance(step, SAMTrainStep)
+    loss, logits = step(x, y)
+    for p, e in zip(model.parameters(), expected):
+        torch.testing.assert_close(p.detach(), e.detach())
+    # What the loop reports is the loss at the weights being trained, not at the perturbed ones.
+    torch.testing.assert_close(loss, nn.functional.cross_entropy(logits, y))
+    assert all(p.grad is None for p in model.parameters())
+    # ...and the update is not a plain step's: the gradients at the two points differ.
+    assert not all(torch.allclose(a, b) for a, b in zip(g, g_sharp))
+
+
+def test_sam_step_records_batchnorm_statistics_once():
+    model, twin = _net(), _net()
+    x, y = _batches(1, "cpu")[0]
+    step = SAMTrainStep(model, nn.CrossEntropyLoss(), torch.optim.SGD(model.parameters(), lr=0.1), rho=0.05)
+    step(x, y)
+    twin.train()(x)  # one forward at the same starting weights: what one step should record
+    bn, twin_bn = model[1], twin[1]
+    torch.testing.assert_close(bn.running_mean, twin_bn.running_mean)
+    torch.testing.assert_close(bn.running_var, twin_bn.running_var)
+    assert bn.num_batches_tracked.item() == 1 and bn.momentum == twin_bn.momentum
+
+
+class _RecordingOptimizer:
+    """Steps nothing; records the weights and gradients it was asked to step with."""
+
+    def __init__(self, params):
+        self.params = list(params)
+        self.seen = None
+
+    def step(self):
+        self.seen = [p.detach().clone() for p in self.params]
+
+    def zero_grad(self, set_to_none=True):
+        for p in self.params:
+            p.grad = None
+
+
+def test_sam_step_perturbs_nothing_when_the_gradient_overflows():
+    """Under fp16 an overflowing loss scale gives inf gradients; the scaler then skips the step.
+    The perturbation must not write NaN into the weights meanwhile."""
+    model = _net()
+    before = [p.detach().clone() for p in model.parameters()]
+    opt = _RecordingOptimizer(model.parameters())
+    step = SAMTrainStep(model, nn.CrossEntropyLoss(), opt, rho=0.05,
+                        backward=lambda loss: (loss * float("inf")).backward())
+    x, y = _batches(1, "cpu")[0]
+    step(x, y)
+    for p, b in zip(opt.seen, before):
+        torch.testing.assert_close(p, b)
+
+
+def test_sam_is_an_eager_step_with_a_radius():
+    model = _net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    assert type(build_train_step(model, nn.CrossEntropyLoss(), opt)) is TrainStep
+    with pytest.raises(ValueError, match="not captured as a CUDA graph"):
+        build_train_step(model, nn.CrossEntropyLoss(), opt, sam_rho=0.05, cuda_graph=True)
+    with pytest.raises(ValueError, match="rho > 0"):
+        SAMTrainStep(model, nn.CrossEntropyLoss(), opt, rho=0.0)
+    adam = torch.optim.Adam(model.parameters(), capturable=True)
+    assert "SAM" in " ".join(cuda_graph_problems(torch.device("cuda"), adam, sam=True))
+    cfg = TrainConfig(model="lenet", sam_rho=0.05)
+    assert not wants_cuda_graph(cfg, torch.device("cuda"), 1, "bf16")
+
+
+def test_train_with_sam(tmp_path):
+    data = make_folder_dataset(tmp_path / "data", n=8, size=32)
+    cfg = TrainConfig(model="lenet", data_dir=str(data), output_dir=str(tmp_path / "run"), image_size=32, epochs=2,
+                      batch_size=4, holdout=0.25, tracker="none", cache_dir=str(tmp_path / "cache"), sam_rho=0.05)
+    with pytest.raises(ConfigError, match="sam_rho"):
+        train(cfg.replace(sam_rho=-0.1))
+    metrics = train(cfg)
+    assert metrics["cuda_graph"] is False and metrics["valid"]["n"] == 16
+    assert all(torch.isfinite(torch.tensor(h["train_loss"])) for h in metrics["history"])
