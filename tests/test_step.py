@@ -285,3 +285,6 @@ def test_train_with_sam(tmp_path):
     metrics = train(cfg)
     assert metrics["cuda_graph"] is False and metrics["valid"]["n"] == 16
     assert all(torch.isfinite(torch.tensor(h["train_loss"])) for h in metrics["history"])
+    # Asked for outright, a graph is refused with SAM named among the reasons.
+    with pytest.raises(ConfigError, match=r"cuda_graph: true.*SAM step"):
+        train(cfg.replace(cuda_graph=True), overwrite=True)
