@@ -71,6 +71,11 @@ class TrainConfig:
     # Sharpness-Aware Minimization's radius (rvf.step.SAMTrainStep), e.g. 0.05; 0 = off. Each
     # step then takes two forward and backward passes, so an epoch costs about twice as long.
     sam_rho: float = 0.0
+    # Knowledge distillation (rvf.distill): rvf run folders whose mean probability joins the
+    # labels as the target, (1 - distill_weight) * label + distill_weight * teachers. Each must
+    # read this run's image size and have held out the same slice (split_seed, holdout, subset).
+    teachers: list = field(default_factory=list)
+    distill_weight: float = 0.5
     tta_hflip: bool = False  # evaluate (holdout, valid, the saved model) on each image and its mirror, logits averaged
     aux_weight: float = 0.3  # loss weight of each auxiliary head (inception_v1 aux_logits: true); the paper's 0.3
 
@@ -204,7 +209,7 @@ _CHOICES = {
     "tracker": ("wandb", "tensorboard", "none"),
     "mixed_precision": ("auto", "no", "fp16", "bf16"),
 }
-_PROBABILITIES = ("hflip", "erase", "mixup_prob", "label_smoothing", "downscale")
+_PROBABILITIES = ("hflip", "erase", "mixup_prob", "label_smoothing", "downscale", "distill_weight")
 _AT_LEAST_ONE = ("epochs", "batch_size", "eval_batch_size", "step_size", "subset", "image_size", "log_every",
                  "num_sample_preds")
 _NOT_NEGATIVE = ("lr", "weight_decay", "momentum", "warmup_epochs", "min_lr", "gamma", "aux_weight",
@@ -232,6 +237,8 @@ def _check_value(key: str, value: Any, source: str) -> None:
         bad = "a fraction of train in [0, 1)"
     elif key in ("crop_scale", "downscale_range") and not (0.0 < value[0] <= value[1] <= 1.0):
         bad = "[min, max] with 0 < min <= max <= 1"
+    elif key == "teachers" and not all(isinstance(t, str) and t for t in value):
+        bad = "a list of run folders (paths)"
     elif key == "ema_decay" and not 0.0 < value < 1.0:
         bad = "between 0 and 1 (e.g. 0.999)"
     elif key in _AT_LEAST_ONE and value < 1:

@@ -43,6 +43,7 @@ from rvf.data import (
     stratified_sample,
     use_device_data,
 )
+from rvf.distill import distill_targets, load_teachers
 from rvf.framing import FramingReference, dataset_images
 from rvf.metrics import calibrate_threshold, classification_metrics
 from rvf.step import TrainStep, build_train_step, cuda_graph_problems, set_capturable
@@ -268,7 +269,7 @@ def check_crop_size(model: nn.Module, crop_size: int, image_size: int) -> None:
 # ----------------------------------------------------------------------------- one epoch
 
 def train_one_epoch(model, loader, transform, train_step: TrainStep, scheduler, accelerator, cfg,
-                    epoch: int, ema=None, step: int = 0, mixup=None) -> tuple[dict, int]:
+                    epoch: int, ema=None, step: int = 0, mixup=None, teachers=None) -> tuple[dict, int]:
     """Train for one epoch; return ({loss, accuracy, images_per_second}, global step).
 
     `train_step` runs forward, loss, backward and the optimizer step on each batch (an
@@ -277,6 +278,8 @@ def train_one_epoch(model, loader, transform, train_step: TrainStep, scheduler, 
 
     With `mixup` (a timm `Mixup`) the batch and its labels are mixed before the forward pass
     and the loss gets soft targets; accuracy is still counted against the unmixed labels.
+    With `teachers` (`rvf.distill.Teachers`) the targets are blended with their probabilities
+    on the same (augmented, mixed) batch.
 
     Loss and accuracy accumulate on the device and the host never waits for it inside the
     epoch: every `log_every` steps the running totals are copied to the host asynchronously,
@@ -300,6 +303,11 @@ def train_one_epoch(model, loader, transform, train_step: TrainStep, scheduler, 
             x, targets = mix_batch(mixup, x, labels)  # (B, num_classes) soft targets, smoothing included
         if cfg.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
+        if teachers is not None:
+            with accelerator.autocast():
+                teacher_probs = teachers(x)
+            targets = distill_targets(targets, teacher_probs, cfg.distill_weight, teacher_probs.shape[1],
+                                      smoothing=cfg.label_smoothing)
         loss, logits = train_step(x, targets)  # forward, loss, backward, (clip), optimizer step
         scheduler.step()
         step += 1
@@ -551,6 +559,8 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> di
         check_crop_size(model, cfg.crop_size, data_cfg.image_size)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
+    # Teachers are checked (size, holdout slice) here, before any decoding.
+    teachers = load_teachers(cfg, data_cfg, CLASSES, accelerator.device, channels_last=cfg.channels_last)
 
     # 2) data: the main process decodes the cache first, the others then map the same file
     with accelerator.main_process_first():
@@ -589,8 +599,10 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> di
     #    steps it once per process per optimizer step)
     optimizer = build_optimizer(cfg, model, capturable=graph_wanted)
     scheduler = build_scheduler(cfg, optimizer, steps_per_epoch)
-    # With mixing, timm's Mixup builds the smoothed soft targets itself.
-    criterion = nn.CrossEntropyLoss(label_smoothing=0.0 if mixup is not None else cfg.label_smoothing)
+    # With mixing, timm's Mixup builds the smoothed soft targets itself; with teachers,
+    # rvf.distill.distill_targets does (torch would smooth a soft target a second time).
+    soft_targets = mixup is not None or teachers is not None
+    criterion = nn.CrossEntropyLoss(label_smoothing=0.0 if soft_targets else cfg.label_smoothing)
 
     # 4) one line makes it all device- and process-aware
     model, optimizer, holdout_loader, valid_loader, scheduler = accelerator.prepare(
@@ -650,14 +662,17 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> di
     n_params = count_parameters(net)
     accelerator.print(f"model: {cfg.model} | {n_params / 1e6:.2f} M params | {accelerator.device} "
                       f"({device_name(accelerator.device)}) x {accelerator.num_processes} | "
-                      f"precision {accelerator.mixed_precision}" + (" | CUDA graph" if use_graph else ""))
+                      f"precision {accelerator.mixed_precision}" + (" | CUDA graph" if use_graph else "")
+                      + (f" | distilling {len(teachers.models)} teacher(s), weight {cfg.distill_weight}"
+                         if teachers is not None else ""))
 
     # 6) epochs: train, select on the holdout slice, log, save
     eval_net = ema.module if ema is not None else net
     for epoch in range(run["epoch"] + 1, cfg.epochs):
         train_loader.set_epoch(epoch)
         stats, run["step"] = train_one_epoch(model, train_loader, train_tf, train_step, scheduler, accelerator,
-                                             cfg, epoch, ema=ema, step=run["step"], mixup=mixup)
+                                             cfg, epoch, ema=ema, step=run["step"], mixup=mixup,
+                                             teachers=teachers)
         run["train_seconds"] += stats["seconds"]
         labels, probs, loss = evaluate(eval_net, holdout_loader, eval_tf, accelerator, desc="holdout",
                                        tta_hflip=cfg.tta_hflip)
