@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from rvf.config import ConfigError
+from rvf.config import ConfigError, TrainConfig
 
 __all__ = ["Teachers", "load_teachers", "distill_targets"]
 
@@ -112,8 +112,8 @@ def load_teachers(cfg, data_cfg, classes, device, channels_last: bool = False) -
         if t_cfg is None:
             raise ConfigError(f"teacher {name}/model.json has no training config: cannot tell which images it "
                               "held out (a teacher must hold out the student's slice)")
-        t_seed = t_cfg.get("seed", 42) if t_cfg.get("split_seed") is None else t_cfg["split_seed"]
-        t_slice = (t_seed, t_cfg.get("holdout", 0.1), t_cfg.get("subset"))
+        t_run = TrainConfig().replace(source=f"{name}/model.json", **t_cfg)
+        t_slice = (t_run.resolved_split_seed, t_run.holdout, t_run.subset)
         if cfg.holdout and t_slice != student_slice:  # no holdout: nothing is selected or calibrated
             raise ConfigError(
                 f"teacher {name} held out another slice of train (split_seed {t_slice[0]}, holdout {t_slice[1]}, "
