@@ -47,15 +47,12 @@ class Teachers(nn.Module):
         models: classifiers returning logits (B, C), each in eval mode.
         norms: per model, None when it reads the student's normalisation, else the
             (scale, shift) that maps a student-normalised batch to its own: x * scale + shift.
-        names: where each came from, for messages.
     """
 
-    def __init__(self, models: list[nn.Module], norms: list[tuple[torch.Tensor, torch.Tensor] | None],
-                 names: list[str]):
+    def __init__(self, models: list[nn.Module], norms: list[tuple[torch.Tensor, torch.Tensor] | None]):
         super().__init__()
         self.models = nn.ModuleList(models).eval().requires_grad_(False)
         self.norms = norms
-        self.names = names
 
     def train(self, mode: bool = True) -> "Teachers":
         return super().train(False)  # BatchNorm and dropout stay as trained whatever the caller does
@@ -63,12 +60,8 @@ class Teachers(nn.Module):
     @torch.no_grad()
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Mean probability over the teachers, float32 (B, C)."""
-        probs = None
-        for model, norm in zip(self.models, self.norms):
-            inp = x if norm is None else x * norm[0] + norm[1]
-            p = model(inp).float().softmax(1)
-            probs = p if probs is None else probs + p
-        return probs / len(self.models)
+        return torch.stack([model(x if norm is None else x * norm[0] + norm[1]).float().softmax(1)
+                            for model, norm in zip(self.models, self.norms)]).mean(0)
 
 
 def _renormalise(student, teacher, device) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -97,7 +90,7 @@ def load_teachers(cfg, data_cfg, classes, device, channels_last: bool = False) -
         raise ConfigError(f"teachers are set ({len(cfg.teachers)}) but distill_weight is 0: nothing would be "
                           "distilled (e.g. distill_weight: 0.5)")
     student_slice = (cfg.resolved_split_seed, cfg.holdout, cfg.subset)
-    models, norms, names = [], [], []
+    models, norms = [], []
     for entry in cfg.teachers:
         path = Path(entry)
         model, meta, t_data = load_pretrained(path, device)
@@ -124,8 +117,7 @@ def load_teachers(cfg, data_cfg, classes, device, channels_last: bool = False) -
             model = model.to(memory_format=torch.channels_last)
         models.append(model)
         norms.append(_renormalise(data_cfg, t_data, device))
-        names.append(name)
-    return Teachers(models, norms, names)
+    return Teachers(models, norms)
 
 
 def distill_targets(targets: torch.Tensor, teacher_probs: torch.Tensor, weight: float, num_classes: int,

@@ -54,7 +54,7 @@ def test_a_teacher_normalised_otherwise_gets_its_own_normalisation():
     seen = []
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(48, 2))
     model.register_forward_pre_hook(lambda m, inp: seen.append(inp[0]))
-    teachers = Teachers([model], [_renormalise(student, other, "cpu")], ["t"])
+    teachers = Teachers([model], [_renormalise(student, other, "cpu")])
     probs = teachers((pixels - 0.5) / 0.5)
     assert torch.allclose(seen[0], (pixels - mean) / std, atol=1e-5)
     assert torch.allclose(probs.sum(1), torch.ones(2)) and not probs.requires_grad
