@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
 __all__ = [
     "AdaptiveMaxPool2d", "ClassifierMixin", "CoordChannels", "HighPassResiduals", "init_classifier", "init_weights",
+    "mlp_pre_logits",
 ]
 
 
@@ -91,6 +94,24 @@ class CoordChannels(nn.Module):
         xs = (torch.arange(w, device=x.device, dtype=x.dtype) + 0.5) * (2 / w) - 1  # (W,)
         grid = torch.stack([xs.view(1, w).expand(h, w), ys.view(h, 1).expand(h, w)])  # (2, H, W)
         return torch.cat([x, grid.unsqueeze(0).expand(b, 2, h, w)], dim=1)  # (B, C + 2, H, W)
+
+
+def mlp_pre_logits(
+        in_features: int, hidden_size: int, act_layer: Callable[..., nn.Module], drop_rate: float,
+) -> nn.Sequential:
+    """The two hidden layers of AlexNet's and VGG's head: linear, act, dropout, linear, act.
+
+    The dropout after the second layer is the model's `head_drop`, before `fc`, so `forward_head`
+    can return the features undropped (`pre_logits=True`). The module indices (`pre_logits.0`,
+    `pre_logits.3`) are the checkpoints' keys: keep this order.
+    """
+    return nn.Sequential(
+        nn.Linear(in_features, hidden_size),
+        act_layer(inplace=True),
+        nn.Dropout(drop_rate),
+        nn.Linear(hidden_size, hidden_size),
+        act_layer(inplace=True),
+    )
 
 
 @torch.no_grad()

@@ -33,7 +33,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from ._base import AdaptiveMaxPool2d, ClassifierMixin, CoordChannels, HighPassResiduals, init_weights
+from ._base import AdaptiveMaxPool2d, ClassifierMixin, CoordChannels, HighPassResiduals, init_weights, mlp_pre_logits
 from ._registry import DEFAULT_INPUT_SIZE, DEFAULT_MEAN, DEFAULT_STD, build_model_with_cfg, register_model
 
 __all__ = ["AlexNet"]
@@ -119,13 +119,7 @@ class AlexNet(ClassifierMixin, nn.Module):
         self.num_features = prev_chs
 
         self.global_pool = AdaptiveMaxPool2d(pool_size)
-        self.pre_logits = nn.Sequential(
-            nn.Linear(prev_chs * pool_size * pool_size, head_hidden_size),
-            act_layer(inplace=True),
-            nn.Dropout(drop_rate),
-            nn.Linear(head_hidden_size, head_hidden_size),
-            act_layer(inplace=True),
-        )
+        self.pre_logits = mlp_pre_logits(prev_chs * pool_size * pool_size, head_hidden_size, act_layer, drop_rate)
         self.head_drop = nn.Dropout(drop_rate)
         self.fc = nn.Linear(head_hidden_size, num_classes) if num_classes > 0 else nn.Identity()
         init_weights(self)  # Kaiming fan_out convs; see rvf.models._base
