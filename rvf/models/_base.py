@@ -101,9 +101,9 @@ def mlp_pre_logits(
 ) -> nn.Sequential:
     """The two hidden layers of AlexNet's and VGG's head: linear, act, dropout, linear, act.
 
-    The dropout after the second layer is the model's `head_drop`, before `fc`, so `forward_head`
-    can return the features undropped (`pre_logits=True`). The module indices (`pre_logits.0`,
-    `pre_logits.3`) are the checkpoints' keys: keep this order.
+    The dropout after the second layer is the model's own `head_drop`, which `forward_head`
+    applies before `fc` (timm's layout). The module indices (`pre_logits.0`, `pre_logits.3`) are
+    the checkpoints' keys: keep this order.
     """
     return nn.Sequential(
         nn.Linear(in_features, hidden_size),
