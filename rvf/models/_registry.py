@@ -30,6 +30,7 @@ from ._timm import TIMM_PREFIX, create_timm_model, is_timm_model, timm_close_mat
 __all__ = [
     "DEFAULT_INPUT_SIZE", "DEFAULT_MEAN", "DEFAULT_STD", "build_model_with_cfg", "create_model",
     "get_cam_layer", "init_classifier", "is_model", "list_models", "load_pretrained", "register_model",
+    "scratch_cfg",
 ]
 
 _logger = logging.getLogger(__name__)
@@ -39,6 +40,23 @@ _logger = logging.getLogger(__name__)
 DEFAULT_INPUT_SIZE = (3, 64, 64)
 DEFAULT_MEAN = (0.5, 0.5, 0.5)
 DEFAULT_STD = (0.5, 0.5, 0.5)
+
+
+def scratch_cfg(cam_layer: str, **kwargs: Any) -> dict[str, Any]:
+    """The default `pretrained_cfg` of a from-scratch rvf model (timm's per-family `_cfg`).
+
+    Args:
+        cam_layer: `get_submodule` path of the layer Grad-CAM reads (the last spatial features).
+        **kwargs: entries that override or extend the defaults.
+
+    Returns:
+        The seed protocol's input (64 px RGB scaled to [-1, 1]), `fc` as the classifier and
+        `cam_layer`, with `kwargs` on top.
+    """
+    return dict(
+        input_size=DEFAULT_INPUT_SIZE, mean=DEFAULT_MEAN, std=DEFAULT_STD, interpolation="bilinear",
+        classifier="fc", cam_layer=cam_layer, **kwargs,
+    )
 
 _model_entrypoints: dict[str, Callable[..., nn.Module]] = {}
 
@@ -157,7 +175,7 @@ def build_model_with_cfg(
         model_cls: the model class (or any callable returning a module).
         variant: registered name, stored as `pretrained_cfg["architecture"]`.
         pretrained: load the weights file given as `pretrained_cfg_overlay["file"]`.
-        pretrained_cfg: the variant's default config (see each family's `_cfg`).
+        pretrained_cfg: the variant's default config (`scratch_cfg` for rvf's own families).
         pretrained_cfg_overlay: entries that override `pretrained_cfg`, e.g. `file`.
         **kwargs: passed to `model_cls`.
 

@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from ._base import AdaptiveMaxPool2d, ClassifierMixin, CoordChannels, HighPassResiduals, init_weights, mlp_pre_logits
-from ._registry import DEFAULT_INPUT_SIZE, DEFAULT_MEAN, DEFAULT_STD, build_model_with_cfg, register_model
+from ._registry import build_model_with_cfg, register_model, scratch_cfg
 
 __all__ = ["AlexNet"]
 
@@ -134,14 +134,7 @@ def _create_alexnet(variant: str, pretrained: bool = False, **kwargs) -> AlexNet
     return build_model_with_cfg(AlexNet, variant, pretrained, default_cfgs[variant], cfg=cfgs[arch], **kwargs)
 
 
-def _cfg(**kwargs) -> dict:
-    return dict(
-        input_size=DEFAULT_INPUT_SIZE, mean=DEFAULT_MEAN, std=DEFAULT_STD, interpolation="bilinear",
-        classifier="fc", cam_layer="features", **kwargs,
-    )
-
-
-default_cfgs = {"alexnet": _cfg(), "alexnet_bn": _cfg()}
+default_cfgs = {"alexnet": scratch_cfg("features"), "alexnet_bn": scratch_cfg("features")}
 
 
 @register_model

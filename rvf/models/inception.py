@@ -31,14 +31,7 @@ from timm.layers import get_norm_layer
 from torch import nn
 
 from ._base import init_weights
-from ._registry import (
-    DEFAULT_INPUT_SIZE,
-    DEFAULT_MEAN,
-    DEFAULT_STD,
-    build_model_with_cfg,
-    init_classifier,
-    register_model,
-)
+from ._registry import build_model_with_cfg, init_classifier, register_model, scratch_cfg
 
 __all__ = ["GoogLeNet"]
 
@@ -303,14 +296,7 @@ def _create_inception(variant: str, pretrained: bool = False, **kwargs) -> GoogL
     return build_model_with_cfg(GoogLeNet, variant, pretrained, pretrained_cfg, cfg=cfgs[variant], **kwargs)
 
 
-def _cfg(**kwargs) -> dict:
-    return dict(
-        input_size=DEFAULT_INPUT_SIZE, mean=DEFAULT_MEAN, std=DEFAULT_STD, interpolation="bilinear",
-        classifier="fc", cam_layer="inception5b", **kwargs,
-    )
-
-
-default_cfgs = {"inception_v1": _cfg()}
+default_cfgs = {"inception_v1": scratch_cfg("inception5b")}
 
 
 @register_model

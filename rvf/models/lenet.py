@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from ._base import AdaptiveMaxPool2d, ClassifierMixin, init_weights
-from ._registry import DEFAULT_INPUT_SIZE, DEFAULT_MEAN, DEFAULT_STD, build_model_with_cfg, register_model
+from ._registry import build_model_with_cfg, register_model, scratch_cfg
 
 __all__ = ["LeNet"]
 
@@ -81,14 +81,7 @@ def _create_lenet(variant: str, pretrained: bool = False, **kwargs) -> LeNet:
     return build_model_with_cfg(LeNet, variant, pretrained, default_cfgs[variant], **kwargs)
 
 
-def _cfg(**kwargs) -> dict:
-    return dict(
-        input_size=DEFAULT_INPUT_SIZE, mean=DEFAULT_MEAN, std=DEFAULT_STD, interpolation="bilinear",
-        classifier="fc", cam_layer="features", **kwargs,
-    )
-
-
-default_cfgs = {"lenet": _cfg()}
+default_cfgs = {"lenet": scratch_cfg("features")}
 
 
 @register_model

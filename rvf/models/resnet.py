@@ -22,14 +22,7 @@ import torch
 from torch import nn
 
 from ._base import ClassifierMixin
-from ._registry import (
-    DEFAULT_INPUT_SIZE,
-    DEFAULT_MEAN,
-    DEFAULT_STD,
-    build_model_with_cfg,
-    init_classifier,
-    register_model,
-)
+from ._registry import build_model_with_cfg, init_classifier, register_model, scratch_cfg
 
 __all__ = ["ResNet", "Bottleneck"]
 
@@ -173,14 +166,7 @@ def _create_resnet(variant: str, pretrained: bool = False, **kwargs) -> ResNet:
     return build_model_with_cfg(ResNet, variant, pretrained, default_cfgs[variant], **kwargs)
 
 
-def _cfg(**kwargs) -> dict:
-    return dict(
-        input_size=DEFAULT_INPUT_SIZE, mean=DEFAULT_MEAN, std=DEFAULT_STD, interpolation="bilinear",
-        classifier="fc", cam_layer="layer4", **kwargs,
-    )
-
-
-default_cfgs = {"resnet50": _cfg()}
+default_cfgs = {"resnet50": scratch_cfg("layer4")}
 
 
 @register_model

@@ -45,7 +45,7 @@ import torch
 from torch import nn
 
 from ._base import AdaptiveMaxPool2d, ClassifierMixin, CoordChannels, init_weights, mlp_pre_logits
-from ._registry import DEFAULT_INPUT_SIZE, DEFAULT_MEAN, DEFAULT_STD, build_model_with_cfg, register_model
+from ._registry import build_model_with_cfg, register_model, scratch_cfg
 
 __all__ = ["VGG"]
 
@@ -131,14 +131,7 @@ def _create_vgg(variant: str, pretrained: bool = False, **kwargs) -> VGG:
     return build_model_with_cfg(VGG, variant, pretrained, default_cfgs[variant], cfg=cfgs[arch], **kwargs)
 
 
-def _cfg(**kwargs) -> dict:
-    return dict(
-        input_size=DEFAULT_INPUT_SIZE, mean=DEFAULT_MEAN, std=DEFAULT_STD, interpolation="bilinear",
-        classifier="fc", cam_layer="features", **kwargs,
-    )
-
-
-default_cfgs = {"vgg16": _cfg(), "vgg16_bn": _cfg()}
+default_cfgs = {"vgg16": scratch_cfg("features"), "vgg16_bn": scratch_cfg("features")}
 
 
 @register_model
