@@ -58,6 +58,7 @@ def scratch_cfg(cam_layer: str, **kwargs: Any) -> dict[str, Any]:
         classifier="fc", cam_layer=cam_layer, **kwargs,
     )
 
+
 _model_entrypoints: dict[str, Callable[..., nn.Module]] = {}
 
 
