@@ -7,6 +7,9 @@ is, so every member must have held out the same slice (same `split_seed`, which 
 `seed`, and `holdout`): otherwise
 one member's holdout images could be another's training images and the calibration would leak.
 
+It also scores every smaller ensemble of the same members (`sub_ensembles`), which tells
+whether more members of the same kind would still pay.
+
 With an output folder it also writes `ensemble.json`, the manifest that lets the web app and
 `scripts/predict.py` serve the ensemble like one checkpoint (`rvf.inference.load_predictor`):
 the members' run folders (relative to the manifest, so a tree of runs can move), the
@@ -15,15 +18,17 @@ calibrated threshold and the valid-split figures.
 
 from __future__ import annotations
 
+import itertools
 import json
+import math
 import os
 from pathlib import Path
 
 import numpy as np
 
-from rvf.metrics import calibrate_threshold, classification_metrics
+from rvf.metrics import FAKE, calibrate_threshold, classification_metrics
 
-__all__ = ["MANIFEST", "EnsembleError", "evaluate_ensemble", "read_manifest", "write_manifest"]
+__all__ = ["MANIFEST", "EnsembleError", "evaluate_ensemble", "read_manifest", "sub_ensembles", "write_manifest"]
 
 MANIFEST = "ensemble.json"
 MANIFEST_KIND = "rvf-ensemble"
@@ -117,6 +122,7 @@ def evaluate_ensemble(checkpoints: list[str | Path], data_dir: str | Path, outpu
         "members": members, "threshold": threshold,
         "holdout": classification_metrics(labels["holdout"], hold, threshold=threshold),
         "valid": classification_metrics(labels["valid"], valid, threshold=threshold),
+        "sub_ensembles": sub_ensembles(labels["valid"], valid_p),
         "device": device_name(accelerator.device),
     }
     if output_dir is not None and accelerator.is_main_process:
@@ -132,6 +138,57 @@ def evaluate_ensemble(checkpoints: list[str | Path], data_dir: str | Path, outpu
                    fmt=["%d"] + ["%.6f"] * (len(columns) - 1))
     accelerator.end_training()
     return metrics
+
+
+def sub_ensembles(labels, member_probs: list[np.ndarray], max_subsets: int = 200, seed: int = 0) -> dict:
+    """Valid accuracy and ROC AUC of the k-member ensembles drawn from the members, k = 1..M.
+
+    Answers "would more members like these still pay?". Each size is scored as the mean, lowest
+    and highest over all its subsets (a seeded sample of `max_subsets` where there are more),
+    at the argmax, like `accuracy` in `classification_metrics`. With three members or more, `limit`
+    fits score(k) = a - b / k by least squares and reports a: averaging k members of like skill
+    shrinks the part of their error that differs between them about as 1/k (the variance term of
+    Krogh and Vedelsby's 1995 decomposition), so a is a rough guide to what many more members of
+    the same kind would reach, not a bound.
+
+    Args:
+        labels: (N,) true labels, 0 = fake, 1 = real.
+        member_probs: M arrays (N, 2) of softmax probabilities, column 0 = P(fake).
+
+    Returns:
+        {"sizes": [{"members", "subsets", "accuracy", "accuracy_min", "accuracy_max", "roc_auc"}...],
+        "limit": {"accuracy", "roc_auc"} or None}
+    """
+    from sklearn.metrics import roc_auc_score
+
+    labels = np.asarray(labels)
+    probs = np.stack(member_probs)  # (M, N, 2), averaged below exactly as the whole ensemble is
+    is_fake = labels == FAKE
+    two_classes = len(np.unique(labels)) == 2
+    rng = np.random.default_rng(seed)
+    m = len(probs)
+    sizes = []
+    for k in range(1, m + 1):
+        if math.comb(m, k) <= max_subsets:
+            subsets = list(itertools.combinations(range(m), k))
+        else:  # draws may repeat; a repeat only weighs one subset twice in the mean
+            subsets = [tuple(rng.choice(m, size=k, replace=False)) for _ in range(max_subsets)]
+        acc, auc = [], []
+        for subset in subsets:
+            mean = np.mean(probs[list(subset)], axis=0)  # (N, 2)
+            acc.append(float((mean.argmax(1) == labels).mean()))
+            auc.append(float(roc_auc_score(is_fake, mean[:, FAKE])) if two_classes else float("nan"))
+        sizes.append({"members": k, "subsets": len(subsets), "accuracy": float(np.mean(acc)),
+                      "accuracy_min": min(acc), "accuracy_max": max(acc), "roc_auc": float(np.mean(auc))})
+    limit = None
+    if m >= 3:
+        inv_k = 1.0 / np.arange(1, m + 1)
+        limit = {}
+        for key in ("accuracy", "roc_auc"):
+            scores = np.array([s[key] for s in sizes])
+            # polyfit gives (-b, a); a split of one class has no ROC AUC to fit
+            limit[key] = float(np.polyfit(inv_k, scores, 1)[1]) if np.isfinite(scores).all() else float("nan")
+    return {"sizes": sizes, "limit": limit}
 
 
 def write_manifest(directory: str | Path, checkpoints: list[str | Path], threshold: float, valid: dict) -> Path:

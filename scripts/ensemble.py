@@ -5,8 +5,11 @@ r"""Score several trained detectors together: mean P(fake), threshold calibrated
 
 Each member uses its own input size and test-time flips, as it was trained. The members must
 have held out the same slice of train (same `holdout` and `split_seed` in their configs;
-`split_seed` defaults to `seed`), because the ensemble's threshold is calibrated on it. Prints
-each member's and the ensemble's valid accuracy and ROC AUC, and writes metrics.json,
+`split_seed` defaults to `seed`), because the ensemble's threshold is calibrated on it.
+
+Prints each member's and the ensemble's valid accuracy and ROC AUC, then every smaller
+ensemble of the same members by size and where a fit over the sizes says many more such
+members would go: whether another seed is still worth training. Writes metrics.json,
 classification_report.txt, confusion_matrix.png, roc.png and probabilities.csv (one column per
 member too) into OUT.
 """
@@ -56,6 +59,15 @@ def main(args) -> int:
         v = r["valid"]
         print(f"{name:{width}s}  {r['holdout']['accuracy']:8.2%}  {v['accuracy']:8.2%}  {v['roc_auc']:7.4f}  "
               f"{v['accuracy_at_threshold']:8.2%}")
+    sub = m["sub_ensembles"]
+    print("\nsmaller ensembles of these members (valid split, mean over every subset of that size):")
+    print("members  subsets  accuracy  (lowest - highest)  ROC AUC")
+    for s in sub["sizes"]:
+        print(f"{s['members']:7d}  {s['subsets']:7d}  {s['accuracy']:8.2%}  ({s['accuracy_min']:.2%} - "
+              f"{s['accuracy_max']:.2%})  {s['roc_auc']:7.4f}")
+    if sub["limit"]:
+        print(f"fit a - b/members: with many more members like these, about {sub['limit']['accuracy']:.2%} "
+              f"accuracy and ROC AUC {sub['limit']['roc_auc']:.4f} (a guide, not a bound)")
     return 0
 
 

@@ -14,8 +14,9 @@ from synth import make_folder_dataset
 
 from rvf.checkpoint import CheckpointError
 from rvf.config import TrainConfig
-from rvf.ensemble import EnsembleError, evaluate_ensemble
+from rvf.ensemble import EnsembleError, evaluate_ensemble, sub_ensembles
 from rvf.inference import EnsemblePredictor, Predictor, load_predictor
+from rvf.metrics import classification_metrics
 from rvf.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,8 +54,58 @@ def test_ensemble_averages_members_and_calibrates_on_holdout(runs):
     assert m["valid"]["threshold"] == m["threshold"]
     saved = json.loads((tmp / "out" / "metrics.json").read_text())
     assert saved["valid"]["accuracy"] == m["valid"]["accuracy"]
+    assert saved["sub_ensembles"]["sizes"][-1]["accuracy"] == m["valid"]["accuracy"]
+    assert saved["sub_ensembles"]["sizes"][0]["accuracy"] == pytest.approx(
+        np.mean([member["valid"]["accuracy"] for member in m["members"]]))
     for name in ("classification_report.txt", "confusion_matrix.png", "roc.png"):
         assert (tmp / "out" / name).stat().st_size > 0
+
+
+def _members(m: int, n: int = 60, seed: int = 0) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Labels and `m` noisy members' (N, 2) probabilities, each right about 70 % of the time."""
+    rng = np.random.default_rng(seed)
+    labels = np.repeat([0, 1], n // 2)
+    is_fake = labels == 0
+    members = []
+    for _ in range(m):
+        p_fake = 1 / (1 + np.exp(-(np.where(is_fake, 0.6, -0.6) + rng.normal(0, 1.2, n))))
+        members.append(np.stack([p_fake, 1 - p_fake], 1).astype(np.float32))
+    return labels, members
+
+
+def test_sub_ensembles_score_every_size_and_fit_many_more_members():
+    labels, members = _members(4)
+    r = sub_ensembles(labels, members)
+    assert [s["members"] for s in r["sizes"]] == [1, 2, 3, 4] and [s["subsets"] for s in r["sizes"]] == [4, 6, 4, 1]
+    single = [classification_metrics(labels, p) for p in members]
+    whole = classification_metrics(labels, np.mean(members, axis=0))
+    # Size 1 is the members' own scores, the full size the whole ensemble's, both as classification_metrics has them.
+    assert r["sizes"][0]["accuracy"] == pytest.approx(np.mean([m["accuracy"] for m in single]))
+    assert (r["sizes"][0]["accuracy_min"], r["sizes"][0]["accuracy_max"]) == (
+        min(m["accuracy"] for m in single), max(m["accuracy"] for m in single))
+    assert r["sizes"][0]["roc_auc"] == pytest.approx(np.mean([m["roc_auc"] for m in single]))
+    assert r["sizes"][-1]["accuracy"] == whole["accuracy"]
+    assert r["sizes"][-1]["roc_auc"] == pytest.approx(whole["roc_auc"])
+    for s in r["sizes"]:
+        assert s["accuracy_min"] <= s["accuracy"] <= s["accuracy_max"]
+    # Averaging noisy members helps, and the limit is the intercept of score = a - b/k over the sizes.
+    assert r["sizes"][-1]["roc_auc"] > r["sizes"][0]["roc_auc"]
+    design = np.column_stack([np.ones(4), -1 / np.arange(1, 5)])
+    for key in ("accuracy", "roc_auc"):
+        (a, b), *_ = np.linalg.lstsq(design, [s[key] for s in r["sizes"]], rcond=None)
+        assert r["limit"][key] == pytest.approx(a) and b > 0
+
+
+def test_sub_ensembles_sample_large_sizes_and_skip_the_fit_for_two():
+    labels, members = _members(6)
+    r = sub_ensembles(labels, members, max_subsets=5, seed=3)
+    assert [s["subsets"] for s in r["sizes"]] == [5, 5, 5, 5, 5, 1]  # C(6, k) > 5 except k = 6
+    assert r == sub_ensembles(labels, members, max_subsets=5, seed=3)  # seeded
+    two = sub_ensembles(*_members(2))
+    assert [s["subsets"] for s in two["sizes"]] == [2, 1] and two["limit"] is None
+    one_class = sub_ensembles(labels[:30], [p[:30] for p in members[:3]])
+    assert np.isnan(one_class["sizes"][0]["roc_auc"]) and 0 <= one_class["sizes"][0]["accuracy"] <= 1
+    assert np.isnan(one_class["limit"]["roc_auc"]) and np.isfinite(one_class["limit"]["accuracy"])
 
 
 def test_members_must_share_the_holdout_slice(runs):
@@ -100,7 +151,11 @@ def test_cli_prints_members_and_ensemble(runs):
                        capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     lines = r.stdout.strip().splitlines()
-    assert "valid split" in lines[0] and lines[-1].startswith("ensemble (mean P(fake))") and len(lines) == 5
+    assert "valid split" in lines[0] and lines[4].startswith("ensemble (mean P(fake))")
+    # Then the ensembles of one and two members; two sizes are too few for a fit.
+    assert lines[5:8] == ["", "smaller ensembles of these members (valid split, mean over every subset of that size):",
+                          "members  subsets  accuracy  (lowest - highest)  ROC AUC"]
+    assert [line.split()[:2] for line in lines[8:]] == [["1", "2"], ["2", "1"]]
     r = subprocess.run([*cmd, "--checkpoints", str(tmp / "lenet"), str(tmp / "missing")],
                        capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert r.returncode == 2 and "missing" in r.stderr and "Traceback" not in r.stderr
