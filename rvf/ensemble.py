@@ -141,7 +141,7 @@ def evaluate_ensemble(checkpoints: list[str | Path], data_dir: str | Path, outpu
 
 
 def sub_ensembles(labels, member_probs: list[np.ndarray], max_subsets: int = 200, seed: int = 0) -> dict:
-    """Valid accuracy and ROC AUC of the k-member ensembles drawn from the members, k = 1..M.
+    """Accuracy and ROC AUC of the k-member ensembles drawn from the members, k = 1..M.
 
     Answers "would more members like these still pay?". Each size is scored as the mean, lowest
     and highest over all its subsets (a seeded sample of `max_subsets` where there are more),

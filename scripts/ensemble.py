@@ -60,7 +60,7 @@ def main(args) -> int:
         print(f"{name:{width}s}  {r['holdout']['accuracy']:8.2%}  {v['accuracy']:8.2%}  {v['roc_auc']:7.4f}  "
               f"{v['accuracy_at_threshold']:8.2%}")
     sub = m["sub_ensembles"]
-    print("\nsmaller ensembles of these members (valid split, mean over every subset of that size):")
+    print("\nsmaller ensembles of these members (valid split, mean over the subsets of each size):")
     print("members  subsets  accuracy  (lowest - highest)  ROC AUC")
     for s in sub["sizes"]:
         print(f"{s['members']:7d}  {s['subsets']:7d}  {s['accuracy']:8.2%}  ({s['accuracy_min']:.2%} - "

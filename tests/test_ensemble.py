@@ -153,7 +153,7 @@ def test_cli_prints_members_and_ensemble(runs):
     lines = r.stdout.strip().splitlines()
     assert "valid split" in lines[0] and lines[4].startswith("ensemble (mean P(fake))")
     # Then the ensembles of one and two members; two sizes are too few for a fit.
-    assert lines[5:8] == ["", "smaller ensembles of these members (valid split, mean over every subset of that size):",
+    assert lines[5:8] == ["", "smaller ensembles of these members (valid split, mean over the subsets of each size):",
                           "members  subsets  accuracy  (lowest - highest)  ROC AUC"]
     assert [line.split()[:2] for line in lines[8:]] == [["1", "2"], ["2", "1"]]
     r = subprocess.run([*cmd, "--checkpoints", str(tmp / "lenet"), str(tmp / "missing")],
