@@ -21,6 +21,9 @@ compatibility, and the seed's version was written for 64x64 inputs only. Here:
       on the 4x4 map a 64 px input gives. In training mode `forward` then returns
       `(logits, aux1, aux2)`; the paper weights the auxiliary losses by 0.3. In eval mode
       it returns the logits only.
+    - `stem_stride=1` drops conv1's stride 2 (the paper's), so an S px face gets the grid a
+      2S px face gets by default, from the same pixels (AlexNet's `stem_stride=2`): a 64 px
+      face reaches inception3 at 16x16 and inception5b at 4x4 instead of 8x8 and 2x2.
 """
 
 from collections import OrderedDict
@@ -177,6 +180,10 @@ class GoogLeNet(nn.Module):
         norm_layer: normalisation after every convolution: a module class, a timm norm name
             ("batchnorm", "groupnorm"...), or None / "none" for plain convolutions.
         act_layer: activation after every convolution.
+        init_std: None for Kaiming (fan_in) init; a float draws every conv and linear from
+            N(0, init_std).
+        stem_stride: conv1's stride, 2 (the paper's) or 1; 'same' padding makes conv1's output
+            ceil(S / stride), so stride 1 on S px equals stride 2 on 2S px for every S.
     """
 
     def __init__(
@@ -190,15 +197,18 @@ class GoogLeNet(nn.Module):
             norm_layer: Callable[..., nn.Module] | str | None = nn.BatchNorm2d,
             act_layer: Callable[..., nn.Module] = nn.ReLU,
             init_std: float | None = None,
+            stem_stride: int = 2,
     ):
         super().__init__()
+        if stem_stride not in (1, 2):
+            raise ValueError(f"stem_stride must be 1 or 2, got {stem_stride}")
         norm_layer = _resolve_norm(norm_layer)
         self.init_std = init_std
         dd = dict(norm_layer=norm_layer, act_layer=act_layer)
         self.num_classes = num_classes
         self.aux_logits = aux_logits
         self.stem = nn.Sequential(OrderedDict(
-            conv1=ConvNormAct(in_chans, 64, 7, stride=2, **dd),
+            conv1=ConvNormAct(in_chans, 64, 7, stride=stem_stride, **dd),
             pool1=nn.MaxPool2d(3, stride=2, ceil_mode=True),
             conv2=ConvNormAct(64, 64, 1, **dd),
             conv3=ConvNormAct(64, 192, 3, **dd),
@@ -251,6 +261,7 @@ class GoogLeNet(nn.Module):
     def _forward_features(self, x: torch.Tensor, with_aux: bool = False):
         """Return the inception5b map and the auxiliary logits (None unless `with_aux`)."""
         aux1 = aux2 = None
+        # Sizes below are for stem_stride 2; with 1, every map is twice as wide and high.
         x = self.stem(x)  # (B, 192, H/8, W/8)
         x = self.inception3a(x)  # (B, 256, H/8, W/8)
         x = self.inception3b(x)  # (B, 480, H/8, W/8)
@@ -270,7 +281,8 @@ class GoogLeNet(nn.Module):
         return x, aux1, aux2
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Return the inception5b feature map, (B, 1024, H/32, W/32) (sizes rounded up)."""
+        """Return the inception5b feature map, (B, 1024, H/32, W/32) (sizes rounded up; H/16 with
+        `stem_stride=1`)."""
         return self._forward_features(x)[0]
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
