@@ -166,20 +166,24 @@ def test_alexnet_stem_stride_gives_twice_the_input_grid():
 
 
 @torch.no_grad()
-def test_inception_stem_stride_gives_twice_the_input_grid():
+@pytest.mark.parametrize("name, conv1, features_at_64", [
+    ("inception_v1", lambda m: m.stem.conv1.conv, (1, 1024, 4, 4)),
+    ("resnet50", lambda m: m.conv1, (1, 2048, 4, 4)),
+])
+def test_stem_stride_1_gives_twice_the_input_grid(name, conv1, features_at_64):
     """`stem_stride: 1` gives an S px face the grid a 2S px face gets at the paper's stride 2,
-    same parameters, and the head still sees 1024 features."""
-    full = create_model("inception_v1", stem_stride=1).eval()
-    plain = create_model("inception_v1").eval()
-    assert full.stem.conv1.conv.stride == (1, 1) and plain.stem.conv1.conv.stride == (2, 2)
+    with the same parameters and the same head."""
+    full = create_model(name, stem_stride=1).eval()
+    plain = create_model(name).eval()
+    assert conv1(full).stride == (1, 1) and conv1(plain).stride == (2, 2)
     assert sum(p.numel() for p in full.parameters()) == sum(p.numel() for p in plain.parameters())
     for size in (32, 64, 70):
         assert full.forward_features(torch.randn(1, 3, size, size)).shape == \
             plain.forward_features(torch.randn(1, 3, 2 * size, 2 * size)).shape
-    assert full.forward_features(torch.randn(1, 3, 64, 64)).shape == (1, 1024, 4, 4)
+    assert full.forward_features(torch.randn(1, 3, 64, 64)).shape == features_at_64
     assert full(torch.randn(2, 3, 64, 64)).shape == (2, 2)
     with pytest.raises(ValueError, match="stem_stride must be 1 or 2, got 4"):
-        create_model("inception_v1", stem_stride=4)
+        create_model(name, stem_stride=4)
 
 
 @torch.no_grad()

@@ -10,6 +10,10 @@ inputs only. Its checkpoints must keep loading by key name whatever timm's ResNe
 becomes, and all seven rvf models share one head and init convention. Architecture:
     - The paper's stem and stages, unchanged. At 64 px layer4 is 2x2 (32 px: 1x1); global
       average pooling makes the head independent of the input size.
+    - `stem_stride=1` drops conv1's stride 2 (the paper's), so an S px face gets the grid a
+      2S px face gets by default, from the same pixels (as Inception v1's and AlexNet's
+      options do): a 64 px face reaches layer1 at 32x32 and layer4 at 4x4 instead of 16x16
+      and 2x2, for 4x the multiply-adds and the same parameters.
     - Kaiming-normal (fan_out) init for convs, and the last BatchNorm of each bottleneck
       starts at zero (Goyal et al., 2017, `zero_init_last`): every block then starts as the
       identity, so the 16-block network trains like a shallow one at first, which matters
@@ -87,6 +91,8 @@ class ResNet(ClassifierMixin, nn.Module):
         zero_init_last: zero the last norm weight of every block.
         norm_layer: normalisation after every convolution.
         act_layer: activation.
+        stem_stride: conv1's stride, 2 (the paper's) or 1; padding 3 makes conv1's output
+            ceil(S / stride), so stride 1 on S px equals stride 2 on 2S px for every S.
     """
 
     def __init__(
@@ -99,10 +105,13 @@ class ResNet(ClassifierMixin, nn.Module):
             zero_init_last: bool = True,
             norm_layer: Callable[..., nn.Module] = nn.BatchNorm2d,
             act_layer: Callable[..., nn.Module] = nn.ReLU,
+            stem_stride: int = 2,
     ):
         super().__init__()
+        if stem_stride not in (1, 2):
+            raise ValueError(f"stem_stride must be 1 or 2, got {stem_stride}")
         self.num_classes = num_classes
-        self.conv1 = nn.Conv2d(in_chans, 64, kernel_size=7, stride=2, padding=3, bias=False)
+        self.conv1 = nn.Conv2d(in_chans, 64, kernel_size=7, stride=stem_stride, padding=3, bias=False)
         self.bn1 = norm_layer(64)
         self.act1 = act_layer(inplace=True)
         self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
@@ -147,7 +156,9 @@ class ResNet(ClassifierMixin, nn.Module):
 
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Return the layer4 feature map, (B, 2048, H/32, W/32)."""
+        """Return the layer4 feature map, (B, 2048, H/32, W/32) (H/16, W/16 with
+        `stem_stride=1`)."""
+        # Sizes below are for stem_stride 2; with 1, every map is twice as wide and high.
         x = self.act1(self.bn1(self.conv1(x)))  # (B, 64, H/2, W/2)
         x = self.maxpool(x)  # (B, 64, H/4, W/4)
         x = self.layer1(x)  # (B, 256, H/4, W/4)
