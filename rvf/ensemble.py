@@ -6,6 +6,9 @@ the members' probabilities. Its threshold is calibrated on the holdout slice, as
 is, so every member must have held out the same slice (same `split_seed`, which defaults to
 `seed`, and `holdout`): otherwise
 one member's holdout images could be another's training images and the calibration would leak.
+Members trained on all of train (`holdout: 0`) can only be averaged with each other; with no
+slice to calibrate on, the ensemble keeps the threshold such a run keeps, 0.5, and has no
+holdout figures.
 
 It also scores every smaller ensemble of the same members (`sub_ensembles`), which tells
 whether more members of the same kind would still pay.
@@ -44,14 +47,19 @@ def _member_config(checkpoint: Path, meta: dict, data_dir, cache_dir):
     if "config" not in meta:
         raise EnsembleError(f"{checkpoint}/model.json has no training config: cannot tell which images it held out")
     cfg = TrainConfig().replace(source=f"{checkpoint}/model.json", **meta["config"])
-    if not cfg.holdout:
-        raise EnsembleError(f"{checkpoint} was trained without a holdout slice (holdout: 0): nothing to calibrate on")
     # `subset` stays: the holdout slice is drawn from the images the run used.
     return cfg.replace(data_dir=str(data_dir), cache_dir=cache_dir)
 
 
 def _slice(cfg) -> tuple:
-    return cfg.resolved_split_seed, cfg.holdout, cfg.subset
+    # Without a holdout slice the split seed draws nothing: any two such runs trained on the same images.
+    return (cfg.resolved_split_seed if cfg.holdout else None), cfg.holdout, cfg.subset
+
+
+def _describe_slice(cfg) -> str:
+    seed, holdout, subset = _slice(cfg)
+    held = f"split seed {seed}, holdout {holdout}" if holdout else "no holdout slice (holdout 0)"
+    return f"{held}, subset {subset}"
 
 
 def evaluate_ensemble(checkpoints: list[str | Path], data_dir: str | Path, output_dir: str | Path | None = None,
@@ -60,8 +68,9 @@ def evaluate_ensemble(checkpoints: list[str | Path], data_dir: str | Path, outpu
 
     Returns:
         {"members": [{checkpoint, model, holdout, valid}...], "holdout": ..., "valid": ...,
-        "threshold": ...}, also written to `output_dir/metrics.json` with the valid split's
-        reports and probabilities.csv (columns label, p_fake, then one per member).
+        "threshold": ...} ("holdout" None where the members held nothing out), also written to
+        `output_dir/metrics.json` with the valid split's reports and probabilities.csv (columns
+        label, p_fake, then one per member).
     """
     from accelerate import Accelerator
     from torch.utils.data import DataLoader
@@ -83,9 +92,8 @@ def evaluate_ensemble(checkpoints: list[str | Path], data_dir: str | Path, outpu
     for checkpoint, cfg in zip(checkpoints[1:], configs[1:]):
         if _slice(cfg) != _slice(first[1]):
             raise EnsembleError(
-                f"{checkpoint} held out another slice of train (split seed {_slice(cfg)[0]}, holdout {cfg.holdout}, "
-                f"subset {cfg.subset}) than {first[0]} (split seed {_slice(first[1])[0]}, holdout {first[1].holdout}, "
-                f"subset {first[1].subset}): the members must share it (train seeds of an ensemble with the same "
+                f"{checkpoint} held out another slice of train ({_describe_slice(cfg)}) than {first[0]} "
+                f"({_describe_slice(first[1])}): the members must share it (train seeds of an ensemble with the same "
                 f"split_seed)")
     accelerator = Accelerator()
     if output_dir is not None and accelerator.is_main_process:
@@ -100,7 +108,10 @@ def evaluate_ensemble(checkpoints: list[str | Path], data_dir: str | Path, outpu
         tta = bool(meta.get("tta_hflip", False))
         scored = {"checkpoint": str(checkpoint), "model": meta["model_name"], "image_size": data_cfg.image_size,
                   "tta_hflip": tta}
+        scored["holdout"] = None
         for split, dataset, store in (("holdout", splits.holdout, holdout_p), ("valid", splits.valid, valid_p)):
+            if not len(dataset):  # holdout: 0, checked above to hold for every member
+                continue
             loader = accelerator.prepare(DataLoader(dataset, batch_size=batch_size, shuffle=False,
                                                     collate_fn=collate_batch))
             y, probs, loss = evaluate(model, loader, transform, accelerator, desc=f"{checkpoint.name} {split}",
@@ -114,13 +125,17 @@ def evaluate_ensemble(checkpoints: list[str | Path], data_dir: str | Path, outpu
         del model
         accelerator.free_memory()
 
-    # The ensemble: mean probabilities, threshold calibrated on the holdout slice.
-    hold = np.mean(holdout_p, axis=0)  # (N_holdout, 2)
+    # The ensemble: mean probabilities, threshold calibrated on the holdout slice (if any:
+    # else 0.5, the threshold each member trained on all of train stored).
     valid = np.mean(valid_p, axis=0)  # (N_valid, 2)
-    threshold = calibrate_threshold(labels["holdout"], hold[:, 0])
+    holdout = None
+    threshold = 0.5
+    if holdout_p:
+        hold = np.mean(holdout_p, axis=0)  # (N_holdout, 2)
+        threshold = calibrate_threshold(labels["holdout"], hold[:, 0])
+        holdout = classification_metrics(labels["holdout"], hold, threshold=threshold)
     metrics = {
-        "members": members, "threshold": threshold,
-        "holdout": classification_metrics(labels["holdout"], hold, threshold=threshold),
+        "members": members, "threshold": threshold, "holdout": holdout,
         "valid": classification_metrics(labels["valid"], valid, threshold=threshold),
         "sub_ensembles": sub_ensembles(labels["valid"], valid_p),
         "device": device_name(accelerator.device),

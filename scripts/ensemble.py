@@ -5,7 +5,9 @@ r"""Score several trained detectors together: mean P(fake), threshold calibrated
 
 Each member uses its own input size and test-time flips, as it was trained. The members must
 have held out the same slice of train (same `holdout` and `split_seed` in their configs;
-`split_seed` defaults to `seed`), because the ensemble's threshold is calibrated on it.
+`split_seed` defaults to `seed`), because the ensemble's threshold is calibrated on it. Runs
+trained on all of train (`holdout: 0`) average only with each other, at the threshold 0.5 they
+kept, and show "-" for holdout accuracy.
 
 Prints each member's and the ensemble's valid accuracy and ROC AUC, then every smaller
 ensemble of the same members by size and where a fit over the sizes says many more such
@@ -56,8 +58,8 @@ def main(args) -> int:
     print(f"{'':{width}s}  holdout   valid split")
     print(f"{'':{width}s}  accuracy  accuracy  ROC AUC  acc@threshold")
     for name, r in rows:
-        v = r["valid"]
-        print(f"{name:{width}s}  {r['holdout']['accuracy']:8.2%}  {v['accuracy']:8.2%}  {v['roc_auc']:7.4f}  "
+        v, hold = r["valid"], f"{r['holdout']['accuracy']:8.2%}" if r["holdout"] else f"{'-':>8s}"
+        print(f"{name:{width}s}  {hold}  {v['accuracy']:8.2%}  {v['roc_auc']:7.4f}  "
               f"{v['accuracy_at_threshold']:8.2%}")
     sub = m["sub_ensembles"]
     print("\nsmaller ensembles of these members (valid split, mean over the subsets of each size):")

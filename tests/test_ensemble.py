@@ -35,7 +35,13 @@ def runs(tmp_path_factory):
     d = train(TrainConfig(model="lenet", image_size=32, seed=7, split_seed=42, output_dir=str(tmp / "lenet_s7_split42"),
                           **base))
     e = train(TrainConfig(model="lenet", image_size=32, subset=16, output_dir=str(tmp / "lenet_subset16"), **base))
-    return tmp, data, {"lenet": a, "alexnet": b, "lenet_seed7": c, "lenet_s7_split42": d, "lenet_subset16": e}
+    # Two trained on all of train (holdout 0), with split seeds that draw nothing.
+    all_train = base | {"holdout": 0.0}
+    f = train(TrainConfig(model="lenet", image_size=32, output_dir=str(tmp / "lenet_all"), **all_train))
+    g = train(TrainConfig(model="alexnet", image_size=40, seed=7, output_dir=str(tmp / "alexnet_all_seed7"),
+                          **all_train))
+    return tmp, data, {"lenet": a, "alexnet": b, "lenet_seed7": c, "lenet_s7_split42": d, "lenet_subset16": e,
+                       "lenet_all": f, "alexnet_all_seed7": g}
 
 
 def test_ensemble_averages_members_and_calibrates_on_holdout(runs):
@@ -130,6 +136,29 @@ def test_members_must_share_the_holdout_slice(runs):
         evaluate_ensemble([tmp / "lenet"], data)
     with pytest.raises(EnsembleError, match="listed twice"):
         evaluate_ensemble([tmp / "lenet", tmp / "alexnet", tmp / "lenet"], data)
+
+
+def test_runs_trained_on_all_of_train_average_at_their_threshold(runs):
+    tmp, data, metrics = runs
+    members = [tmp / "lenet_all", tmp / "alexnet_all_seed7"]
+    m = evaluate_ensemble(members, data, tmp / "out_all", cache_dir=str(tmp / "cache"))
+    # Nothing held out: no holdout figures, and the 0.5 each member kept, not a calibrated one.
+    assert m["holdout"] is None and [r["holdout"] for r in m["members"]] == [None, None]
+    assert m["threshold"] == 0.5 and json.loads((tmp / "out_all" / "ensemble.json").read_text())["threshold"] == 0.5
+    for member, name in zip(m["members"], ("lenet_all", "alexnet_all_seed7")):
+        assert metrics[name]["counts"]["holdout"] == 0
+        assert member["valid"]["accuracy"] == pytest.approx(metrics[name]["valid"]["accuracy"])
+    labels, p_fake = np.loadtxt(tmp / "out_all" / "probabilities.csv", delimiter=",", skiprows=1)[:, :2].T
+    assert m["valid"]["accuracy_at_threshold"] == pytest.approx(np.mean((p_fake >= 0.5) == (labels == 0)))
+    # With a run that held a slice out, nothing is shared to calibrate on.
+    with pytest.raises(EnsembleError, match=r"lenet_all held out another slice of train \(no holdout slice"):
+        evaluate_ensemble([tmp / "lenet", tmp / "lenet_all"], data, cache_dir=str(tmp / "cache"))
+    r = subprocess.run([sys.executable, "scripts/ensemble.py", "--data-dir", str(data), "--cache-dir",
+                        str(tmp / "cache"), "--checkpoints", *map(str, members)],
+                       capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    ensemble_row = r.stdout.splitlines()[4].split()
+    assert ensemble_row[:5] == ["ensemble", "(mean", "P(fake))", "-", f"{m['valid']['accuracy']:.2%}"]
 
 
 def test_every_member_is_checked_before_any_is_scored(runs, monkeypatch):
