@@ -52,8 +52,10 @@ def _member_config(checkpoint: Path, meta: dict, data_dir, cache_dir):
 
 
 def _slice(cfg) -> tuple:
-    # Without a holdout slice the split seed draws nothing: any two such runs trained on the same images.
-    return (cfg.resolved_split_seed if cfg.holdout else None), cfg.holdout, cfg.subset
+    # The split seed draws the holdout slice and `subset`'s images; with neither it draws
+    # nothing, and any two such runs trained on (and are scored on) the same images.
+    drawn = cfg.holdout or cfg.subset is not None
+    return (cfg.resolved_split_seed if drawn else None), cfg.holdout, cfg.subset
 
 
 def _describe_slice(cfg) -> str:
@@ -107,8 +109,7 @@ def evaluate_ensemble(checkpoints: list[str | Path], data_dir: str | Path, outpu
         model = accelerator.prepare(model)
         tta = bool(meta.get("tta_hflip", False))
         scored = {"checkpoint": str(checkpoint), "model": meta["model_name"], "image_size": data_cfg.image_size,
-                  "tta_hflip": tta}
-        scored["holdout"] = None
+                  "tta_hflip": tta, "holdout": None}
         for split, dataset, store in (("holdout", splits.holdout, holdout_p), ("valid", splits.valid, valid_p)):
             if not len(dataset):  # holdout: 0, checked above to hold for every member
                 continue

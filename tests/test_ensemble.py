@@ -161,6 +161,16 @@ def test_runs_trained_on_all_of_train_average_at_their_threshold(runs):
     assert ensemble_row[:5] == ["ensemble", "(mean", "P(fake))", "-", f"{m['valid']['accuracy']:.2%}"]
 
 
+def test_without_a_holdout_slice_the_split_seed_matters_only_for_a_subset():
+    from rvf.ensemble import _slice
+
+    def same(**kw):
+        return _slice(TrainConfig(holdout=0.0, seed=1, **kw)) == _slice(TrainConfig(holdout=0.0, seed=7, **kw))
+
+    assert same()  # all of train, whatever the seed
+    assert not same(subset=16)  # the seed drew which 16 images each trained and is scored on
+
+
 def test_every_member_is_checked_before_any_is_scored(runs, monkeypatch):
     import rvf.ensemble
     import rvf.train
