@@ -60,7 +60,7 @@ def _slice(cfg) -> tuple:
 
 def _describe_slice(cfg) -> str:
     seed, holdout, subset = _slice(cfg)
-    held = f"split seed {seed}, holdout {holdout}" if holdout else "no holdout slice (holdout 0)"
+    held = f"split seed {seed}, holdout {holdout}" if holdout else "no holdout slice"
     return f"{held}, subset {subset}"
 
 
