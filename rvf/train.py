@@ -676,26 +676,29 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> di
         run["train_seconds"] += stats["seconds"]
         labels, probs, loss = evaluate(eval_net, holdout_loader, eval_tf, accelerator, desc="holdout",
                                        tta_hflip=cfg.tta_hflip)
+        selecting = len(labels) > 0  # `holdout: 0` trains on all of train and keeps the last epoch
         # Checked once per epoch, where the loss reaches the host anyway: a NaN would otherwise
         # surface as an sklearn error about its input, or as a run that silently learns nothing.
         if not (np.isfinite(stats["loss"]) and np.isfinite(probs).all()):
             kept = f" {out} keeps the best model and the saved state of the epochs before." if epoch else ""
             raise DivergedError(f"epoch {epoch + 1}: training diverged (train loss {stats['loss']:.4g}); lower lr, "
                                 f"set grad_clip, or train in fp32 (--mixed-precision no).{kept}")
-        hold = (classification_metrics(labels, probs, loss=loss) if len(labels)
+        hold = (classification_metrics(labels, probs, loss=loss) if selecting
                 else {"accuracy": float("nan"), "loss": float("nan")})
         row = {"epoch": epoch + 1, "train_loss": stats["loss"], "train_accuracy": stats["accuracy"],
                "holdout_loss": hold["loss"], "holdout_accuracy": hold["accuracy"],
                "holdout_roc_auc": hold.get("roc_auc", float("nan")),
                "lr": optimizer.param_groups[0]["lr"], "images_per_second": stats["images_per_second"]}
         run["history"].append(row)
-        accelerator.log({k: v for k, v in row.items() if k != "epoch"} | {"epoch": epoch + 1}, step=run["step"])
+        # Without a holdout slice the tracker gets no holdout series at all, rather than NaNs.
+        accelerator.log({k: v for k, v in row.items() if k != "epoch" and (selecting or not k.startswith("holdout_"))}
+                        | {"epoch": epoch + 1}, step=run["step"])
         # Select on holdout accuracy, ties to the lower loss; no holdout: the last epoch wins.
-        score = [hold["accuracy"], -hold["loss"]] if len(labels) else [epoch, 0.0]
+        score = [hold["accuracy"], -hold["loss"]] if selecting else [epoch, 0.0]
         improved = run["best_score"] is None or score > run["best_score"]
         if improved:
             run["best_score"], run["best_epoch"] = score, epoch + 1
-            threshold = calibrate_threshold(labels, probs[:, 0]) if len(labels) else 0.5
+            threshold = calibrate_threshold(labels, probs[:, 0]) if selecting else 0.5
             if accelerator.is_main_process:
                 save_pretrained(out, eval_net, {
                     "model_name": cfg.model, "model_args": model_args, "data_config": data_cfg.to_dict(),
@@ -703,8 +706,8 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> di
                     "metrics": {"holdout": hold}, "config": cfg.to_dict(), "rvf_version": rvf.__version__})
         accelerator.print(
             f"epoch {epoch + 1:3d}/{cfg.epochs} | train loss {stats['loss']:.4f} acc {stats['accuracy']:.4f} | "
-            f"holdout loss {hold['loss']:.4f} acc {hold['accuracy']:.4f} | {stats['images_per_second']:.0f} img/s"
-            + (" | best" if improved else ""))
+            + (f"holdout loss {hold['loss']:.4f} acc {hold['accuracy']:.4f}" if selecting else "no holdout slice")
+            + f" | {stats['images_per_second']:.0f} img/s" + (" | best" if improved and selecting else ""))
         run["epoch"] = epoch
         save_run_state(accelerator, out, epoch, run)
 

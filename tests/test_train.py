@@ -344,10 +344,14 @@ def test_resume_refuses_another_model(data_dir, tmp_path):
         train(cfg.replace(model="alexnet", epochs=2), resume=True)
 
 
-def test_no_holdout_keeps_the_last_epoch(data_dir, tmp_path):
+def test_no_holdout_keeps_the_last_epoch(data_dir, tmp_path, capsys):
     m = train(_cfg(data_dir, tmp_path, epochs=2, holdout=0.0))
     assert m["counts"]["holdout"] == 0 and m["best_epoch"] == 2
     assert np.isfinite(m["valid"]["accuracy"]) and m["valid"]["threshold"] == 0.5
+    # Each epoch says there is nothing to select on, not "holdout loss nan ... | best".
+    epochs = [line for line in capsys.readouterr().out.splitlines() if line.startswith("epoch ")]
+    assert len(epochs) == 2 and all("| no holdout slice |" in line for line in epochs)
+    assert not any("nan" in line or "best" in line for line in epochs)
 
 
 def test_one_process_can_train_in_two_precisions(data_dir, tmp_path):
