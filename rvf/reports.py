@@ -78,14 +78,17 @@ def plot_roc(path: Path, labels, p_fake, title: str = "") -> None:
 
 
 def plot_curves(path: Path, history: list[dict], title: str = "") -> None:
-    """Loss and accuracy per epoch, train and holdout."""
+    """Loss and accuracy per epoch, train and holdout (train only for a run without a holdout slice)."""
     plt = _plt()
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
     epochs = [h["epoch"] for h in history]
     for ax, key in zip(axes, ("loss", "accuracy")):
         for split, style in (("train", "-o"), ("holdout", "-s")):
-            ys = [h.get(f"{split}_{key}", float("nan")) for h in history]
-            ax.plot(epochs, ys, style, ms=3, label=split)
+            # A resumed run's history comes back from JSON, where a missing figure is null.
+            ys = np.array([np.nan if h.get(f"{split}_{key}") is None else h[f"{split}_{key}"] for h in history],
+                          dtype=float)
+            if np.isfinite(ys).any():  # `holdout: 0` has no holdout figures: no empty legend entry
+                ax.plot(epochs, ys, style, ms=3, label=split)
         ax.set_xlabel("epoch")
         ax.set_ylabel(key)
         ax.grid(alpha=0.3)

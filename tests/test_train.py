@@ -354,6 +354,25 @@ def test_no_holdout_keeps_the_last_epoch(data_dir, tmp_path, capsys):
     assert not any("nan" in line or "best" in line for line in epochs)
 
 
+def test_curves_leave_out_a_split_without_figures(tmp_path, monkeypatch):
+    from rvf import reports
+
+    drawn = []
+
+    def save(fig, path):
+        drawn.append([[line.get_label() for line in ax.get_lines()] for ax in fig.axes])
+        reports._plt().close(fig)
+
+    monkeypatch.setattr(reports, "_save", save)
+    # As metrics.json gives it back after `holdout: 0`: null holdout figures (NaN before the round trip).
+    history = [{"epoch": e, "train_loss": 0.5, "train_accuracy": 0.8, "holdout_loss": None,
+                "holdout_accuracy": float("nan")} for e in (1, 2)]
+    reports.plot_curves(tmp_path / "curves.png", history)
+    history[1] |= {"holdout_loss": 0.4, "holdout_accuracy": 0.9}
+    reports.plot_curves(tmp_path / "curves.png", history)
+    assert drawn == [[["train"], ["train"]], [["train", "holdout"], ["train", "holdout"]]]
+
+
 def test_one_process_can_train_in_two_precisions(data_dir, tmp_path):
     # Accelerate refuses a second Accelerator with another precision unless its state is reset.
     first = train(_cfg(data_dir, tmp_path / "a", epochs=1, mixed_precision="no"))
