@@ -145,7 +145,8 @@ def evaluate_ensemble(checkpoints: list[str | Path], data_dir: str | Path, outpu
         out = Path(output_dir)
         out.mkdir(parents=True, exist_ok=True)
         names = " + ".join(m["model"] for m in members)
-        reports.write_evaluation_reports(out, labels["valid"], valid, metrics["valid"], f"ensemble: {names}")
+        reports.write_evaluation_reports(out, labels["valid"], valid, metrics["valid"], f"ensemble: {names}",
+                                         calibrated=holdout is not None)
         reports.write_json(out / "metrics.json", metrics)
         write_manifest(out, checkpoints, threshold, metrics["valid"])
         columns = [labels["valid"], valid[:, 0]] + [p[:, 0] for p in valid_p]

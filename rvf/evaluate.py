@@ -61,8 +61,11 @@ def evaluate_checkpoint(checkpoint: str | Path, data_dir: str | Path, split: str
     }
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
+        # A run trained on all of train (`holdout: 0`) stored 0.5 without calibrating it.
+        calibrated = "threshold" in meta and meta.get("config", {}).get("holdout") != 0
         reports.write_evaluation_reports(output_dir, labels, probs, metrics[split],
-                                         f"{meta['model_name']} on {Path(data_dir).name}/{split}")
+                                         f"{meta['model_name']} on {Path(data_dir).name}/{split}",
+                                         calibrated=calibrated)
         reports.write_json(output_dir / "metrics.json", metrics)
         # One row per image in split order (gather_for_metrics keeps it), its file last, so that
         # each error can be looked at.

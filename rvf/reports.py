@@ -161,8 +161,13 @@ def architecture_diagram(model, input_size: tuple[int, int, int], path: Path) ->
     return None
 
 
-def write_evaluation_reports(out_dir: Path, labels, probs, metrics: dict, title: str = "") -> None:
-    """Write classification_report.txt, confusion_matrix.png and roc.png for one split."""
+def write_evaluation_reports(out_dir: Path, labels, probs, metrics: dict, title: str = "",
+                             calibrated: bool = True) -> None:
+    """Write classification_report.txt, confusion_matrix.png and roc.png for one split.
+
+    `calibrated=False` (a model trained without a holdout slice keeps 0.5) says so beside the
+    threshold, rather than calling 0.5 calibrated.
+    """
     from sklearn.metrics import classification_report
 
     out_dir = Path(out_dir)
@@ -173,7 +178,9 @@ def write_evaluation_reports(out_dir: Path, labels, probs, metrics: dict, title:
     extra = (f"\nROC AUC (fake positive): {metrics['roc_auc']:.4f}\n"
              f"Average precision:       {metrics['average_precision']:.4f}\n"
              f"EER:                     {metrics['eer']:.4f}\n"
-             f"Accuracy at calibrated threshold {metrics['threshold']:.4f}: {metrics['accuracy_at_threshold']:.4f}\n")
+             + (f"Accuracy at calibrated threshold {metrics['threshold']:.4f}: " if calibrated else
+                f"Accuracy at threshold {metrics['threshold']:.4f} (not calibrated: no holdout slice): ")
+             + f"{metrics['accuracy_at_threshold']:.4f}\n")
     atomic_write_text(out_dir / "classification_report.txt", (f"{title}\n\n" if title else "") + report + extra)
     plot_confusion_matrix(out_dir / "confusion_matrix.png", metrics["confusion_matrix"], title)
     plot_roc(out_dir / "roc.png", labels, probs[:, CLASSES.index("fake")], title)

@@ -745,7 +745,7 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> di
             metrics["architecture_diagram"] = note
             accelerator.print(note)
         title = f"{cfg.model} on {splits.root.name}/valid"
-        reports.write_evaluation_reports(out, labels, probs, valid, title)
+        reports.write_evaluation_reports(out, labels, probs, valid, title, calibrated=splits.counts["holdout"] > 0)
         reports.plot_curves(out / "curves.png", run["history"], f"{cfg.model}: loss and accuracy")
         sample_idx = np.linspace(0, len(splits.fit) - 1, min(32, len(splits.fit))).astype(int).tolist()
         samples = [splits.fit[i] for i in sample_idx]

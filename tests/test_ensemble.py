@@ -65,6 +65,8 @@ def test_ensemble_averages_members_and_calibrates_on_holdout(runs):
         np.mean([member["valid"]["accuracy"] for member in m["members"]]))
     for name in ("classification_report.txt", "confusion_matrix.png", "roc.png"):
         assert (tmp / "out" / name).stat().st_size > 0
+    report = (tmp / "out" / "classification_report.txt").read_text()
+    assert f"Accuracy at calibrated threshold {m['threshold']:.4f}:" in report
 
 
 def _members(m: int, n: int = 60, seed: int = 0) -> tuple[np.ndarray, list[np.ndarray]]:
@@ -145,6 +147,8 @@ def test_runs_trained_on_all_of_train_average_at_their_threshold(runs):
     # Nothing held out: no holdout figures, and the 0.5 each member kept, not a calibrated one.
     assert m["holdout"] is None and [r["holdout"] for r in m["members"]] == [None, None]
     assert m["threshold"] == 0.5 and json.loads((tmp / "out_all" / "ensemble.json").read_text())["threshold"] == 0.5
+    report = (tmp / "out_all" / "classification_report.txt").read_text()
+    assert "at threshold 0.5000 (not calibrated: no holdout slice)" in report
     for member, name in zip(m["members"], ("lenet_all", "alexnet_all_seed7")):
         assert metrics[name]["counts"]["holdout"] == 0
         assert member["valid"]["accuracy"] == pytest.approx(metrics[name]["valid"]["accuracy"])

@@ -352,6 +352,13 @@ def test_no_holdout_keeps_the_last_epoch(data_dir, tmp_path, capsys):
     epochs = [line for line in capsys.readouterr().out.splitlines() if line.startswith("epoch ")]
     assert len(epochs) == 2 and all("| no holdout slice |" in line for line in epochs)
     assert not any("nan" in line or "best" in line for line in epochs)
+    # Its 0.5 is not called calibrated, in the run's report or in evaluate.py's.
+    uncalibrated = "Accuracy at threshold 0.5000 (not calibrated: no holdout slice):"
+    assert uncalibrated in (tmp_path / "run" / "classification_report.txt").read_text()
+    r = _run([sys.executable, "scripts/evaluate.py", "--checkpoint", str(tmp_path / "run"), "--data-dir",
+              str(data_dir), "--output-dir", str(tmp_path / "eval")], tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert uncalibrated in (tmp_path / "eval" / "classification_report.txt").read_text()
 
 
 def test_curves_leave_out_a_split_without_figures(tmp_path, monkeypatch):
@@ -392,6 +399,9 @@ def test_training_scores_in_fp32_as_evaluate_does(data_dir, tmp_path):
     ev = json.loads((tmp_path / "eval" / "metrics.json").read_text())["valid"]
     for key in ("accuracy", "roc_auc", "average_precision", "loss", "accuracy_at_threshold"):
         assert ev[key] == pytest.approx(m["valid"][key], abs=1e-6), key
+    threshold = f"Accuracy at calibrated threshold {m['valid']['threshold']:.4f}:"
+    for folder in ("run", "eval"):
+        assert threshold in (tmp_path / folder / "classification_report.txt").read_text()
     import csv
 
     with open(tmp_path / "eval" / "probabilities.csv") as f:  # each row names its image
