@@ -35,7 +35,9 @@ class TrainConfig:
     data_dir: Optional[str] = None  # dataset root; None downloads rvf10k from Kaggle
     image_size: Optional[int] = None  # None: the model's declared input size
     interpolation: Optional[str] = None  # resize filter; None: the model's
-    holdout: float = 0.1  # stratified slice of train used for model selection
+    # Stratified slice of train for model selection and the threshold's calibration; 0 trains
+    # on all of train, keeps the last epoch and the threshold 0.5.
+    holdout: float = 0.1
     # Seed of that slice (and of `subset`); None: `seed`. Fix it to train several seeds on one
     # holdout slice, e.g. to ensemble them (scripts/ensemble.py needs a shared slice).
     split_seed: Optional[int] = None
