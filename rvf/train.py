@@ -668,6 +668,7 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> di
 
     # 6) epochs: train, select on the holdout slice, log, save
     eval_net = ema.module if ema is not None else net
+    selecting = splits.counts["holdout"] > 0  # `holdout: 0` trains on all of train and keeps the last epoch
     for epoch in range(run["epoch"] + 1, cfg.epochs):
         train_loader.set_epoch(epoch)
         stats, run["step"] = train_one_epoch(model, train_loader, train_tf, train_step, scheduler, accelerator,
@@ -676,7 +677,6 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> di
         run["train_seconds"] += stats["seconds"]
         labels, probs, loss = evaluate(eval_net, holdout_loader, eval_tf, accelerator, desc="holdout",
                                        tta_hflip=cfg.tta_hflip)
-        selecting = len(labels) > 0  # `holdout: 0` trains on all of train and keeps the last epoch
         # Checked once per epoch, where the loss reaches the host anyway: a NaN would otherwise
         # surface as an sklearn error about its input, or as a run that silently learns nothing.
         if not (np.isfinite(stats["loss"]) and np.isfinite(probs).all()):
@@ -745,7 +745,7 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> di
             metrics["architecture_diagram"] = note
             accelerator.print(note)
         title = f"{cfg.model} on {splits.root.name}/valid"
-        reports.write_evaluation_reports(out, labels, probs, valid, title, calibrated=splits.counts["holdout"] > 0)
+        reports.write_evaluation_reports(out, labels, probs, valid, title, calibrated=selecting)
         reports.plot_curves(out / "curves.png", run["history"], f"{cfg.model}: loss and accuracy")
         sample_idx = np.linspace(0, len(splits.fit) - 1, min(32, len(splits.fit))).astype(int).tolist()
         samples = [splits.fit[i] for i in sample_idx]
