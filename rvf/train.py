@@ -397,12 +397,17 @@ def evaluate(model, loader, transform, accelerator, desc: str = "eval",
         logits, labels = accelerator.gather_for_metrics((logits, labels))
         all_probs.append(logits)
         all_labels.append(labels)
-    if not all_probs:  # an empty split (`holdout: 0`)
-        return np.empty(0, dtype=np.int64), np.empty((0, len(CLASSES)), dtype=np.float32), float("nan")
+    if not all_probs:  # nothing readable in the split (skip_bad without the cache)
+        return _no_predictions()
     logits = torch.cat(all_probs)
     labels = torch.cat(all_labels)
     loss = nn.functional.cross_entropy(logits, labels).item() if len(labels) else float("nan")
     return labels.cpu().numpy(), logits.softmax(1).cpu().numpy(), loss
+
+
+def _no_predictions() -> tuple[np.ndarray, np.ndarray, float]:
+    """What `evaluate` returns for a split with no images: empty labels and probabilities, NaN loss."""
+    return np.empty(0, dtype=np.int64), np.empty((0, len(CLASSES)), dtype=np.float32), float("nan")
 
 
 def fp32_forward(model: nn.Module):
@@ -675,8 +680,11 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> di
                                              cfg, epoch, ema=ema, step=run["step"], mixup=mixup,
                                              teachers=teachers)
         run["train_seconds"] += stats["seconds"]
-        labels, probs, loss = evaluate(eval_net, holdout_loader, eval_tf, accelerator, desc="holdout",
-                                       tta_hflip=cfg.tta_hflip)
+        if selecting:
+            labels, probs, loss = evaluate(eval_net, holdout_loader, eval_tf, accelerator, desc="holdout",
+                                           tta_hflip=cfg.tta_hflip)
+        else:  # nothing to score: no empty progress bar every epoch
+            labels, probs, loss = _no_predictions()
         # Checked once per epoch, where the loss reaches the host anyway: a NaN would otherwise
         # surface as an sklearn error about its input, or as a run that silently learns nothing.
         if not (np.isfinite(stats["loss"]) and np.isfinite(probs).all()):

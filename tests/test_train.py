@@ -349,8 +349,10 @@ def test_no_holdout_keeps_the_last_epoch(data_dir, tmp_path, capsys):
     assert m["counts"]["holdout"] == 0 and m["best_epoch"] == 2
     assert np.isfinite(m["valid"]["accuracy"]) and m["valid"]["threshold"] == 0.5
     # Each epoch says there is nothing to select on, not "holdout loss nan ... | best".
-    epochs = [line for line in capsys.readouterr().out.splitlines() if line.startswith("epoch ")]
+    out, err = capsys.readouterr()
+    epochs = [line for line in out.splitlines() if line.startswith("epoch ")]
     assert len(epochs) == 2 and all("| no holdout slice |" in line for line in epochs)
+    assert "holdout:" not in err and "valid:" in err  # no empty holdout progress bar each epoch
     assert not any("nan" in line or "best" in line for line in epochs)
     # Its 0.5 is not called calibrated, in the run's report or in evaluate.py's.
     uncalibrated = "Accuracy at threshold 0.5000 (not calibrated: no holdout slice):"
