@@ -30,6 +30,24 @@ def test_benchmark_smoke(tmp_path, device_data):
     assert "speed-up per epoch" in md and "20 epochs incl. the one-time cache build" in md  # the README's column
 
 
+def test_benchmark_max_steps_scales_to_the_epoch(tmp_path):
+    # ResNet50's CPU row is timed over 12 steps: its epoch and 20-epoch figures must be the whole split's.
+    out = tmp_path / "bench"
+    r = subprocess.run([sys.executable, "scripts/benchmark.py", "--synthetic", "48", "--image-size", "32",
+                        "--batch-size", "8", "--repeats", "1", "--max-steps", "2", "--scaling", "0",
+                        "--out", str(out)], capture_output=True, text=True, timeout=300, cwd=ROOT,
+                       env={"RVF_CACHE_DIR": str(tmp_path / "cache"), "PATH": "/usr/bin:/bin", "HOME": str(tmp_path),
+                            "TMPDIR": str(tmp_path)})
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads((out / "lenet-32px-cpu.json").read_text())
+    for key in ("baseline_train", "rvf_train", "baseline_data_only", "rvf_data_only"):
+        t = res[key]
+        assert t["images"] == 16 and t["epoch_seconds"] == pytest.approx(3 * t["timed_seconds"], rel=1e-3, abs=2e-4)
+    assert res["projected_20_epochs_seconds"]["baseline"] == pytest.approx(
+        20 * res["baseline_train"]["epoch_seconds"], abs=0.1)
+    assert "16 images timed per epoch" in (out / "lenet-32px-cpu.md").read_text()
+
+
 def test_probe_training_traces_each_lr(tmp_path):
     sys.path.insert(0, str(ROOT / "tests"))
     from synth import make_folder_dataset
