@@ -193,9 +193,12 @@ class FramingReference:
         out = []
         for (dy, dx), c, n in zip(offsets.tolist(), corr.tolist(), length.tolist()):
             notes = []
+            # At the search's edge the true offset is at least the one found: "or more". Whether the
+            # face is off is still judged on that length, so the note can never say "7.8 % away
+            # (99 % are within 10.5 %)" when the training faces themselves reach past the edge.
             at_edge = max(abs(dy), abs(dx)) >= self.max_shift
-            if n > self.max_offset or at_edge:
-                far = f"{100 * self.max_shift / self.size:.1f} % or more" if at_edge else f"{100 * n / self.size:.1f} %"
+            if n > self.max_offset:
+                far = f"{100 * n / self.size:.1f} %" + (" or more" if at_edge else "")
                 within = 100 * self.max_offset / self.size
                 notes.append(f"the eyes sit {far} of the picture's side away from where the training faces' do "
                              f"({100 * (1 - self.quantile):g} % of those are within {within:.1f} %)")

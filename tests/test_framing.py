@@ -62,6 +62,19 @@ def test_a_reframed_face_is_off_and_says_which_way(ref):
     assert c.offset == (round(100 * 4 / SIZE, 2), 0.0)  # hundredths of the side, + = down
 
 
+def test_the_offset_note_never_contradicts_its_limit(ref):
+    # A reference whose own faces reach past the search's edge (jitter 6 > max_shift 5): a face at
+    # the edge is then within what training faces do, and must not be called off for it.
+    loose = FramingReference.fit(_faces(300, jitter=6))
+    assert loose.max_offset > loose.max_shift
+    moved = torch.roll(_faces(1, jitter=0), (loose.max_shift, 0), dims=(2, 3))
+    (c,) = loose.check(moved)
+    assert c.note is None or "eyes sit" not in c.note
+    # Past the limit the note gives the offset found, "or more" when the search hit its edge.
+    (far,) = ref.check(torch.roll(_faces(1, jitter=0), (7, 7), dims=(2, 3)))
+    assert f"eyes sit {100 * 50 ** 0.5 / SIZE:.1f} % or more" in far.note
+
+
 def test_a_different_picture_is_off_by_its_correlation(ref):
     other = _face(seed=7).to(torch.uint8).expand(1, 3, SIZE, SIZE)
     (c,) = ref.check(other)
