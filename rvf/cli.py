@@ -10,22 +10,29 @@ import argparse
 from pathlib import Path
 from typing import Callable
 
-__all__ = ["non_negative_int", "positive_int", "positive_float", "float_in", "output_file", "output_dir"]
+__all__ = ["non_negative_int", "positive_int", "port", "positive_float", "float_in", "output_file", "output_dir"]
 
 
-def _whole_number(text: str, least: int) -> int:
+def _whole_number(text: str, least: int, most: int | None = None) -> int:
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"must be a whole number, got {text!r}") from None
     if value < least:
         raise argparse.ArgumentTypeError(f"must be at least {least}, got {value}")
+    if most is not None and value > most:
+        raise argparse.ArgumentTypeError(f"must be at most {most}, got {value}")
     return value
 
 
 def positive_int(text: str) -> int:
     """An integer of at least 1 (batch sizes, counts, threads)."""
     return _whole_number(text, 1)
+
+
+def port(text: str) -> int:
+    """A TCP port, 1-65535 (the OS would otherwise bind 70000 as 70000 mod 65536, silently)."""
+    return _whole_number(text, 1, 65535)
 
 
 def non_negative_int(text: str) -> int:

@@ -132,6 +132,9 @@ class Detector:
     # Refuse images with more pixels than this before decoding them (None: Pillow's ~89 MP).
     # A server sets it: a 16-bit PNG of 88 MP is 170 KB to upload and GBs to decode.
     max_pixels: int | None = None
+    # The folder it was loaded from, by name only (a server's paths are its own): what tells two
+    # runs of one architecture apart on the page and in /api/health.
+    run: str | None = None
 
     def open(self, src, name: str | None = None) -> Image.Image:
         """Decode one image to full-size 8-bit RGB, as training's `load_image` does.
@@ -249,7 +252,9 @@ class Predictor(Detector):
             framing = FramingReference.load(directory)  # None for runs trained before the check
         except ValueError as e:
             raise CheckpointError(str(e)) from e
-        return cls(model, meta, data_cfg, device, framing)
+        predictor = cls(model, meta, data_cfg, device, framing)
+        predictor.run = Path(directory).resolve().name
+        return predictor
 
     # --- facts for the UI and the health check ---
 
@@ -266,6 +271,7 @@ class Predictor(Detector):
         valid = (self.meta.get("metrics") or {}).get("valid") or {}
         return {
             "model": self.model_name,
+            "run": self.run,
             "input_size": self.image_size,
             "threshold": self.threshold,
             "tta_hflip": self.tta_hflip,
@@ -424,7 +430,9 @@ class EnsemblePredictor(Detector):
                 members.append(Predictor.from_checkpoint(m, device, allow_pickle))
             except CheckpointError as e:
                 raise CheckpointError(f"{Path(directory) / MANIFEST} lists member {m}: {e}") from e
-        return cls(members, manifest["threshold"], manifest["valid"])
+        ensemble = cls(members, manifest["threshold"], manifest["valid"])
+        ensemble.run = Path(directory).resolve().name
+        return ensemble
 
     @property
     def model_name(self) -> str:
@@ -438,6 +446,7 @@ class EnsemblePredictor(Detector):
         """As `Predictor.describe`, for the ensemble, plus each member's own description."""
         return {
             "model": self.model_name,
+            "run": self.run,
             "input_size": self.image_size,
             "threshold": self.threshold,
             "tta_hflip": any(m.tta_hflip for m in self.members),

@@ -22,7 +22,7 @@ import argparse  # noqa: E402
 import os  # noqa: E402
 
 from rvf.checkpoint import ALLOW_PICKLE_HELP  # noqa: E402
-from rvf.cli import positive_float, positive_int  # noqa: E402
+from rvf.cli import port, positive_float, positive_int  # noqa: E402
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
@@ -32,7 +32,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                         help="a run folder (model.safetensors + model.json) or an ensemble folder "
                              "(ensemble.json, written by scripts/ensemble.py --output-dir); default: $RVF_CHECKPOINT")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
-    parser.add_argument("--port", type=positive_int, default=5000, help="default: 5000")
+    parser.add_argument("--port", type=port, default=5000, help="1-65535 (default: 5000)")
     parser.add_argument("--device", default=os.environ.get("RVF_DEVICE", "cpu"),
                         help="cpu, cuda or auto (default: $RVF_DEVICE, else cpu)")
     parser.add_argument("--max-upload-mb", type=positive_float, default=10.0, help="request size limit (default: 10)")

@@ -89,8 +89,8 @@ def upload(driver, url: str, paths, timeout: float = 60) -> list[dict]:
     """Open the page, choose `paths` in its file input and wait until every card has a result.
 
     Returns:
-        One dict per card, in page order: filename, verdict text, P(fake) text, error text and
-        framing warning text ("" when hidden).
+        One dict per card, in page order: filename, verdict text, P(fake) text, error text,
+        framing warning text ("" when hidden) and whether the Grad-CAM toggle is shown.
     """
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
@@ -110,6 +110,7 @@ def upload(driver, url: str, paths, timeout: float = 60) -> list[dict]:
         "p_fake": card.find_element(By.CSS_SELECTOR, ".pfake").text,
         "error": card.find_element(By.CSS_SELECTOR, ".error").text,
         "framing": card.find_element(By.CSS_SELECTOR, ".framing").text,
+        "gradcam_toggle": card.find_element(By.CSS_SELECTOR, ".toggle").is_displayed(),
     } for card in driver.find_elements(By.CSS_SELECTOR, ".card")]
 
 

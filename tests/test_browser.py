@@ -40,6 +40,7 @@ def test_upload_shows_verdict_probability_and_gradcam(app, client, face_paths, t
         cards = shot.upload(driver, url, paths)
         assert "lenet" in driver.find_element(By.ID, "model-info").text
         assert not any(c["error"] for c in cards), cards
+        assert all(c["gradcam_toggle"] for c in cards)
         # Newest cards come first: the page prepends each card.
         by_name = {c["filename"]: c for c in cards}
         for p, res in zip(paths, expected):
@@ -63,6 +64,7 @@ def test_bad_file_shows_error(app, tmp_path):
         [card] = shot.upload(driver, url, [bad])
     assert card["verdict"] == "Could not classify"
     assert "notes.jpg" in card["error"] and "not a readable image" in card["error"]
+    assert not card["gradcam_toggle"]  # nothing to overlay on a card without a result
 
 
 def test_a_face_framed_unlike_the_training_faces_is_flagged(tmp_path):

@@ -109,7 +109,7 @@ def test_static_files(client, path):
         assert r.status_code == 200 and len(r.data) > 100
 
 
-def test_health(client):
+def test_health(client, checkpoint):
     r = client.get("/api/health")
     assert r.status_code == 200
     assert r.json["status"] == "ok"
@@ -117,6 +117,13 @@ def test_health(client):
     assert r.json["input_size"] == 64
     assert r.json["threshold"] == 0.5
     assert r.json["valid_accuracy"] == METRICS["valid"]["accuracy"]
+    assert r.json["run"] == checkpoint.name  # which run, by folder name: never the server's path
+
+
+def test_index_names_the_run_and_says_what_the_numbers_mean(client, checkpoint):
+    html = client.get("/").get_data(as_text=True)
+    assert f"(run <code>{checkpoint.name}</code>)" in html and str(checkpoint.parent) not in html
+    assert "P(fake) is the model's probability that a face was generated" in html
 
 
 # --- predict: good input ---
@@ -229,6 +236,26 @@ def test_upload_over_limit_is_413_json(client):
     assert r.is_json and "10 MB" in r.json["error"]
 
 
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # the part Werkzeug was spooling
+def test_chunked_upload_over_limit_says_too_large(checkpoint):
+    import gc
+
+    # No Content-Length (Transfer-Encoding: chunked): the size limit trips while reading the body.
+    config = {"TESTING": True, "MODEL_CHECKPOINT": str(checkpoint), "MAX_CONTENT_LENGTH": 60_000}
+    client = create_app(config).test_client()
+    boundary = "rvfboundary"
+    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"a.png\"\r\n"
+            f"Content-Type: image/png\r\n\r\n").encode() + VALID_IMAGES["rgb.png"]() + b"\0" * 70_000 + \
+        f"\r\n--{boundary}--\r\n".encode()
+    r = client.post("/api/predict", input_stream=io.BytesIO(body), environ_overrides={"wsgi.input_terminated": True},
+                    headers={"Content-Type": f"multipart/form-data; boundary={boundary}",
+                             "Transfer-Encoding": "chunked"})
+    assert r.request.content_length is None
+    assert r.status_code == 413 and "upload too large: the limit is" in r.json["error"]
+    del r
+    gc.collect()  # here, under this test's filter, not in the next test
+
+
 def test_upload_limit_is_configurable(checkpoint):
     config = {"TESTING": True, "MODEL_CHECKPOINT": str(checkpoint), "MAX_CONTENT_LENGTH": 60_000}
     client = create_app(config).test_client()
@@ -338,3 +365,15 @@ def test_app_script_takes_the_checkpoint_from_the_environment(tmp_path):
     r = subprocess.run([sys.executable, "scripts/app.py"], capture_output=True, text=True, cwd=ROOT, env=env,
                        timeout=120)
     assert r.returncode == 2 and f"{tmp_path} is not an rvf checkpoint" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_app_script_refuses_a_port_out_of_range(tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    # The OS would bind 70000 as 4464 (70000 mod 65536) without a word.
+    r = subprocess.run([sys.executable, "scripts/app.py", "--checkpoint", str(tmp_path), "--port", "70000"],
+                       capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert r.returncode == 2 and "--port: must be at most 65535, got 70000" in r.stderr

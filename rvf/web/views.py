@@ -114,7 +114,10 @@ def api_error(e: HTTPException):
         return e
     if isinstance(e, RequestEntityTooLarge):
         limit = current_app.config["MAX_CONTENT_LENGTH"]
-        if request.content_length is not None and request.content_length > limit:
+        # With a Content-Length the size is known up front; a chunked body has none, and it is the
+        # stream's own limit that ran out (a LimitedStream at MAX_CONTENT_LENGTH, exhausted).
+        length = request.content_length
+        if length > limit if length is not None else getattr(request.stream, "is_exhausted", False):
             message = f"upload too large: the limit is {limit / 2**20:g} MB per request"
         else:  # Werkzeug's form limits: too many parts, or a text field too long
             message = (f"too many form fields or files, or a text field too long (at most "

@@ -13,9 +13,15 @@
   const maxBytes = Number(form.dataset.maxBytes) || 10 * 1024 * 1024;
 
   const pct = (p, digits = 1) => (100 * p).toFixed(digits) + " %";
-  // The header shows the threshold to 0.01 %: near it, so does the card, so that a verdict
-  // never reads as P(fake) 49.9 % -> Fake under a threshold of 49.90 %.
-  const pctBeside = (p, t) => pct(p, Math.abs(p - t) < 0.0005 ? 2 : 1);
+  // The header shows the threshold to 0.01 %: near it, so does the card, with more digits
+  // until the two differ, so that a verdict never reads as P(fake) 49.9 % -> Fake under a
+  // threshold of 49.90 %, nor P(fake) 50.00 % -> Real under 50.00 %.
+  const pctBeside = (p, t) => {
+    if (Math.abs(p - t) >= 0.0005) return pct(p, 1);
+    let digits = 2;
+    while (digits < 6 && pct(p, digits) === pct(t, digits)) digits++;
+    return pct(p, digits);
+  };
 
   async function post(files, gradcam) {
     const body = new FormData();
@@ -120,7 +126,7 @@
       const cards = part.map(makeCard);
       const tooBig = part.length === 1 && part[0].size > maxBytes;
       try {
-        if (tooBig) throw new Error("file is larger than the " + (maxBytes / 1048576).toFixed(0) + " MB upload limit");
+        if (tooBig) throw new Error("file is larger than the " + (maxBytes / 1048576).toFixed(1) + " MB upload limit");
         const res = await post(part, false);
         res.forEach((r, i) => { showResult(cards[i], part[i], r); if (r.error) failed++; });
       } catch (e) {
