@@ -132,6 +132,9 @@ class Detector:
     # Refuse images with more pixels than this before decoding them (None: Pillow's ~89 MP).
     # A server sets it: a 16-bit PNG of 88 MP is 170 KB to upload and GBs to decode.
     max_pixels: int | None = None
+    # Refuse images smaller than this on either side (None: any size). A server sets it: a
+    # 3x5 px upload stretched to the model's input would get a verdict that means nothing.
+    min_side: int | None = None
     # The folder it was loaded from, by name only (a server's paths are its own): what tells two
     # runs of one architecture apart on the page and in /api/health.
     run: str | None = None
@@ -151,7 +154,7 @@ class Detector:
         if _is_empty(src):
             raise BadImageError(f"{name}: empty file (0 bytes)")
         try:
-            return open_rgb(src, max_pixels=self.max_pixels)
+            return open_rgb(src, max_pixels=self.max_pixels, min_side=self.min_side)
         except Image.DecompressionBombWarning as e:  # an error under `refuse_decompression_bombs`
             raise BadImageError(f"{name}: image is too large to decode safely ({e})") from e
 

@@ -125,7 +125,8 @@ def _name(src) -> str:
     return os.fspath(src) if isinstance(src, (str, os.PathLike)) else getattr(src, "name", "<upload>")
 
 
-def open_rgb(src: str | os.PathLike | BinaryIO | bytes, max_pixels: int | None = None) -> Image.Image:
+def open_rgb(src: str | os.PathLike | BinaryIO | bytes, max_pixels: int | None = None,
+             min_side: int | None = None) -> Image.Image:
     """Decode an image fully and return it as 8-bit RGB.
 
     Handles grayscale, palette, RGBA/LA (composited on white), CMYK, 16-bit and 32-bit
@@ -136,10 +137,11 @@ def open_rgb(src: str | os.PathLike | BinaryIO | bytes, max_pixels: int | None =
         src: a path, a binary file or bytes.
         max_pixels: refuse images with more pixels than this, from the header, before
             decoding them (a server's budget; Pillow's own limit is ~89 MP).
+        min_side: refuse images narrower or shorter than this, from the header.
 
     Raises:
         BadImageError: naming the file, when it is empty, truncated, not an image in one
-            of `IMAGE_FORMATS`, or larger than `max_pixels`.
+            of `IMAGE_FORMATS`, larger than `max_pixels` or smaller than `min_side`.
     """
     name = _name(src)
     if isinstance(src, bytes):
@@ -149,6 +151,9 @@ def open_rgb(src: str | os.PathLike | BinaryIO | bytes, max_pixels: int | None =
             if max_pixels and img.width * img.height > max_pixels:
                 raise BadImageError(f"{name}: {img.width}x{img.height} px is more than the "
                                     f"{max_pixels / 1e6:g} megapixels this server decodes")
+            if min_side and min(img.width, img.height) < min_side:
+                raise BadImageError(f"{name}: {img.width}x{img.height} px is too small to judge "
+                                    f"(at least {min_side} px a side)")
             img.load()  # force the full decode now: truncation only shows up here
             img = ImageOps.exif_transpose(img) or img
             return _to_rgb(img)

@@ -45,12 +45,14 @@ def create_app(test_config: dict | None = None) -> Flask:
         # Pixels per image, read from the header before decoding: a 16-bit PNG of 88 MP is a
         # 170 KB upload that takes GBs to decode. 40 MP is a 7300 x 5500 photo.
         MAX_IMAGE_PIXELS=40_000_000,
+        # Pixels a side, at least: a thumbnail this small says nothing about GAN texture.
+        MIN_IMAGE_SIDE=32,
         BATCH_SIZE=16,  # images per forward pass
         TORCH_THREADS=os.environ.get("RVF_TORCH_THREADS"),  # None: torch's default (all cores)
     )
     if test_config is not None:
         app.config.update(test_config)
-    for key in ("MAX_CONTENT_LENGTH", "MAX_FILES", "MAX_IMAGE_PIXELS"):
+    for key in ("MAX_CONTENT_LENGTH", "MAX_FILES", "MAX_IMAGE_PIXELS", "MIN_IMAGE_SIDE"):
         value = app.config[key]
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{key} must be a positive integer, got {value!r}")
@@ -82,4 +84,5 @@ def init_predictor(app: Flask) -> None:
     refuse_decompression_bombs()
     predictor = load_predictor(checkpoint, device=app.config["DEVICE"], allow_pickle=bool(app.config["ALLOW_PICKLE"]))
     predictor.max_pixels = app.config["MAX_IMAGE_PIXELS"]
+    predictor.min_side = app.config["MIN_IMAGE_SIDE"]
     app.extensions["rvf"] = predictor
