@@ -74,7 +74,10 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     """Map "auto" to cuda when available, else cpu; check that an explicit cuda exists."""
     if str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(device)
+    try:
+        device = torch.device(device)
+    except RuntimeError:  # torch's own message lists some 20 device types
+        raise ValueError(f"unknown device {str(device)!r}: use cpu, cuda or auto") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("device 'cuda' was asked for but torch sees no CUDA GPU; use --device cpu")
     return device

@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from rvf import CLASSES
 from rvf.checkpoint import load_pretrained
-from rvf.data import RVF10K, build_eval_transform, open_rgb
+from rvf.data import RVF10K, BadImageError, build_eval_transform, open_rgb
 from rvf.data.transforms import to_uint8
 from rvf.framing import FILE_NAME as FRAMING_FILE
 from rvf.framing import FramingReference
@@ -51,6 +51,12 @@ class Perturbation:
             raise ValueError(f"a shift is a whole number of pixels, 0 or more, got {value:g}")
         if kind == "crop" and not 0 < value <= 1:
             raise ValueError(f"a crop keeps a share of the side in (0, 1], got {value:g}")
+        if kind == "jpeg" and (value != int(value) or not 1 <= value <= 100):
+            raise ValueError(f"a JPEG quality is a whole number in 1..100, got {value:g}")
+        if kind == "scale" and not 0 < value <= 1:
+            raise ValueError(f"a scale shrinks the picture by a factor in (0, 1], got {value:g}")
+        if kind in ("blur", "noise") and value < 0:
+            raise ValueError(f"a {kind} strength is 0 or more, got {value:g}")
         self.kind, self.value = kind, value
 
     @classmethod
@@ -118,12 +124,18 @@ class _Perturbed(Dataset):
 
     def __getitem__(self, i):
         path, label = self.samples[i]
-        return to_uint8(self.p(open_rgb(path), seed=i), self.size, self.interpolation), label
+        try:
+            img = open_rgb(path)
+        except BadImageError:
+            # Say which image by its label, -1 - i: the main process names the file (an error
+            # raised in a loader worker would reach the user as a dump of that worker's traceback).
+            return torch.zeros(3, self.size, self.size, dtype=torch.uint8), -1 - i
+        return to_uint8(self.p(img, seed=i), self.size, self.interpolation), label
 
 
 def evaluate_robustness(checkpoint, data_dir, split: str = "valid", output_dir=None, limit: int | None = None,
                         batch_size: int = 128, num_workers: int | None = None, perturbations=None,
-                        device: str = "cpu", progress: bool = True) -> dict:
+                        device: str = "cpu", progress: bool = True, skip_bad: bool = False) -> dict:
     """Evaluate a checkpoint on `split` under each perturbation; write a table, JSON and plot.
 
     Args:
@@ -134,6 +146,10 @@ def evaluate_robustness(checkpoint, data_dir, split: str = "valid", output_dir=N
         limit: use a stratified subset of this many images (quick looks).
         perturbations: list of `Perturbation`; default `PERTURBATIONS`.
         progress: show a progress bar per perturbation (a 256 px model takes minutes each on a CPU).
+        skip_bad: leave unreadable images out (counted in "skipped") instead of raising.
+
+    Raises:
+        BadImageError: naming the first unreadable image, unless `skip_bad`.
 
     Returns:
         {"rows": [{"perturbation", "accuracy", "roc_auc", "delta_accuracy", "recall", ...}], ...};
@@ -165,13 +181,22 @@ def evaluate_robustness(checkpoint, data_dir, split: str = "valid", output_dir=N
     threshold = meta.get("threshold", 0.5)
     # The run's framing check, when it has one: which faces would the app have warned about?
     framing = FramingReference.load(checkpoint)
-    rows = []
+    rows, skipped = [], set()
     for p in perturbations or PERTURBATIONS:
         loader = DataLoader(_Perturbed(samples, p, data_cfg.image_size, data_cfg.interpolation),
                             batch_size=batch_size, num_workers=workers)
         probs, labels, off = [], [], []
         with torch.no_grad():
             for x, y in tqdm(loader, desc=f"{p.name:>12}", unit="batch", disable=not progress):
+                if (bad := y < 0).any():
+                    first = samples[-1 - int(y[bad][0])][0]
+                    if not skip_bad:
+                        open_rgb(first)  # raises the BadImageError that names it
+                        raise BadImageError(f"{first}: could not be read")  # it read this time: flaky storage
+                    skipped.update((-1 - y[bad]).tolist())
+                    x, y = x[~bad], y[~bad]
+                    if not len(y):
+                        continue
                 logits = predict_logits(model, transform(x.to(device)), hflip=meta.get("tta_hflip", False))
                 probs.append(logits.float().softmax(1).cpu())
                 labels.append(y)
@@ -191,12 +216,14 @@ def evaluate_robustness(checkpoint, data_dir, split: str = "valid", output_dir=N
     clean = rows[0]["accuracy"] if rows and rows[0]["perturbation"] == "clean" else None
     for r in rows:
         r["delta_accuracy"] = None if clean is None else r["accuracy"] - clean
-    result = {"model": meta["model_name"], "checkpoint": str(checkpoint), "split": split, "n": len(samples),
+    result = {"model": meta["model_name"], "checkpoint": str(checkpoint), "split": split,
+              "n": len(samples) - len(skipped), "skipped": len(skipped),
               "image_size": data_cfg.image_size, "device": device_name(device), "rows": rows}
 
     output_dir.mkdir(parents=True, exist_ok=True)
     reports.write_json(output_dir / "robustness.json", result)
-    lines = [f"# Robustness of `{meta['model_name']}` on {split} ({len(samples)} images)", "",
+    lines = [f"# Robustness of `{meta['model_name']}` on {split} ({result['n']} images"
+             + (f"; {len(skipped)} unreadable, left out" if skipped else "") + ")", "",
              f"| perturbation | accuracy % | change (points) | {' / '.join(CLASSES)} called right % | ROC AUC | AP |"
              + (" framing off % | accuracy % where framing ok |" if framing is not None else ""),
              "|---|---|---|---|---|---|" + ("---|---|" if framing is not None else "")]

@@ -59,6 +59,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser.add_argument("--num-workers", type=non_negative_int,
                         help="decoding processes; 0 decodes in this one (default: cores, at most 8)")
     parser.add_argument("--device", default="auto", help="cpu, cuda or auto (default: auto, a GPU when there is one)")
+    parser.add_argument("--skip-bad", action="store_true", help="leave unreadable images out instead of failing")
     parser.add_argument("--perturbations", nargs="+", type=perturbation, metavar="KIND[:VALUE]",
                         help="conditions to run, in order, e.g. clean jpeg:75 shift:2; kinds: clean, jpeg (quality), "
                              "scale (factor), blur (radius), noise (std of 255), shift (pixels down and right), "
@@ -75,7 +76,7 @@ def main(args) -> int:
     try:
         result = evaluate_robustness(args.checkpoint, args.data_dir, args.split, args.output_dir, args.limit,
                                      args.batch_size, args.num_workers, perturbations=args.perturbations,
-                                     device=args.device)
+                                     device=args.device, skip_bad=args.skip_bad)
     except (CheckpointError, DatasetError, BadImageError, ValueError) as e:  # ValueError: --device
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -68,7 +68,8 @@ def test_a_shift_moves_the_picture_and_repeats_its_edges():
     assert np.array_equal(out[:3, 3:], np.broadcast_to(a[:1, :-3], (3, 29, 3)))  # top row repeated
     assert np.array_equal(out[3:, :3], np.broadcast_to(a[:-3, :1], (29, 3, 3)))  # left column repeated
     assert Perturbation.parse("shift:2").name == "shift 2" and Perturbation.parse("clean").name == "clean"
-    for bad in ("shift:1.5", "shift:-1", "jpeg:high", "sharpen:1", "crop:0", "crop:1.5"):
+    for bad in ("shift:1.5", "shift:-1", "jpeg:high", "sharpen:1", "crop:0", "crop:1.5", "jpeg:500", "jpeg:0",
+                "jpeg:75.5", "scale:0", "scale:5", "blur:-1", "noise:-1"):
         with pytest.raises(ValueError, match=f"perturbation '{bad}'"):
             Perturbation.parse(bad)
 
@@ -109,3 +110,25 @@ def test_a_crop_keeps_a_seeded_square_and_a_rotation_keeps_the_size():
     assert turned.shape == a.shape and not np.array_equal(turned, a)
     assert turned[0, 0].sum() > 0 and turned[-1, -1].sum() > 0  # corners from the edges, not black
     assert np.abs(np.asarray(Perturbation.parse("rotate:0")(img), float) - a).max() <= 1
+
+
+def test_an_unreadable_image_is_named_or_left_out(tmp_path):
+    from conftest import make_checkpoint
+
+    checkpoint = make_checkpoint(tmp_path / "ckpt")
+    data = make_folder_dataset(tmp_path / "data", n=4, size=48, splits=("valid",))
+    junk = data / "valid" / "fake" / "zz_junk.jpg"
+    junk.write_text("not an image")
+    cmd = [sys.executable, str(ROOT / "scripts/robustness.py"), "--checkpoint", str(checkpoint), "--data-dir",
+           str(data), "--output-dir", str(tmp_path / "rob"), "--num-workers", "1",
+           "--perturbations", "clean", "jpeg:75"]
+    # Decoded in a loader worker, yet one line naming the file, not the worker's traceback.
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and str(junk) in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
+    r = subprocess.run(cmd + ["--skip-bad"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    result = json.loads((tmp_path / "rob" / "robustness.json").read_text())
+    assert result["skipped"] == 1 and result["n"] == 8 and len(result["rows"]) == 2
+    assert "1 unreadable, left out" in r.stdout
+    r = subprocess.run(cmd[:-3] + ["--device", "tpu"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "unknown device 'tpu': use cpu, cuda or auto" in r.stderr
