@@ -297,6 +297,8 @@ def load_config(path: str | Path | None = None, overrides: dict | None = None,
     cfg = base or TrainConfig()
     if path is not None:
         path = Path(path)
+        if path.is_dir():
+            raise ConfigError(f"config file {path} is a folder; give a YAML file, e.g. configs/lenet.yaml")
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist")
         try:

@@ -430,6 +430,8 @@ def prepare_output_dir(out: Path, resume: bool, overwrite: bool) -> bool:
     Returns whether the folder holds a run to replace. `clear_run` replaces it once the new
     run's model and data are set up, so that a typo costs nothing but an error message.
     """
+    if out.exists() and not out.is_dir():
+        raise RunDirError(f"output dir {out} is a file; give a folder for the run")
     holds_run = (out / "config.yaml").is_file() or (out / STATE_DIR).is_dir()
     if resume and not holds_run:
         raise RunDirError(f"--resume {out}: no run there to resume (no config.yaml)")
@@ -484,7 +486,16 @@ def latest_state(out: Path) -> Path | None:
 def save_run_state(accelerator, out: Path, epoch: int, run: dict) -> None:
     """`save_state` into checkpoints/epoch_N, mark it complete, then drop older ones."""
     path = out / STATE_DIR / f"epoch_{epoch}"
-    accelerator.save_state(str(path))
+    # Accelerate logs each file it saves at INFO: eight lines an epoch under the epoch's own line.
+    loggers = [logging.getLogger(name) for name in ("accelerate.accelerator", "accelerate.checkpointing")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(max(lg.getEffectiveLevel(), logging.WARNING))
+    try:
+        accelerator.save_state(str(path))
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
     if accelerator.is_main_process:
         atomic_write_text(path / STATE_MARKER, json.dumps(run))
         for old in (out / STATE_DIR).glob("epoch_*"):

@@ -66,6 +66,13 @@ def resolve_config(args):
 
     base = None
     if args.resume is not None:
+        # A resumed run continues in its own folder, from what it saved: both would be ignored.
+        if args.output_dir is not None:
+            raise ConfigError(f"--resume {args.resume} continues in that folder; drop --output-dir "
+                              f"(or copy the run to {args.output_dir} and resume that)")
+        if args.overwrite:
+            raise ConfigError(f"--resume {args.resume} keeps what the run saved and --overwrite discards it; "
+                              "pass one of them")
         saved = args.resume / "config.yaml"
         if not saved.is_file():
             raise ConfigError(f"--resume {args.resume}: no config.yaml there, so nothing to resume")

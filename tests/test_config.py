@@ -95,6 +95,8 @@ def test_the_interpolation_choices_are_the_transforms():
 def test_missing_file_and_bad_override():
     with pytest.raises(ConfigError, match="nope.yaml does not exist"):
         load_config("nope.yaml")
+    with pytest.raises(ConfigError, match="configs is a folder; give a YAML file"):
+        load_config(ROOT / "configs")
     with pytest.raises(ConfigError, match="command line: unknown config key"):
         load_config(None, dict([parse_override("bogus=1")]))
     with pytest.raises(ConfigError, match="key=value"):

@@ -65,6 +65,7 @@ def test_train_script_end_to_end_writes_every_report(data_dir, tmp_path):
     assert "Conv2d" in (out / "architecture.txt").read_text()
     assert "precision" in (out / "classification_report.txt").read_text()
     assert latest_state(out) is not None
+    assert "Saving current state" not in r.stderr and "saved in" not in r.stderr  # Accelerate's per-file lines
     # a second run into the same folder is refused, nothing lost; --overwrite replaces it
     before = (out / "model.safetensors").read_bytes()
     r = _run([sys.executable, "scripts/train.py", "--data-dir", str(data_dir), "--output-dir", str(out),
@@ -529,6 +530,7 @@ def test_tensorboard_tracker(data_dir, tmp_path):
     (["--set", "lr=fast"], "lr must be a number"),
     (["--set", "mixup=0.2", "--batch-size", "7"], "mixup/cutmix need an even batch_size, got 7"),
     (["--set", "cutmix=-1"], "cutmix is a Beta distribution's alpha and must be >= 0"),
+    (["--resume", "runs/x"], "--resume runs/x continues in that folder; drop --output-dir"),
 ])
 def test_bad_input_is_one_clear_message(data_dir, tmp_path, args, message):
     base = ["--data-dir", str(data_dir), "--output-dir", str(tmp_path / "run"), "--tracker", "none", "--epochs", "1"]
@@ -552,6 +554,16 @@ def test_unwritable_output_dir(data_dir, tmp_path):
     r = _run([sys.executable, "scripts/train.py", "--data-dir", str(data_dir), "--output-dir", str(blocker / "run"),
               "--tracker", "none", "--epochs", "1"], tmp_path)
     assert r.returncode == 1 and "not_a_dir" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_an_output_dir_that_is_a_file_is_named(data_dir, tmp_path):
+    taken = tmp_path / "notes.yaml"
+    taken.write_text("")
+    r = _run([sys.executable, "scripts/train.py", "--data-dir", str(data_dir), "--output-dir", str(taken),
+              "--tracker", "none", "--epochs", "1"], tmp_path)
+    assert r.returncode == 2 and f"output dir {taken} is a file; give a folder" in r.stderr
+    r = _run([sys.executable, "scripts/train.py", "--resume", str(tmp_path), "--overwrite"], tmp_path)
+    assert r.returncode == 2 and "--overwrite discards it; pass one of them" in r.stderr
 
 
 def test_disk_full_keeps_the_earlier_best_model(data_dir, tmp_path, monkeypatch):
