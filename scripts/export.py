@@ -7,7 +7,8 @@ Usage:
 The file takes a uint8 batch `image` (B, 3, S, S) — RGB, resized to the checkpoint's input
 size — and returns `probs` (B, 2) = [P(fake), P(real)]; normalisation is inside. After
 writing, the script compares its probabilities with PyTorch's on random images and fails
-(exit 1) if any differs by more than --atol.
+(exit 1) if any differs by more than --atol, removing the file so that nothing downstream
+takes it for a finished export.
 """
 
 import sys
@@ -16,8 +17,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import argparse  # noqa: E402
+import math  # noqa: E402
 
-from rvf.cli import output_file  # noqa: E402
+from rvf.cli import float_in, output_file  # noqa: E402
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
@@ -29,7 +31,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser.add_argument("--format", required=True, choices=sorted(FORMATS))
     parser.add_argument("--output", type=output_file, default=None,
                         help="file to write (default: model.onnx / model.torchscript.pt in the checkpoint folder)")
-    parser.add_argument("--atol", type=float, default=DEFAULT_ATOL,
+    parser.add_argument("--atol", type=float_in(0, math.inf), default=DEFAULT_ATOL,
                         help=f"largest allowed probability difference from PyTorch (default: {DEFAULT_ATOL:g})")
     return parser
 
@@ -38,11 +40,16 @@ def main(args) -> int:
     from rvf.checkpoint import CheckpointError
     from rvf.export import ExportError, check_parity, export_checkpoint
 
+    path = None
     try:
         path = export_checkpoint(args.checkpoint, args.format, args.output)
         diff = check_parity(path, args.format, args.checkpoint, atol=args.atol)
     except (CheckpointError, ExportError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        removed = ""
+        if path is not None and path.exists():  # written, then failed its check
+            path.unlink()
+            removed = f" (removed {path})"
+        print(f"error: {e}{removed}", file=sys.stderr)
         return 1 if isinstance(e, ExportError) else 2
     print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MB); max |p - p_torch| = {diff:.2e} (atol {args.atol:g})")
     return 0

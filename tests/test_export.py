@@ -81,3 +81,20 @@ def test_export_script_default_output(tmp_path, capsys):
 def test_export_script_bad_checkpoint(tmp_path, capsys):
     code, out, err = run_script(capsys, "--checkpoint", tmp_path, "--format", "torchscript")
     assert code == 2 and err.startswith("error:") and "not an rvf checkpoint" in err
+
+
+def test_export_script_removes_a_file_that_fails_its_check(tmp_path, capsys, monkeypatch):
+    import rvf.export
+
+    ckpt = make_checkpoint(tmp_path / "ckpt")
+
+    def mismatch(path, *a, **k):
+        raise ExportError(f"{path}: onnx probabilities differ from PyTorch's by 0.5 (> atol 0.0001)")
+
+    monkeypatch.setattr(rvf.export, "check_parity", mismatch)
+    code, out, err = run_script(capsys, "--checkpoint", ckpt, "--format", "torchscript")
+    path = default_output(ckpt, "torchscript")
+    assert code == 1 and "differ" in err and f"(removed {path})" in err and not path.exists()
+    with pytest.raises(SystemExit):  # argparse: a tolerance below 0 can never pass
+        load_script().get_args_parser().parse_args(["--checkpoint", str(ckpt), "--format", "onnx", "--atol", "-1"])
+    assert "--atol: must be in [0, inf), got -1" in capsys.readouterr().err
