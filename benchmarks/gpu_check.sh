@@ -54,7 +54,7 @@ ZOO=(configs/{lenet,alexnet,inception_v1,vgg16,resnet50,alexnet_bn,vgg16_bn}.yam
 for mode in $ZOO_MODES; do
     case $mode in auto) graph=null ;; graph) graph=true ;; eager) graph=false ;;
         *) echo "error: ZOO_MODES takes auto, graph or eager, got '$mode'" >&2; exit 2 ;; esac
-    timeout "$T_ZOO" "$PY" scripts/train_zoo.py --data-dir "$DATA" --configs "${ZOO[@]}" --output-root "$WORK/zoo-$mode" \
+    timeout "$T_ZOO" "$PY" scripts/train_zoo.py --data-dir "$DATA" --configs "${ZOO[@]}" --output-root "$WORK/zoo-$mode" --overwrite \
         --set tracker=none --set epochs="$EPOCHS" --set mixed_precision="$MP" --set cuda_graph="$graph" \
         > "$WORK/zoo-$mode.log" 2>&1 || { echo "zoo ($mode) failed:"; tail -40 "$WORK/zoo-$mode.log"; }
 done

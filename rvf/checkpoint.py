@@ -141,6 +141,10 @@ def _not_a_checkpoint(directory: Path, allow_pickle: bool) -> str:
     if (directory / MANIFEST).is_file():
         hint = (" It is an ensemble folder (ensemble.json): scripts/predict.py and scripts/app.py serve it; "
                 "to evaluate or export, use its member runs one by one (listed in ensemble.json).")
+    elif (directory / WEIGHTS_NAME).is_file():
+        hint = f" It has {WEIGHTS_NAME} but no {META_NAME}, which names the model to build for those weights."
+    elif (directory / META_NAME).is_file() and not names:
+        hint = f" It has {META_NAME} but no {WEIGHTS_NAME}: the weights are missing (an unfinished copy?)."
     elif not names:
         hint = ""
     elif not allow_pickle:

@@ -48,7 +48,7 @@ def _member_config(checkpoint: Path, meta: dict, data_dir, cache_dir):
         raise EnsembleError(f"{checkpoint}/model.json has no training config: cannot tell which images it held out")
     cfg = TrainConfig().replace(source=f"{checkpoint}/model.json", **meta["config"])
     # `subset` stays: the holdout slice is drawn from the images the run used.
-    return cfg.replace(data_dir=str(data_dir), cache_dir=cache_dir)
+    return cfg.replace(data_dir=str(data_dir), cache_dir=None if cache_dir is None else str(cache_dir))
 
 
 def _slice(cfg) -> tuple:
@@ -65,7 +65,7 @@ def _describe_slice(cfg) -> str:
 
 
 def evaluate_ensemble(checkpoints: list[str | Path], data_dir: str | Path, output_dir: str | Path | None = None,
-                      batch_size: int = 128, cache_dir: str | None = None) -> dict:
+                      batch_size: int = 128, cache_dir: str | os.PathLike | None = None) -> dict:
     """Score `checkpoints` (run folders) one by one on holdout and valid, then their mean.
 
     Returns:

@@ -29,7 +29,8 @@ def collect_runs(run_dirs) -> list[dict]:
                      "roc_auc": v["roc_auc"], "ap": v["average_precision"], "best_epoch": m["best_epoch"],
                      "epochs": m["epochs"], "train_seconds": m["train_seconds"], "device": m.get("device", ""),
                      "acc_at_threshold": v.get("accuracy_at_threshold"), "eer": v.get("eer"),
-                     "torch": m.get("torch", ""), "num_processes": m.get("num_processes", 1)})
+                     "torch": m.get("torch", ""), "num_processes": m.get("num_processes", 1),
+                     "valid_images": (m.get("counts") or {}).get("valid")})
     return sorted(rows, key=lambda r: -(r["accuracy"] or 0))
 
 
@@ -49,8 +50,11 @@ def write_leaderboard(rows: list[dict], out_dir: str | Path, title: str = "rvf10
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    # Say what was scored, from the runs themselves: a zoo on a small folder is not rvf10k's 3,000.
+    sizes = sorted({r["valid_images"] for r in rows if r.get("valid_images")})
+    scored = f" ({' / '.join(f'{n:,}' for n in sizes)} images)" if sizes else ""
     lines = [f"# {title}", "",
-             "Valid split (3,000 images on the full rvf10k), best epoch chosen on the holdout slice of train.", "",
+             f"Valid split{scored}, best epoch chosen on the holdout slice of train.", "",
              "| # | model | run | size | params | MACs | accuracy % | seed % | ROC AUC | AP | best epoch "
              "| train time | device |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]

@@ -34,7 +34,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser.add_argument("--data-dir", required=True, type=Path, help="dataset root (either layout)")
     parser.add_argument("--output-dir", type=output_dir, help="where the reports go (default: print only)")
     parser.add_argument("--batch-size", type=positive_int, default=128, help="per process (default: 128)")
-    parser.add_argument("--cache-dir", help="decode cache folder (default $RVF_CACHE_DIR or ~/.cache/rvf)")
+    parser.add_argument("--cache-dir", type=output_dir,
+                        help="decode cache folder (default $RVF_CACHE_DIR or ~/.cache/rvf)")
     return parser
 
 

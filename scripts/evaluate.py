@@ -28,7 +28,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                              "is no estimate of accuracy on new faces")
     parser.add_argument("--output-dir", type=output_dir, help="default CHECKPOINT/eval-SPLIT")
     parser.add_argument("--batch-size", type=positive_int, default=128, help="per process (default: 128)")
-    parser.add_argument("--cache-dir", help="decode cache folder (default $RVF_CACHE_DIR or ~/.cache/rvf)")
+    parser.add_argument("--cache-dir", type=output_dir,
+                        help="decode cache folder (default $RVF_CACHE_DIR or ~/.cache/rvf)")
     parser.add_argument("--skip-bad", action="store_true", help="skip unreadable images instead of failing")
     parser.add_argument("--tta-hflip", action=argparse.BooleanOptionalAction, default=None,
                         help="also score each image's mirror and average the logits "

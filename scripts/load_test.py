@@ -242,6 +242,18 @@ class PeakSampler:
         self._thread.join()
 
 
+def check_checkpoint(directory: Path) -> None:
+    """Raise ValueError (`CheckpointError`) naming what is wrong with a run or ensemble folder."""
+    from rvf.checkpoint import read_meta
+    from rvf.ensemble import MANIFEST, read_manifest
+
+    if (directory / MANIFEST).is_file():
+        for member in read_manifest(directory)["members"]:
+            read_meta(member)
+    else:
+        read_meta(directory)
+
+
 def main(args) -> int:
     try:
         args.host = check_loopback(args.host)
@@ -249,6 +261,7 @@ def main(args) -> int:
             raise ValueError("--requests and --concurrency must be at least 1")
         if not args.checkpoint.is_dir():
             raise ValueError(f"--checkpoint {args.checkpoint}: no such folder")
+        check_checkpoint(args.checkpoint)  # here, not as a server worker's traceback
         data, name = (args.image.read_bytes(), args.image.name) if args.image else default_image()
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -266,6 +279,9 @@ def main(args) -> int:
         health = server.wait_ready(deadline)
         rss_start = server.rss()
         warm = run_load(server, path, body, ctype, args.warmup, 1, args.request_timeout, deadline)
+        if warm["errors"]:  # e.g. an --image the app refuses: every timed request would fail alike
+            raise RuntimeError(f"{sum(warm['errors'].values())} of {args.warmup} warm-up requests failed "
+                               f"({dict(warm['errors'])}); no load sent")
         rss_warm = server.rss()
         t0 = time.perf_counter()
         with PeakSampler(server.rss) as peak:

@@ -44,7 +44,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser.add_argument("--output-dir", type=output_dir, help="write JSON, CSV and the pairs' PNG here")
     parser.add_argument("--montage", type=non_negative_int, default=8,
                         help="pairs shown in near_duplicates.png (default: 8; 0: no PNG)")
-    parser.add_argument("--cache-dir", help="decode cache folder (default $RVF_CACHE_DIR or ~/.cache/rvf)")
+    parser.add_argument("--cache-dir", type=output_dir,
+                        help="decode cache folder (default $RVF_CACHE_DIR or ~/.cache/rvf)")
     parser.add_argument("--num-workers", type=non_negative_int, help="decoding processes (default: all cores)")
     return parser
 

@@ -17,20 +17,36 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from rvf.cli import output_file, positive_float, positive_int  # noqa: E402
+
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, add_help=add_help,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-dir", type=Path, required=True, help="rvf10k root (either layout)")
-    parser.add_argument("--model", default="vgg16")
-    parser.add_argument("--lrs", type=float, nargs="+", default=[1e-4, 1e-5])
-    parser.add_argument("--steps", type=int, default=60)
-    parser.add_argument("--every", type=int, default=10)
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--image-size", type=int, default=64)
-    parser.add_argument("--seed", type=int, default=42)
-    parser.add_argument("--out", type=Path, default=None, help="JSON file for the traces")
+    parser.add_argument("--model", default="vgg16",
+                        help="model name, as in configs (default: vgg16, the seed's net that never learned)")
+    parser.add_argument("--lrs", type=positive_float, nargs="+", default=[1e-4, 1e-5],
+                        help="Adam learning rates, one fresh copy of the model each (default: 1e-4 1e-5)")
+    parser.add_argument("--steps", type=positive_int, default=60, help="training steps per rate (default: 60)")
+    parser.add_argument("--every", type=positive_int, default=10, help="print a row every this many steps "
+                                                                       "(and at step 1; default: 10)")
+    parser.add_argument("--batch-size", type=positive_int, default=64, help="default: 64")
+    parser.add_argument("--image-size", type=positive_int, default=64, help="default: 64")
+    parser.add_argument("--seed", type=int, default=42, help="weights and batch order (default: 42)")
+    parser.add_argument("--out", type=output_file, default=None, help="JSON file for the traces")
     return parser
+
+
+def cli(args) -> int:
+    """`main`, with a bad data folder or model name as one line instead of a traceback."""
+    from rvf.data import BadImageError, DatasetError
+
+    try:
+        return main(args)
+    except (DatasetError, BadImageError, ValueError) as e:  # ValueError: an unknown model name
+        print(f"error: {e}", file=sys.stderr)
+        return 2
 
 
 def probe(model, batches, lr: float, every: int) -> list[dict]:
@@ -99,4 +115,4 @@ def main(args) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(get_args_parser().parse_args()))
+    sys.exit(cli(get_args_parser().parse_args()))

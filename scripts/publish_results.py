@@ -42,6 +42,8 @@ def check_run(run: Path, force: bool) -> str | None:
     import json
 
     metrics = run / "metrics.json"
+    if not run.is_dir():
+        return f"{run}: no such run folder"
     if not metrics.is_file():
         return f"{run}: no metrics.json; is the run finished?"
     if force:

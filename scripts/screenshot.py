@@ -28,6 +28,8 @@ import shutil  # noqa: E402
 import tempfile  # noqa: E402
 import threading  # noqa: E402
 
+from rvf.cli import output_file, positive_int  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 MINI_VALID = ROOT.parent / "shared" / "data" / "rvf10k-mini" / "rvf10k" / "valid"
 CHROMIUM = "/usr/bin/chromium"
@@ -188,14 +190,16 @@ def random_checkpoint(directory: Path) -> Path:
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description="Screenshot the rvf web app with results.", add_help=add_help)
+    parser = argparse.ArgumentParser(description=__doc__, add_help=add_help,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", default=None, help="checkpoint folder (default: a random-weight LeNet)")
     parser.add_argument("--images", nargs="+", default=None, help="images to upload (default: 4 drawn faces)")
     parser.add_argument("--dataset-faces", action="store_true",
                         help="upload rvf10k-mini faces instead of drawn ones (never commit the result)")
-    parser.add_argument("--output", default=str(ROOT / "docs" / "screenshot.png"))
-    parser.add_argument("--width", type=int, default=1000)
-    parser.add_argument("--height", type=int, default=900)
+    parser.add_argument("--output", type=output_file, default=ROOT / "docs" / "screenshot.png",
+                        help="PNG to write (default: docs/screenshot.png in this repository, the README's)")
+    parser.add_argument("--width", type=positive_int, default=1000, help="browser window, pixels (default: 1000)")
+    parser.add_argument("--height", type=positive_int, default=900, help="browser window, pixels (default: 900)")
     return parser
 
 
@@ -206,6 +210,10 @@ def main(args) -> int:
     if find_browser() is None:
         print(f"error: Chromium or chromedriver not found ({CHROMIUM}, {CHROMEDRIVER}); "
               "install them with: apt-get install chromium chromium-driver", file=sys.stderr)
+        return 2
+    missing = [p for p in args.images or [] if not Path(p).is_file()]
+    if missing:  # before Chromium starts, which would answer with a WebDriver traceback
+        print(f"error: --images: no such file: {', '.join(map(str, missing))}", file=sys.stderr)
         return 2
     logging.getLogger("werkzeug").setLevel(logging.WARNING)  # no request log on the console
     with tempfile.TemporaryDirectory(prefix="rvf-screenshot-") as tmp:

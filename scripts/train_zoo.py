@@ -7,11 +7,14 @@
 Each config runs as its own `scripts/train.py` process (so memory is returned between
 models), under `--launcher` if given, e.g. --launcher "accelerate launch --multi_gpu".
 Runs go to OUTPUT_ROOT/<config name>; all of them share one W&B group so they line up
-side by side. leaderboard.md and leaderboard.png land in OUTPUT_ROOT.
+side by side. leaderboard.md and leaderboard.png land in OUTPUT_ROOT. A config whose run
+folder already holds a run is refused before anything trains, unless --skip-done (finished
+runs are kept) or --overwrite (they are trained again).
 """
 
 import argparse
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -34,12 +37,15 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override passed to every run")
     parser.add_argument("--skip-done", action="store_true", help="skip configs whose run has metrics.json")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="train again configs whose run folder already holds a run (default: refuse them)")
     parser.add_argument("--leaderboard-only", action="store_true", help="only rebuild the leaderboard")
     return parser
 
 
 def main(args) -> int:
     from rvf.config import ConfigError, load_config, parse_override
+    from rvf.data import RVF10K, DatasetError
     from rvf.leaderboard import collect_runs, write_leaderboard
 
     configs = [] if args.leaderboard_only else args.configs
@@ -56,6 +62,18 @@ def main(args) -> int:
     stems = [cfg.stem for cfg in configs]
     problems += [f"two configs are named {s}.yaml: their runs would share {args.output_root / s}"
                  for s in sorted({s for s in stems if stems.count(s) > 1})]
+    taken = [str(args.output_root / s) for s in stems if (args.output_root / s / "config.yaml").is_file()
+             and not (args.skip_done and (args.output_root / s / "metrics.json").is_file())]
+    if taken and not args.overwrite:
+        problems.append(f"these run folders already hold runs: {', '.join(taken)}; pass --skip-done to keep "
+                        f"the finished ones, or --overwrite to train them again")
+    if configs and args.launcher and shutil.which(shlex.split(args.launcher)[0]) is None:
+        problems.append(f"--launcher {args.launcher!r}: no command {shlex.split(args.launcher)[0]!r} on PATH")
+    if configs and args.data_dir:  # once here, rather than once per config as each run starts
+        try:
+            RVF10K(args.data_dir, "train")
+        except DatasetError as e:
+            problems.append(str(e))
     if problems:
         print("\n".join(f"error: {p}" for p in problems), file=sys.stderr)
         return 2
@@ -68,7 +86,9 @@ def main(args) -> int:
             print(f"[zoo] {cfg.stem}: done already, skipping", flush=True)
             continue
         cmd = (shlex.split(args.launcher) or [sys.executable]) + [str(ROOT / "scripts" / "train.py"),
-               "--config", str(cfg), "--output-dir", str(out), "--overwrite", "--set", f"group={group}"]
+               "--config", str(cfg), "--output-dir", str(out), "--set", f"group={group}"]
+        if args.overwrite:
+            cmd.append("--overwrite")
         if args.data_dir:
             cmd += ["--data-dir", args.data_dir]
         for o in args.overrides:

@@ -527,3 +527,12 @@ def test_load_script_refuses_a_non_loopback_host(tmp_path):
     r = subprocess.run([sys.executable, "scripts/load_test.py", "--checkpoint", str(tmp_path), "--host", "8.8.8.8"],
                        cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "not a loopback address" in r.stderr
+
+
+def test_load_script_checks_the_checkpoint_before_starting_a_server(tmp_path):
+    ckpt = make_checkpoint(tmp_path / "ckpt")
+    (ckpt / "model.json").unlink()  # the weights without the file that names their model
+    r = subprocess.run([sys.executable, "scripts/load_test.py", "--checkpoint", str(ckpt)],
+                       cwd=ROOT, env=_env(tmp_path), capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "has model.safetensors but no model.json" in r.stderr
+    assert "Traceback" not in r.stderr and "gunicorn" not in r.stderr

@@ -54,6 +54,7 @@ def test_publish_copies_reports_only_and_rewrites_the_table(tmp_path):
     assert "metrics.json" in published and "curves.png" in published
     assert not published & {"model.safetensors", "samples.png", "checkpoints"}
     assert (results / "leaderboard.md").is_file() and (results / "leaderboard.png").is_file()
+    assert "Valid split (3,000 images)," in (results / "leaderboard.md").read_text()  # from the run's counts
     text = readme.read_text()
     assert "\nold\n" not in text and "`configs/lenet.yaml`" in text and text.endswith("\n\nafter\n")
     r = subprocess.run(cmd[:2] + cmd[3:], capture_output=True, text=True, cwd=ROOT, timeout=120)

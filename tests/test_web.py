@@ -103,7 +103,7 @@ def test_index_without_metrics(tmp_path):
     assert r.status_code == 200 and "accuracy" not in r.get_data(as_text=True)
 
 
-@pytest.mark.parametrize("path", ["/static/app.js", "/static/style.css"])
+@pytest.mark.parametrize("path", ["/static/app.js", "/static/style.css", "/static/noscript.css"])
 def test_static_files(client, path):
     with client.get(path) as r:  # closes the file send_file opened
         assert r.status_code == 200 and len(r.data) > 100
@@ -124,6 +124,7 @@ def test_index_names_the_run_and_says_what_the_numbers_mean(client, checkpoint):
     html = client.get("/").get_data(as_text=True)
     assert f"(run <code>{checkpoint.name}</code>)" in html and str(checkpoint.parent) not in html
     assert "P(fake) is the model's probability that a face was generated" in html
+    assert '<noscript><link rel="stylesheet" href="/static/noscript.css"></noscript>' in html  # shows the input
 
 
 # --- predict: good input ---
