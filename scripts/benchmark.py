@@ -31,23 +31,27 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from rvf.cli import non_negative_int, output_dir, positive_int  # noqa: E402
+
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, add_help=add_help,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-dir", type=Path, help="rvf10k root (either layout)")
-    parser.add_argument("--synthetic", type=int, default=0, metavar="N",
+    parser.add_argument("--synthetic", type=non_negative_int, default=0, metavar="N",
                         help="use N random 256px images instead of --data-dir (e.g. on a machine without the data)")
     parser.add_argument("--synthetic-dir", type=Path, default=None,
                         help="write the --synthetic images here (train N, valid 3N/7, as rvf10k) and keep them, "
                              "e.g. to train on them next")
-    parser.add_argument("--model", default="lenet")
-    parser.add_argument("--image-size", type=int, default=64)
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=3, help="timed epochs per variant (median reported)")
-    parser.add_argument("--max-steps", type=int, default=0,
+    parser.add_argument("--model", default="lenet", help="model name, as in configs (default: lenet)")
+    parser.add_argument("--image-size", type=positive_int, default=64, help="default: 64")
+    parser.add_argument("--batch-size", type=positive_int, default=64, help="default: 64")
+    parser.add_argument("--repeats", type=positive_int, default=3,
+                        help="timed epochs per variant, after one warm-up epoch; the median is reported (default: 3)")
+    parser.add_argument("--max-steps", type=non_negative_int, default=0,
                         help="time only this many steps per epoch and scale to the whole split (0: full epoch)")
-    parser.add_argument("--scaling", type=int, default=1, help="1: also time rvf epochs at 1/7, 1/2 and all of train")
+    parser.add_argument("--scaling", type=int, default=1, choices=[0, 1],
+                        help="1: also time rvf epochs at 1/7, 1/2 and all of train (default: 1)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or auto (default: cpu)")
     parser.add_argument("--mixed-precision", default="auto", choices=["auto", "no", "bf16"],
                         help="rvf path only (the plain loop is fp32); auto: bf16 where the device does it "
@@ -61,8 +65,10 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser.add_argument("--cuda-graph", type=int, default=1,
                         help="on a CUDA device, also time rvf's step captured as a CUDA graph (rvf.step; "
                              "training's cuda_graph option): 1 = yes")
-    parser.add_argument("--skip-baseline", action="store_true")
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    parser.add_argument("--skip-baseline", action="store_true", help="time rvf's path only, not the plain loop")
+    parser.add_argument("--out", type=output_dir, default=Path("benchmarks/results"),
+                        help="folder for MODEL-SIZEpx-DEVICE.json and .md (default: benchmarks/results, "
+                             "where the README's figures come from)")
     return parser
 
 
@@ -223,6 +229,13 @@ def main(args) -> int:
 
     if not args.data_dir and not args.synthetic:
         print("error: pass --data-dir ROOT or --synthetic N", file=sys.stderr)
+        return 2
+    if args.data_dir and args.synthetic:
+        print("error: --data-dir and --synthetic both choose the data; pass one", file=sys.stderr)
+        return 2
+    if args.synthetic_dir and not args.synthetic:
+        print("error: --synthetic-dir is where --synthetic N writes its images; pass --synthetic N too",
+              file=sys.stderr)
         return 2
     device = resolve_device(args.device)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()

@@ -97,6 +97,11 @@ def test_benchmark_bad_input_is_one_line(tmp_path):
                        env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "TMPDIR": str(tmp_path)})
     assert r.returncode == 2 and r.stderr.startswith("error:") and "Traceback" not in r.stderr
     assert not list(tmp_path.glob("rvf-bench-*"))
+    for argv, message in ((["--data-dir", str(tmp_path), "--synthetic", "10"], "pass one"),
+                          (["--data-dir", str(tmp_path), "--synthetic-dir", str(tmp_path / "s")], "--synthetic N too")):
+        r = subprocess.run([sys.executable, "scripts/benchmark.py", *argv], capture_output=True, text=True,
+                           timeout=120, cwd=ROOT)
+        assert r.returncode == 2 and message in r.stderr, r.stderr[-2000:]
 
 
 def test_zoo_checks_every_config_before_training_any(tmp_path):
@@ -113,3 +118,21 @@ def test_zoo_checks_every_config_before_training_any(tmp_path):
     assert "two configs are named lenet.yaml" in r.stderr
     r = subprocess.run([sys.executable, "scripts/train_zoo.py"], capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert r.returncode == 2 and "--configs" in r.stderr and "--leaderboard-only" in r.stderr
+
+
+def test_zoo_refuses_finished_runs_unless_told(tmp_path):
+    from synth import make_folder_dataset
+
+    data = make_folder_dataset(tmp_path / "d", n=4, size=32)
+    (tmp_path / "zoo" / "lenet").mkdir(parents=True)
+    (tmp_path / "zoo" / "lenet" / "config.yaml").write_text("model: lenet\n")  # a run trained before
+    base = [sys.executable, "scripts/train_zoo.py", "--configs", str(ROOT / "configs" / "lenet.yaml"),
+            "--output-root", str(tmp_path / "zoo")]
+    r = subprocess.run(base + ["--data-dir", str(data)], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert r.returncode == 2 and "already hold runs" in r.stderr and "--overwrite" in r.stderr
+    assert (tmp_path / "zoo" / "lenet" / "config.yaml").read_text() == "model: lenet\n"  # untouched
+    for extra, message in ((["--data-dir", str(tmp_path / "nope"), "--overwrite"], "does not exist"),
+                           (["--data-dir", str(data), "--overwrite", "--launcher", "nosuchcmd --x"],
+                            "no command 'nosuchcmd' on PATH")):
+        r = subprocess.run(base + extra, capture_output=True, text=True, timeout=120, cwd=ROOT)
+        assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
