@@ -38,6 +38,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser.add_argument("--max-upload-mb", type=positive_float, default=10.0, help="request size limit (default: 10)")
     parser.add_argument("--max-image-megapixels", type=positive_float, default=40.0,
                         help="refuse larger images before decoding them (default: 40)")
+    parser.add_argument("--max-request-megapixels", type=positive_float, default=160.0,
+                        help="pixels per request, all images together; images past it get an error entry "
+                             "each (default: 160)")
     parser.add_argument("--min-image-side", type=positive_int, default=32,
                         help="refuse images narrower or shorter than this many pixels (default: 32)")
     parser.add_argument("--threads", type=positive_int, default=os.environ.get("RVF_TORCH_THREADS"),
@@ -58,6 +61,7 @@ def main(args) -> int:
             "DEVICE": args.device,
             "MAX_CONTENT_LENGTH": int(args.max_upload_mb * 1024 * 1024),
             "MAX_IMAGE_PIXELS": int(args.max_image_megapixels * 1e6),
+            "MAX_REQUEST_PIXELS": int(args.max_request_megapixels * 1e6),
             "MIN_IMAGE_SIDE": args.min_image_side,
             "TORCH_THREADS": args.threads,
             "ALLOW_PICKLE": args.allow_pickle,

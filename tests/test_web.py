@@ -269,6 +269,19 @@ def test_chunked_upload_over_limit_says_too_large(checkpoint):
     gc.collect()  # here, under this test's filter, not in the next test
 
 
+def test_a_request_past_its_pixel_budget_gets_error_entries(checkpoint):
+    # 32 flat 40 MP PNGs are a 4 MB upload; the budget stops the decoding, file by file, in order.
+    config = {"TESTING": True, "MODEL_CHECKPOINT": str(checkpoint), "MAX_REQUEST_PIXELS": 150_000}
+    client = create_app(config).test_client()
+    face = good_jpeg()  # 256 x 256 = 65,536 px
+    r = post(client, [("a.jpg", face), ("junk.jpg", b"not an image"), ("b.jpg", face), ("c.jpg", face)])
+    assert r.status_code == 200
+    a, junk, b, c = r.json["results"]
+    assert "label" in a and "label" in b and "not a readable image" in junk["error"]  # junk costs nothing
+    assert c["filename"] == "c.jpg" and "used this request's 0.15 megapixels" in c["error"]
+    assert post(client, [("d.jpg", face)]).status_code == 200  # the budget is per request
+
+
 def test_upload_limit_is_configurable(checkpoint):
     config = {"TESTING": True, "MODEL_CHECKPOINT": str(checkpoint), "MAX_CONTENT_LENGTH": 60_000}
     client = create_app(config).test_client()

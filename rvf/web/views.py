@@ -69,16 +69,20 @@ def predict():
     if not any(f.filename for f in files) and not any(data for _, data in blobs):
         raise BadRequest(f"no file selected: the {FIELD!r} field is empty")  # an empty <input type=file>
 
-    sources = []
-    for name, data in blobs:
-        stream = io.BytesIO(data)
-        stream.name = name  # BadImageError messages name the file by this
-        sources.append(stream)
     predictor = get_predictor()
-    results = predictor.predict_sources(
+    over = over_pixel_budget(blobs, current_app.config["MAX_REQUEST_PIXELS"], current_app.config["MAX_IMAGE_PIXELS"])
+    sources = []
+    for i, (name, data) in enumerate(blobs):
+        if i not in over:
+            stream = io.BytesIO(data)
+            stream.name = name  # BadImageError messages name the file by this
+            sources.append(stream)
+    predicted = iter(predictor.predict_sources(
         sources, [s.name for s in sources],
         batch_size=current_app.config["BATCH_SIZE"], gradcam=_flag("gradcam"),
-    )
+    ))
+    results = [Prediction(name=name, threshold=predictor.threshold, error=over[i]) if i in over else next(predicted)
+               for i, (name, _) in enumerate(blobs)]
     body = {"model": predictor.model_name, "results": [_result_json(r) for r in results]}
     if not any(r.ok for r in results):
         errors = [r.error for r in results]
@@ -86,6 +90,34 @@ def predict():
                          else f"none of the {len(errors)} files could be read: " + "; ".join(errors))
         return body, 422
     return body
+
+
+def over_pixel_budget(blobs: list[tuple[str, bytes]], budget: int, per_image: int) -> dict[int, str]:
+    """Which images, in order, would take the request past `budget` pixels: {index: error}.
+
+    Sizes come from the headers (no decoding). A file whose header cannot be read, or an image
+    over `per_image`, costs nothing here: it gets its own error when it is opened for decoding.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    from rvf.data.transforms import IMAGE_FORMATS
+
+    over, spent = {}, 0
+    for i, (name, data) in enumerate(blobs):
+        try:
+            with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS) as img:
+                pixels = img.width * img.height
+        except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError,
+                Image.DecompressionBombWarning):
+            continue
+        if pixels > per_image:
+            continue
+        if spent + pixels > budget:
+            over[i] = (f"{name}: the images before it used this request's {budget / 1e6:g} megapixels; "
+                       f"send it in another request")
+        else:
+            spent += pixels
+    return over
 
 
 def safe_name(raw: str | None) -> str:
