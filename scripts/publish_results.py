@@ -27,8 +27,10 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, add_help=add_help,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", nargs="*", type=Path, help="finished run folders (each with metrics.json)")
-    parser.add_argument("--results", type=Path, default=ROOT / "results" / "rvf10k", help="published results root")
-    parser.add_argument("--readme", type=Path, default=ROOT / "README.md", help="README whose results table to rewrite")
+    parser.add_argument("--results", type=Path, default=ROOT / "results" / "rvf10k",
+                        help="published results root (default: results/rvf10k in this repository)")
+    parser.add_argument("--readme", type=Path, default=ROOT / "README.md",
+                        help="README whose results table to rewrite (default: this repository's)")
     parser.add_argument("--force", action="store_true",
                         help="publish runs not named after a config in configs/, or not scored on the full valid split")
     return parser

@@ -32,19 +32,25 @@ FLAGS = {  # flag -> config key, for the settings people change most
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
+    from rvf.config import TrainConfig
+
+    d = TrainConfig()  # "default" below: the --config file's value if it sets one, else this
     parser = argparse.ArgumentParser(description=__doc__, add_help=add_help,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", "-c", type=Path, help="YAML file of config keys (see configs/)")
-    parser.add_argument("--model", help="model name: rvf.models.list_models() or timm:<name>")
+    parser.add_argument("--model",
+                        help=f"model name: rvf.models.list_models() or timm:<name> (default: {d.model})")
     parser.add_argument("--data-dir", help="rvf10k root (Kaggle layout or ROOT/{train,valid}/{real,fake}); "
                                            "default: download from Kaggle")
     parser.add_argument("--output-dir", help="where checkpoints and reports go (default runs/<config name>, "
                                              "or runs/<model> without --config)")
-    parser.add_argument("--epochs", type=int, help="number of epochs (with --resume: the new total)")
-    parser.add_argument("--batch-size", type=int, help="per process")
-    parser.add_argument("--lr", type=float, help="peak learning rate")
+    parser.add_argument("--epochs", type=int,
+                        help=f"number of epochs (with --resume: the new total; default: {d.epochs})")
+    parser.add_argument("--batch-size", type=int, help=f"per process (default: {d.batch_size})")
+    parser.add_argument("--lr", type=float, help=f"peak learning rate (default: {d.lr:g})")
     parser.add_argument("--image-size", type=int, help="default: the model's declared input size")
-    parser.add_argument("--seed", type=int, help="seeds weights, holdout split, shuffling and augmentation")
+    parser.add_argument("--seed", type=int,
+                        help=f"seeds weights, holdout split, shuffling and augmentation (default: {d.seed})")
     parser.add_argument("--tracker", choices=["wandb", "tensorboard", "none"],
                         help="default wandb (offline when no API key is set)")
     parser.add_argument("--mixed-precision", choices=["auto", "no", "fp16", "bf16"],
