@@ -111,6 +111,16 @@ def read_meta(directory: str | os.PathLike, allow_pickle: bool = False) -> dict:
     return meta
 
 
+# A checkpoint without a stored threshold (null, or none at all) decides at the argmax.
+DEFAULT_THRESHOLD = 0.5
+
+
+def meta_threshold(meta: dict) -> float:
+    """The P(fake) threshold `model.json` stores, or `DEFAULT_THRESHOLD` where it stores none."""
+    threshold = meta.get("threshold")
+    return DEFAULT_THRESHOLD if threshold is None else float(threshold)
+
+
 # calibrate_threshold's "never fake" candidate sits just above 1, so the range does too.
 THRESHOLD_MAX = 1.0 + 1e-6
 

@@ -7,6 +7,7 @@ flag, instead of as a traceback after minutes of scoring.
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
 from typing import Callable
 
@@ -48,10 +49,10 @@ def _number(text: str) -> float:
 
 
 def positive_float(text: str) -> float:
-    """A number above 0 (sizes in MB)."""
+    """A finite number above 0 (sizes in MB; "inf" would overflow the byte counts made of it)."""
     value = _number(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be above 0, got {value:g}")
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"must be a finite number above 0, got {value:g}")
     return value
 
 

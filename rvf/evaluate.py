@@ -5,7 +5,7 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
-from rvf.checkpoint import load_pretrained
+from rvf.checkpoint import load_pretrained, meta_threshold
 from rvf.data import RVF10K, build_cache, build_eval_transform
 from rvf.metrics import classification_metrics
 from rvf.utils import atomic_path
@@ -55,14 +55,14 @@ def evaluate_checkpoint(checkpoint: str | Path, data_dir: str | Path, split: str
     labels, probs, loss = evaluate(model, loader, transform, accelerator, desc=split, tta_hflip=tta_hflip)
     metrics = {
         "model": meta["model_name"], "checkpoint": str(checkpoint), "split": split,
-        split: classification_metrics(labels, probs, threshold=meta.get("threshold", 0.5), loss=loss),
+        split: classification_metrics(labels, probs, threshold=meta_threshold(meta), loss=loss),
         "image_size": data_cfg.image_size, "tta_hflip": tta_hflip, "device": device_name(accelerator.device),
         "num_processes": accelerator.num_processes,
     }
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
         # A run trained on all of train (`holdout: 0`) stored 0.5 without calibrating it.
-        calibrated = "threshold" in meta and meta.get("config", {}).get("holdout") != 0
+        calibrated = meta.get("threshold") is not None and meta.get("config", {}).get("holdout") != 0
         reports.write_evaluation_reports(output_dir, labels, probs, metrics[split],
                                          f"{meta['model_name']} on {Path(data_dir).name}/{split}",
                                          calibrated=calibrated)

@@ -181,7 +181,8 @@ def check_parity(path: str | os.PathLike, fmt: str, checkpoint: str | os.PathLik
         The largest absolute difference.
 
     Raises:
-        ExportError: when it exceeds `atol`.
+        ExportError: when it exceeds `atol`, or the file cannot be loaded and run (onnxruntime
+            missing, or refusing the file).
     """
     module, _, data_cfg = ProbabilityModel.from_checkpoint(checkpoint)
     if images is None:
@@ -189,8 +190,11 @@ def check_parity(path: str | os.PathLike, fmt: str, checkpoint: str | os.PathLik
         images = torch.randint(0, 256, (3, 3, s, s), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         expected = module(images).numpy()  # (B, 2)
-    run, _ = load_exported(path, fmt)
-    got = run(images.numpy())
+    try:
+        run, _ = load_exported(path, fmt)
+        got = run(images.numpy())
+    except Exception as e:  # ImportError, onnxruntime's and TorchScript's many error types
+        raise ExportError(f"{path}: cannot run the {fmt} file to check it: {type(e).__name__}: {e}") from e
     diff = float(np.abs(got - expected).max())
     if not diff <= atol:  # also catches NaN
         raise ExportError(f"{path}: {fmt} probabilities differ from PyTorch's by {diff:.3g} (> atol {atol:g})")

@@ -217,11 +217,12 @@ class FramingReference:
         """Write `framing.safetensors` (the template, the limits in its metadata) into `directory`."""
         from safetensors.torch import save_file
 
+        from rvf.utils import atomic_path
+
         path = Path(directory) / FILE_NAME
         meta = {k: json.dumps(getattr(self, k)) for k in _LIMITS}
-        tmp = path.with_name(path.name + ".tmp")
-        save_file({"template": self.template.float().contiguous()}, str(tmp), metadata=meta)
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:  # a unique temp name: two saves never write one file
+            save_file({"template": self.template.float().contiguous()}, str(tmp), metadata=meta)
         return path
 
     @classmethod

@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from rvf.checkpoint import load_pretrained
+from rvf.checkpoint import load_pretrained, meta_threshold
 from rvf.data.transforms import IMAGE_EXTENSIONS, BadImageError, DataConfig, build_eval_transform, open_rgb, to_uint8
 from rvf.framing import FramingReference
 from rvf.models import get_cam_layer
@@ -53,7 +53,6 @@ __all__ = [
     "resolve_device",
 ]
 
-DEFAULT_THRESHOLD = 0.5
 # Overlays are drawn at least this large: a 64 px LeNet input is too small to read on a page.
 MIN_OVERLAY_SIZE = 256
 
@@ -234,8 +233,7 @@ class Predictor(Detector):
         if self.classes[:2] != ["fake", "real"]:
             raise ValueError(f"expected classes ['fake', 'real'] (logit 0 = fake), got {self.classes}")
         self.tta_hflip = bool(meta.get("tta_hflip", False))  # scored as it was calibrated
-        threshold = meta.get("threshold")
-        self.threshold = float(DEFAULT_THRESHOLD if threshold is None else threshold)
+        self.threshold = meta_threshold(meta)
         # Chosen once per model, never guessed per request.
         self.cam_layer = get_cam_layer(self.model)
         # One forward at a time: torch already spreads one pass over every core, and Grad-CAM's

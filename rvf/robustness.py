@@ -8,6 +8,7 @@ transform, so the "clean" row equals `evaluate.py` on the same split.
 from __future__ import annotations
 
 import io
+import math
 from pathlib import Path
 
 import numpy as np
@@ -17,8 +18,8 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from rvf import CLASSES
-from rvf.checkpoint import load_pretrained
-from rvf.data import RVF10K, BadImageError, build_eval_transform, open_rgb
+from rvf.checkpoint import load_pretrained, meta_threshold
+from rvf.data import RVF10K, BadImageError, DatasetError, build_eval_transform, open_rgb
 from rvf.data.transforms import to_uint8
 from rvf.framing import FILE_NAME as FRAMING_FILE
 from rvf.framing import FramingReference
@@ -47,6 +48,8 @@ class Perturbation:
     def __init__(self, kind: str, value: float = 0.0):
         if kind not in self.KINDS:
             raise ValueError(f"unknown perturbation {kind!r} (one of {', '.join(self.KINDS)})")
+        if not math.isfinite(value):
+            raise ValueError(f"the value must be a finite number, got {value:g}")
         if kind == "shift" and (value != int(value) or value < 0):
             raise ValueError(f"a shift is a whole number of pixels, 0 or more, got {value:g}")
         if kind == "crop" and not 0 < value <= 1:
@@ -178,7 +181,7 @@ def evaluate_robustness(checkpoint, data_dir, split: str = "valid", output_dir=N
         keep = stratified_sample(ds.targets, limit, seed=0)
         samples = [samples[i] for i in keep]
     workers = num_workers if num_workers is not None else min(8, os.cpu_count() or 1)
-    threshold = meta.get("threshold", 0.5)
+    threshold = meta_threshold(meta)
     # The run's framing check, when it has one: which faces would the app have warned about?
     framing = FramingReference.load(checkpoint)
     rows, skipped = [], set()
@@ -202,6 +205,8 @@ def evaluate_robustness(checkpoint, data_dir, split: str = "valid", output_dir=N
                 labels.append(y)
                 if framing is not None:
                     off += [not f.ok for f in framing.check(x)]
+        if not labels:  # --skip-bad, and not one image could be read
+            raise DatasetError(f"{data_dir}: no readable image in the {split} split")
         labels, probs = torch.cat(labels).numpy(), torch.cat(probs).numpy()
         m = classification_metrics(labels, probs, threshold=threshold)
         row = {"perturbation": p.name, "accuracy": m["accuracy"], "roc_auc": m["roc_auc"],

@@ -67,8 +67,13 @@ def main(args) -> int:
     if taken and not args.overwrite:
         problems.append(f"these run folders already hold runs: {', '.join(taken)}; pass --skip-done to keep "
                         f"the finished ones, or --overwrite to train them again")
-    if configs and args.launcher and shutil.which(shlex.split(args.launcher)[0]) is None:
-        problems.append(f"--launcher {args.launcher!r}: no command {shlex.split(args.launcher)[0]!r} on PATH")
+    try:
+        launcher = shlex.split(args.launcher)
+    except ValueError as e:  # an unbalanced quote
+        launcher = []
+        problems.append(f"--launcher {args.launcher!r}: {e}")
+    if configs and launcher and shutil.which(launcher[0]) is None:
+        problems.append(f"--launcher {args.launcher!r}: no command {launcher[0]!r} on PATH")
     if configs and args.data_dir:  # once here, rather than once per config as each run starts
         try:
             RVF10K(args.data_dir, "train")
@@ -85,7 +90,7 @@ def main(args) -> int:
         if args.skip_done and (out / "metrics.json").is_file():
             print(f"[zoo] {cfg.stem}: done already, skipping", flush=True)
             continue
-        cmd = (shlex.split(args.launcher) or [sys.executable]) + [str(ROOT / "scripts" / "train.py"),
+        cmd = (launcher or [sys.executable]) + [str(ROOT / "scripts" / "train.py"),
                "--config", str(cfg), "--output-dir", str(out), "--set", f"group={group}"]
         if args.overwrite:
             cmd.append("--overwrite")

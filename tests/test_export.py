@@ -98,3 +98,16 @@ def test_export_script_removes_a_file_that_fails_its_check(tmp_path, capsys, mon
     with pytest.raises(SystemExit):  # argparse: a tolerance below 0 can never pass
         load_script().get_args_parser().parse_args(["--checkpoint", str(ckpt), "--format", "onnx", "--atol", "-1"])
     assert "--atol: must be in [0, inf), got -1" in capsys.readouterr().err
+
+
+def test_a_file_that_cannot_be_run_fails_the_check_as_an_export_error(checkpoint, tmp_path, monkeypatch):
+    import rvf.export
+
+    out = export_checkpoint(checkpoint, "torchscript", tmp_path / "m.pt")
+
+    def broken(path, fmt):
+        raise ImportError("No module named 'onnxruntime'")
+
+    monkeypatch.setattr(rvf.export, "load_exported", broken)
+    with pytest.raises(ExportError, match="cannot run the torchscript file to check it: ImportError"):
+        check_parity(out, "torchscript", checkpoint)

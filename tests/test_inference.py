@@ -200,3 +200,25 @@ def test_concurrent_use_matches_sequential(predictor):
         assert r.p_fake == pytest.approx(expected[i % 4].p_fake, abs=1e-6)
         if i % 2:
             assert r.gradcam_png == expected[i % 4].gradcam_png
+
+
+def test_a_null_threshold_means_the_default_everywhere(tmp_path):
+    # model.json may say "threshold": null (read_meta accepts it): every reader decides at 0.5.
+    import json
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+    from synth import make_folder_dataset
+
+    ckpt = make_checkpoint(tmp_path / "ckpt")
+    meta = json.loads((ckpt / "model.json").read_text())
+    (ckpt / "model.json").write_text(json.dumps({**meta, "threshold": None}))
+    assert Predictor.from_checkpoint(ckpt).threshold == 0.5
+    data = make_folder_dataset(tmp_path / "data", n=3, size=48, splits=("valid",))
+    r = subprocess.run([sys.executable, "scripts/evaluate.py", "--checkpoint", str(ckpt), "--data-dir", str(data),
+                        "--output-dir", str(tmp_path / "ev"), "--cache-dir", str(tmp_path / "cache")],
+                       capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert json.loads((tmp_path / "ev" / "metrics.json").read_text())["valid"]["threshold"] == 0.5
+    assert "not calibrated" in (tmp_path / "ev" / "classification_report.txt").read_text()

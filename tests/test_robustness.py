@@ -69,7 +69,8 @@ def test_a_shift_moves_the_picture_and_repeats_its_edges():
     assert np.array_equal(out[3:, :3], np.broadcast_to(a[:-3, :1], (29, 3, 3)))  # left column repeated
     assert Perturbation.parse("shift:2").name == "shift 2" and Perturbation.parse("clean").name == "clean"
     for bad in ("shift:1.5", "shift:-1", "jpeg:high", "sharpen:1", "crop:0", "crop:1.5", "jpeg:500", "jpeg:0",
-                "jpeg:75.5", "scale:0", "scale:5", "blur:-1", "noise:-1"):
+                "jpeg:75.5", "scale:0", "scale:5", "blur:-1", "noise:-1", "jpeg:inf", "shift:inf", "blur:nan",
+                "rotate:nan", "noise:inf"):
         with pytest.raises(ValueError, match=f"perturbation '{bad}'"):
             Perturbation.parse(bad)
 
@@ -130,5 +131,9 @@ def test_an_unreadable_image_is_named_or_left_out(tmp_path):
     result = json.loads((tmp_path / "rob" / "robustness.json").read_text())
     assert result["skipped"] == 1 and result["n"] == 8 and len(result["rows"]) == 2
     assert "1 unreadable, left out" in r.stdout
+    for img in data.rglob("*.jpg"):
+        img.write_text("not an image either")
+    r = subprocess.run(cmd + ["--skip-bad"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "no readable image in the valid split" in r.stderr and "Traceback" not in r.stderr
     r = subprocess.run(cmd[:-3] + ["--device", "tpu"], capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and "unknown device 'tpu': use cpu, cuda or auto" in r.stderr

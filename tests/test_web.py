@@ -271,7 +271,8 @@ def test_chunked_upload_over_limit_says_too_large(checkpoint):
 
 def test_a_request_past_its_pixel_budget_gets_error_entries(checkpoint):
     # 32 flat 40 MP PNGs are a 4 MB upload; the budget stops the decoding, file by file, in order.
-    config = {"TESTING": True, "MODEL_CHECKPOINT": str(checkpoint), "MAX_REQUEST_PIXELS": 150_000}
+    config = {"TESTING": True, "MODEL_CHECKPOINT": str(checkpoint), "MAX_REQUEST_PIXELS": 150_000,
+              "MAX_IMAGE_PIXELS": 100_000}
     client = create_app(config).test_client()
     face = good_jpeg()  # 256 x 256 = 65,536 px
     r = post(client, [("a.jpg", face), ("junk.jpg", b"not an image"), ("b.jpg", face), ("c.jpg", face)])
@@ -355,10 +356,17 @@ def test_only_the_advertised_formats_are_decoded(client):
         assert r.status_code == 422 and "not a readable image" in r.json["error"], r.json
 
 
-@pytest.mark.parametrize("key, value", [("MAX_CONTENT_LENGTH", None), ("MAX_FILES", 0), ("MAX_IMAGE_PIXELS", "big")])
+@pytest.mark.parametrize("key, value", [("MAX_CONTENT_LENGTH", None), ("MAX_FILES", 0), ("MAX_IMAGE_PIXELS", "big"),
+                                        ("MAX_REQUEST_PIXELS", 1.5e8), ("MIN_IMAGE_SIDE", -1)])
 def test_limits_must_be_positive_integers(checkpoint, key, value):
     with pytest.raises(ValueError, match=f"{key} must be a positive integer"):
         create_app({"TESTING": True, "MODEL_CHECKPOINT": str(checkpoint), key: value})
+
+
+def test_a_request_budget_under_the_image_limit_is_refused(checkpoint):
+    # Else an image the per-image limit allows could never pass, even alone.
+    with pytest.raises(ValueError, match="MAX_REQUEST_PIXELS .* must be at least MAX_IMAGE_PIXELS"):
+        create_app({"TESTING": True, "MODEL_CHECKPOINT": str(checkpoint), "MAX_REQUEST_PIXELS": 1_000_000})
 
 
 @pytest.mark.parametrize("method, path, code", [
@@ -391,6 +399,17 @@ def test_app_script_takes_the_checkpoint_from_the_environment(tmp_path):
     r = subprocess.run([sys.executable, "scripts/app.py"], capture_output=True, text=True, cwd=ROOT, env=env,
                        timeout=120)
     assert r.returncode == 2 and f"{tmp_path} is not an rvf checkpoint" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_app_script_refuses_infinite_limits(tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    r = subprocess.run([sys.executable, "scripts/app.py", "--checkpoint", str(tmp_path), "--max-upload-mb", "inf"],
+                       capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert r.returncode == 2 and "--max-upload-mb: must be a finite number above 0, got inf" in r.stderr
 
 
 def test_app_script_refuses_a_port_out_of_range(tmp_path):

@@ -60,6 +60,9 @@ def create_app(test_config: dict | None = None) -> Flask:
         value = app.config[key]
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{key} must be a positive integer, got {value!r}")
+    if app.config["MAX_REQUEST_PIXELS"] < app.config["MAX_IMAGE_PIXELS"]:  # else one allowed image can never pass
+        raise ValueError(f"MAX_REQUEST_PIXELS ({app.config['MAX_REQUEST_PIXELS']}) must be at least "
+                         f"MAX_IMAGE_PIXELS ({app.config['MAX_IMAGE_PIXELS']})")
     # Werkzeug refuses more than 1,000 form parts with a 413; stop at the file limit instead.
     app.config["MAX_FORM_PARTS"] = app.config["MAX_FILES"] + 8
     init_predictor(app)
