@@ -87,6 +87,56 @@ def test_csv_label_disagreeing_with_folder(tmp_path):
         RVF10K(tmp_path, "train")
 
 
+def test_csv_listing_an_image_twice_or_from_another_split_is_named(tmp_path):
+    make_kaggle_dataset(tmp_path, n=3)
+    _rewrite_csv(tmp_path / "train.csv", lambda rows: rows.append(list(rows[1])))  # line 2 again, as the last
+    with pytest.raises(DatasetError, match=r"train\.csv lines 2 and 8 both list train/real/00000\.jpg"):
+        RVF10K(tmp_path, "train")
+    make_kaggle_dataset(tmp_path, n=3)
+
+    def borrow(rows):  # a valid image listed in train.csv: trained on, then scored
+        rows[1][5] = "valid/real/00000.jpg"
+    _rewrite_csv(tmp_path / "train.csv", borrow)
+    with pytest.raises(DatasetError, match=r"train\.csv line 2: valid/real/00000\.jpg is not under train/"):
+        RVF10K(tmp_path, "train")
+
+
+def test_csv_not_utf8_is_named_and_a_bom_is_read(tmp_path):
+    make_kaggle_dataset(tmp_path, n=2)
+    csv_path = tmp_path / "train.csv"
+    text = csv_path.read_text()
+    csv_path.write_bytes(text.replace("/kaggle/input/x/", "/kaggle/input/caf\u00e9/", 1).encode("cp1252"))
+    with pytest.raises(DatasetError, match=r"train\.csv is not UTF-8 text .*save it as UTF-8"):
+        RVF10K(tmp_path, "train")
+    header, rest = text.split("\n", 1)
+    csv_path.write_text("\ufeff" + "\n".join(line.split(",", 1)[1] for line in [header, *rest.splitlines()])
+                        + "\n")  # a BOM, and no index column
+    assert len(RVF10K(tmp_path, "train")) == 4
+
+
+def test_a_folder_layout_refuses_two_folders_for_a_class_and_skips_hidden_ones(tmp_path):
+    root = make_folder_dataset(tmp_path, n=2, splits=("train",))
+    (root / "train/real/.ipynb_checkpoints").mkdir()
+    face(1).save(root / "train/real/.ipynb_checkpoints/00000-checkpoint.jpg")  # Jupyter's copy, not data
+    assert len(RVF10K(root, "train")) == 4
+    (root / "train/Real").mkdir()
+    face(1).save(root / "train/Real/x.jpg")
+    with pytest.raises(DatasetError, match=r"2 folders for class 'real': \['Real', 'real'\]; merge them"):
+        RVF10K(root, "train")
+
+
+def test_a_holdout_or_subset_too_small_to_stratify_names_the_setting():
+    from rvf.data import holdout_split, stratified_sample
+
+    targets = [0] * 12 + [1] * 12
+    with pytest.raises(DatasetError, match=r"holdout 0\.01: a stratified draw needs at least one image of each"):
+        holdout_split(targets, 0.01, seed=0)
+    with pytest.raises(DatasetError, match=r"1 of 24 images: a stratified draw .*ask for more"):
+        stratified_sample(targets, 1, seed=0)
+    with pytest.raises(DatasetError, match=r"'real': 1"):  # a class of one image cannot be split
+        holdout_split([0] * 12 + [1], 0.25, seed=0)
+
+
 def test_csv_missing_column(tmp_path):
     make_kaggle_dataset(tmp_path, n=2)
     _rewrite_csv(tmp_path / "valid.csv", lambda rows: [r.pop() for r in rows])
@@ -184,10 +234,13 @@ def test_skip_bad_without_the_cache_trains_through_unreadable_batches(tmp_path):
     root = make_folder_dataset(tmp_path / "d", n=6)
     for name in ("zz0.jpg", "zz1.jpg"):  # the valid split's last batch of 2 (sorted): nothing readable
         (root / "valid" / "real" / name).write_bytes(b"not a jpeg")
+    for name in ("zz0.jpg", "zz1.jpg", "zz2.jpg"):  # and some among the faces the framing check is fitted on
+        (root / "train" / "real" / name).write_bytes(b"not a jpeg")
     m = train(TrainConfig(model="lenet", data_dir=str(root), output_dir=str(tmp_path / "run"), image_size=32,
                           epochs=1, batch_size=4, eval_batch_size=2, holdout=0.25, tracker="none", cache=False,
                           num_workers=0, skip_bad=True, cache_dir=str(tmp_path / "c")))
     assert m["valid"]["n"] == 12
+    assert (tmp_path / "run" / "metrics.json").is_file() and (tmp_path / "run" / "framing.safetensors").is_file()
 
 
 def test_image_modes_are_converted(tmp_path):
@@ -264,6 +317,23 @@ def test_truncated_or_stale_cache_is_rebuilt(tmp_path):
     c = build_cache(samples, 16, cache_dir=tmp_path, progress=False)
     assert np.array_equal(np.asarray(c.images), expected)
     assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_a_killed_builds_temp_file_is_cleared_by_the_next_build(tmp_path):
+    import os
+    import time
+
+    root = make_folder_dataset(tmp_path / "d", n=4)
+    samples = RVF10K(root, "train").samples
+    npy = build_cache(samples, 16, cache_dir=tmp_path, progress=False) and next(tmp_path.glob("*.npy"))
+    npy.unlink()  # so that the next call builds again
+    old = npy.with_name(f"{npy.name}.4242.deadbeef.tmp")  # SIGKILLed two hours ago
+    live = npy.with_name(f"{npy.name}.4343.cafef00d.tmp")  # another build, writing right now
+    for p in (old, live):
+        p.write_bytes(b"\0" * 1000)
+    os.utime(old, (time.time() - 7200, time.time() - 7200))
+    build_cache(samples, 16, cache_dir=tmp_path, progress=False)
+    assert not old.exists() and live.exists()
 
 
 def test_cache_loader_batches(tmp_path):

@@ -169,6 +169,7 @@ def build_cache(samples: Sequence[tuple[str, int]], image_size: int, *, interpol
         return _wrap(images, samples, meta["bad"], skip_bad)
 
     t0 = time.perf_counter()
+    _remove_abandoned(npy)
     # Unique per build, even across hosts sharing the cache folder; os.replace makes one win.
     tmp = npy.with_name(f"{npy.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
     images = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape)
@@ -231,6 +232,22 @@ def _open_valid(npy: Path, meta_path: Path, key: str, shape) -> tuple[np.ndarray
     except (OSError, ValueError, json.JSONDecodeError) as e:  # truncated or corrupt file
         log.warning("ignoring damaged decode cache %s (%s); rebuilding", npy, e)
         return None
+
+
+# A build's temp file is written to all along; one untouched this long was left by a killed build
+# (SIGKILL, a preempted job): Python's cleanup never ran, and nothing else would remove it.
+ABANDONED_AFTER_S = 3600
+
+
+def _remove_abandoned(npy: Path) -> None:
+    """Delete temp files of earlier builds of `npy` that nobody has written to for an hour."""
+    for tmp in npy.parent.glob(f"{npy.name}.*.tmp"):
+        try:
+            if time.time() - tmp.stat().st_mtime > ABANDONED_AFTER_S:
+                tmp.unlink()
+                log.info("removed %s, left by a build that was killed", tmp)
+        except FileNotFoundError:  # another build got there first
+            pass
 
 
 def _wrap(images, samples, bad, skip_bad) -> DecodedImages:

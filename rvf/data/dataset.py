@@ -91,13 +91,18 @@ class RVF10K(Dataset):
     def _read_kaggle_csv(self) -> list[tuple[str, int]]:
         csv_path = self.root / f"{self.split}.csv"
         image_root = self.root / "rvf10k"
-        with open(csv_path, newline="") as f:
-            reader = csv.DictReader(f)
-            missing_cols = [c for c in CSV_COLUMNS if c not in (reader.fieldnames or [])]
-            if missing_cols:
-                raise DatasetError(f"{csv_path} lacks column(s) {missing_cols}; Kaggle's has {list(CSV_COLUMNS)}")
-            rows = [(reader.line_num, row) for row in reader]  # line_num: the file's own, blank lines included
-        samples, missing, mismatched = [], [], []
+        try:
+            # utf-8-sig: a BOM (Excel's UTF-8) must not become part of the first column's name.
+            with open(csv_path, newline="", encoding="utf-8-sig") as f:
+                reader = csv.DictReader(f)
+                missing_cols = [c for c in CSV_COLUMNS if c not in (reader.fieldnames or [])]
+                if missing_cols:
+                    raise DatasetError(f"{csv_path} lacks column(s) {missing_cols}; Kaggle's has {list(CSV_COLUMNS)}")
+                rows = [(reader.line_num, row) for row in reader]  # line_num: the file's own, blank lines included
+        except UnicodeDecodeError as e:
+            raise DatasetError(f"{csv_path} is not UTF-8 text ({e.reason} at byte {e.start}); "
+                               f"save it as UTF-8") from None
+        samples, missing, mismatched, seen = [], [], [], {}
         for n, row in rows:
             if absent := [c for c in CSV_COLUMNS if row.get(c) is None]:
                 raise DatasetError(f"{csv_path} line {n}: the row is cut short (no {', '.join(absent)})")
@@ -109,6 +114,14 @@ class RVF10K(Dataset):
             if label not in (0, 1) or row["label_str"] != self.classes[label]:
                 mismatched.append(f"line {n}: label={row['label']} label_str={row['label_str']!r}")
                 continue
+            if Path(rel).parts[:1] != (self.split,):
+                # Another split's image listed here would be trained on and scored on both sides.
+                raise DatasetError(f"{csv_path} line {n}: {rel} is not under {self.split}/; "
+                                   f"{self.split}.csv lists only {self.split} images")
+            if rel in seen:
+                raise DatasetError(f"{csv_path} lines {seen[rel]} and {n} both list {rel}: an image listed twice "
+                                   "counts twice and can land on both sides of the holdout slice")
+            seen[rel] = n
             folder = Path(rel).parent.name
             if folder in self.class_to_idx and self.class_to_idx[folder] != label:
                 mismatched.append(f"line {n}: {rel} is in folder {folder!r} but labelled {self.classes[label]!r}")
@@ -149,11 +162,17 @@ class RVF10K(Dataset):
                 f"no {self.split}.csv); {LAYOUT_HELP}")
         samples = []
         for cls, label in self.class_to_idx.items():
-            class_dir = next((p for p in split_dir.iterdir() if p.is_dir() and p.name.lower() == cls), None)
-            if class_dir is None:
+            matches = sorted(p for p in split_dir.iterdir() if p.is_dir() and p.name.lower() == cls)
+            if not matches:
                 found = sorted(p.name for p in split_dir.iterdir() if p.is_dir())
                 raise DatasetError(f"{split_dir} has no {cls!r} folder (found {found}); {LAYOUT_HELP}")
-            every = [p for p in class_dir.rglob("*") if p.is_file() and not p.name.startswith(".")]
+            if len(matches) > 1:  # real/ and Real/: which one is meant cannot be guessed
+                raise DatasetError(f"{split_dir} has {len(matches)} folders for class {cls!r}: "
+                                   f"{[m.name for m in matches]}; merge them into one")
+            class_dir = matches[0]
+            # Hidden files and folders (.DS_Store, .ipynb_checkpoints/ copies) are not data.
+            every = [p for p in class_dir.rglob("*")
+                     if p.is_file() and not any(part.startswith(".") for part in p.relative_to(class_dir).parts)]
             files = sorted(p for p in every if p.suffix.lower() in IMAGE_EXTENSIONS)
             if others := sorted(set(every) - set(files)):
                 log.warning("%d file(s) under %s are not %s images and are ignored, e.g. %s", len(others),
@@ -192,8 +211,19 @@ def holdout_split(targets, fraction: float, seed: int) -> tuple[np.ndarray, np.n
     idx = np.arange(len(targets))
     if fraction <= 0:
         return idx, idx[:0]
+    _check_stratifiable(targets, int(np.ceil(fraction * len(idx))), f"holdout {fraction:g}",
+                        "raise holdout, or set holdout: 0 to train on all of train")
     fit, held = train_test_split(idx, test_size=fraction, random_state=seed, stratify=targets)
     return np.sort(fit), np.sort(held)
+
+
+def _check_stratifiable(targets, n_part: int, what: str, fix: str) -> None:
+    """Raise `DatasetError` where a stratified draw cannot be made (sklearn's words name no setting)."""
+    counts = np.bincount(np.asarray(targets), minlength=len(CLASSES))
+    n_rest = len(targets) - n_part
+    if counts.min() < 2 or min(n_part, n_rest) < len(CLASSES):
+        raise DatasetError(f"{what}: a stratified draw needs at least one image of each class on both sides "
+                           f"(train has {dict(zip(CLASSES, counts.tolist()))}, the part drawn {n_part}); {fix}")
 
 
 def stratified_sample(targets, n: int, seed: int) -> np.ndarray:
@@ -205,5 +235,6 @@ def stratified_sample(targets, n: int, seed: int) -> np.ndarray:
     idx = np.arange(len(targets))
     if n >= len(idx):
         return idx
+    _check_stratifiable(targets, n, f"{n} of {len(idx)} images", "ask for more")
     keep, _ = train_test_split(idx, train_size=n, random_state=seed, stratify=targets)
     return np.sort(keep)
