@@ -7,6 +7,7 @@ or a value of the wrong type is an error that names the key and where it came fr
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import types
 import typing
@@ -192,6 +193,8 @@ def _check(key: str, value: Any, source: str) -> Any:
         value = _number(value)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise bad
+        if not math.isfinite(value):  # YAML's .nan and .inf
+            raise ConfigError(f"{source}: {key} must be a finite number, got {value!r}")
         value = float(value)
     elif origin is tuple:
         value = [_number(v) for v in value] if isinstance(value, (list, tuple)) else value
@@ -243,6 +246,8 @@ def _check_value(key: str, value: Any, source: str) -> None:
         bad = "a list of run folders (paths)"
     elif key == "ema_decay" and not 0.0 < value < 1.0:
         bad = "between 0 and 1 (e.g. 0.999)"
+    elif key in ("seed", "split_seed") and not 0 <= value < 2**32:
+        bad = "in [0, 2**32) (what numpy and torch seed with)"
     elif key in _AT_LEAST_ONE and value < 1:
         bad = "at least 1"
     elif key in _NOT_NEGATIVE and value < 0:
@@ -257,12 +262,23 @@ def _check_value(key: str, value: Any, source: str) -> None:
         raise ConfigError(f"{source}: {key} must be {bad}, got {value!r}")
 
 
+# What timm's train.py and Hugging Face's Trainer call some of the keys: suggested by name.
+_ALIASES = {"opt": "optimizer", "learning_rate": "lr", "clip_grad": "grad_clip", "max_grad_norm": "grad_clip",
+            "ema": "ema_decay", "model_ema": "ema_decay", "model_ema_decay": "ema_decay", "img_size": "image_size",
+            "input_size": "image_size", "smoothing": "label_smoothing", "sched": "scheduler",
+            "lr_scheduler_type": "scheduler", "num_train_epochs": "epochs", "per_device_train_batch_size": "batch_size",
+            "wd": "weight_decay", "mixup_alpha": "mixup", "cutmix_alpha": "cutmix", "warmup": "warmup_epochs",
+            "drop": "model_args ({drop_rate: ...} for timm models)", "drop_rate": "model_args ({drop_rate: ...})",
+            "amp": "mixed_precision", "workers": "num_workers", "data": "data_dir", "output": "output_dir"}
+
+
 def _apply(cfg: TrainConfig, changes: dict, source: str) -> TrainConfig:
     unknown = sorted(set(changes) - set(_FIELDS))
     if unknown:
         import difflib
 
-        hints = [f"{k} (did you mean {m[0]}?)" if (m := difflib.get_close_matches(k, _FIELDS, 1)) else k
+        hints = [f"{k} (did you mean {m[0]}?)" if (m := [_ALIASES[k]] if k in _ALIASES else
+                                                     difflib.get_close_matches(k, _FIELDS, 1, cutoff=0.7)) else k
                  for k in unknown]
         raise ConfigError(f"{source}: unknown config key(s): {', '.join(hints)}")
     checked = {k: _check(k, v, source) for k, v in changes.items()}

@@ -56,7 +56,10 @@ def grey(images, size: int | None = None, batch_size: int = 512) -> torch.Tensor
     """
     out = []
     for i in range(0, len(images), batch_size):
-        g = _tensor(images[i:i + batch_size]).float().mean(1, keepdim=True)  # (B, 1, H, W)
+        chunk = images[i:i + batch_size]
+        if chunk is None:  # every file of it unreadable (a per-file dataset with skip_bad)
+            continue
+        g = _tensor(chunk).float().mean(1, keepdim=True)  # (B, 1, H, W)
         if size is not None and g.shape[-1] != size:
             g = F.interpolate(g, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
         out.append(g[:, 0])
@@ -261,7 +264,8 @@ class _FirstOf:
         self.dataset = dataset
 
     def __getitem__(self, i: int):
-        return self.dataset[int(i)][0]
+        item = self.dataset[int(i)]
+        return None if item is None else item[0]  # None: unreadable, under skip_bad
 
 
 class _Rows:
@@ -274,8 +278,9 @@ class _Rows:
         return len(self.pick)
 
     def __getitem__(self, i):
-        if isinstance(i, slice):
-            return torch.stack([_tensor(self.images[j]) for j in self.pick[i]])
+        if isinstance(i, slice):  # unreadable files (None) left out; None when that is all of them
+            rows = [r for r in (self.images[j] for j in self.pick[i]) if r is not None]
+            return torch.stack([_tensor(r) for r in rows]) if rows else None
         return self.images[self.pick[i]]
 
 

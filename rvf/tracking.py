@@ -16,11 +16,32 @@ import numpy as np
 
 from rvf import CLASSES
 
-__all__ = ["TRACKERS", "resolve_tracker", "tracker_config", "log_final_wandb"]
+__all__ = ["TRACKERS", "project_name", "resolve_tracker", "tracker_config", "log_final_wandb"]
 
 log = logging.getLogger(__name__)
 
 TRACKERS = ("wandb", "tensorboard", "none")
+WANDB_MODES = ("online", "offline", "disabled", "dryrun", "run", "shared")
+DEFAULT_PROJECT = "rvf"  # TrainConfig.project's default
+_WANDB_FORBIDDEN = "/\\#?%:"  # characters W&B refuses in a project name
+
+
+def project_name(cfg) -> str:
+    """The project to log to: `project` when set, else W&B's own `WANDB_PROJECT`, else "rvf".
+
+    Checked here, before anything is trained or replaced: W&B refuses some names only when
+    the run starts, after `--overwrite` has removed the previous run.
+    """
+    from rvf.config import ConfigError
+
+    project = cfg.project
+    if project == DEFAULT_PROJECT and os.environ.get("WANDB_PROJECT") and cfg.tracker == "wandb":
+        project = os.environ["WANDB_PROJECT"]
+    bad = [c for c in _WANDB_FORBIDDEN if c in project]
+    if not project or bad or len(project) > 128 or project.strip(".") == "":
+        raise ConfigError(f"project {project!r} is not a valid project name: 1-128 characters, not only dots, "
+                          f"none of {' '.join(_WANDB_FORBIDDEN)} (a W&B entity goes in WANDB_ENTITY)")
+    return project
 
 
 def _wandb_has_credentials() -> bool:
@@ -55,15 +76,19 @@ def resolve_tracker(cfg, out_dir: Path) -> tuple[str | None, dict, str | None]:
     except ImportError:
         return None, {}, "wandb is not installed (pip install wandb): tracking disabled"
     mode = os.environ.get("WANDB_MODE")
+    if mode is not None and mode not in WANDB_MODES:
+        from rvf.config import ConfigError
+
+        raise ConfigError(f"WANDB_MODE={mode!r} is not a W&B mode (one of {', '.join(WANDB_MODES)})")
     message = None
     if mode is None and not _wandb_has_credentials():
         mode = "offline"
         message = (f"W&B: no API key found (WANDB_API_KEY or `wandb login`), logging offline under "
                    f"{out_dir / 'wandb'}; upload later with: wandb sync {out_dir / 'wandb'}/offline-run-*")
     wandb_kwargs = {
-        "name": cfg.run_name or out_dir.name,
+        "name": cfg.run_name or os.environ.get("WANDB_NAME") or out_dir.name,
         "group": cfg.group,
-        "tags": list(cfg.tags) or None,
+        "tags": [str(t) for t in cfg.tags] or None,  # YAML reads `tags: [2024]` as a number
         "dir": str(out_dir),
         "job_type": "train",
     }

@@ -220,6 +220,9 @@ def build_scheduler(cfg: TrainConfig, optimizer, steps_per_epoch: int):
         raise ValueError(f"scheduler must be none, cosine or step, got {cfg.scheduler!r}")
     total = max(1, cfg.epochs * steps_per_epoch)
     warmup = min(total - 1, int(round(cfg.warmup_epochs * steps_per_epoch)))
+    if cfg.warmup_epochs and cfg.warmup_epochs >= cfg.epochs:
+        log.warning("warmup_epochs %g >= epochs %d: the learning rate warms up for the whole run and never "
+                    "reaches its schedule; lower warmup_epochs", cfg.warmup_epochs, cfg.epochs)
     floor = cfg.min_lr / cfg.lr if cfg.lr else 0.0  # min_lr as a fraction of the peak
     step_size = max(1, cfg.step_size * steps_per_epoch)
 
@@ -248,17 +251,25 @@ class StepSchedule(torch.optim.lr_scheduler.LambdaLR):
         self._step_count = state_dict.get("_step_count", self.last_epoch + 1)
 
 
-def check_crop_size(model: nn.Module, crop_size: int, image_size: int) -> None:
-    """Fail before training when a model cannot train on crops and evaluate on whole images."""
-    if not 8 <= crop_size < image_size:
+def check_input_size(model: nn.Module, name: str, image_size: int, crop_size: int | None = None) -> None:
+    """Fail before any decoding when the model cannot take its images (or its training crops).
+
+    One image through the model at each size: a LeNet at 8 px or an AlexNet at 16 px would
+    otherwise fail in the first step, after the cache is built and `--overwrite` has cleared
+    the previous run.
+    """
+    if crop_size is not None and not 8 <= crop_size < image_size:
         raise ConfigError(f"crop_size {crop_size} must be at least 8 and smaller than image_size {image_size}")
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
-            for size in (crop_size, image_size):
+            for size in (image_size,) if crop_size is None else (crop_size, image_size):
                 model(torch.zeros(1, 3, size, size))
     except (RuntimeError, AssertionError, ValueError) as e:  # timm's fixed-size nets assert
+        if crop_size is None:
+            raise ConfigError(f"image_size {image_size}: model {name} cannot take {image_size}px images ({e}); "
+                              f"use a larger image_size") from None
         raise ConfigError(f"crop_size {crop_size}: the model cannot take both {crop_size}px crops and "
                           f"{image_size}px images ({e}). Use a model that pools globally (every "
                           "rvf model and timm's CNNs do), or leave crop_size unset.") from None
@@ -442,11 +453,18 @@ def prepare_output_dir(out: Path, resume: bool, overwrite: bool) -> bool:
     return holds_run and not resume
 
 
-def clear_run(out: Path) -> None:
-    """Remove what a run writes, and only that: --output-dir might hold other things too."""
-    for name in RUN_OUTPUTS:
-        for p in out.glob(name):
-            shutil.rmtree(p) if p.is_dir() else p.unlink()
+def clear_run(out: Path, project: str = "rvf") -> None:
+    """Remove what a run writes, and only that: --output-dir might hold other things too.
+
+    `project` is the folder TensorBoard logs into (RUN/<project>), whatever it is called: taken
+    by its exact name, never as a glob pattern ("*" is a valid project name).
+    """
+    own = [out / project] if project.strip(".") and "/" not in project else []  # never "." (the run folder)
+    for p in [p for name in RUN_OUTPUTS for p in out.glob(name)] + own:
+        if p.is_dir():
+            shutil.rmtree(p)
+        elif p.exists():
+            p.unlink()
 
 
 # What draws the holdout slice: a resume that changed one would let trained-on images into it.
@@ -529,6 +547,7 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> di
     if cfg.sam_rho < 0:
         raise ConfigError(f"sam_rho is SAM's neighbourhood radius (e.g. 0.05; 0 = off), got {cfg.sam_rho}")
     log_with, init_kwargs, tracker_note = tracking.resolve_tracker(cfg, out)
+    project = tracking.project_name(cfg)
     # PartialState is the process/device state the Accelerator below will share; its device
     # decides what "auto" precision means (bf16 only where the hardware does bf16 maths). It
     # reads `--cpu` from the environment as AcceleratorState would, or a CPU DDP run
@@ -571,8 +590,7 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> di
         set_seed(cfg.seed, device_specific=True)
     data_cfg = resolve_data_config(model, image_size=cfg.image_size, interpolation=cfg.interpolation)
     input_size = (3, data_cfg.image_size, data_cfg.image_size)
-    if cfg.crop_size is not None:
-        check_crop_size(model, cfg.crop_size, data_cfg.image_size)
+    check_input_size(model, cfg.model, data_cfg.image_size, cfg.crop_size)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     # Teachers are checked (size, holdout slice) here, before any decoding.
@@ -651,7 +669,7 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> di
     # 5) resume, or start a fresh run record
     run = {"epoch": -1, "step": 0, "best_epoch": -1, "best_score": None, "history": [], "train_seconds": 0.0}
     if replace:  # only now: a wrong model name, data folder or setting has failed above
-        clear_run(out)
+        clear_run(out, project)
     accelerator.wait_for_everyone()
     if resume:
         state = latest_state(out)
@@ -671,7 +689,7 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> di
                               f"--epochs N > {run['epoch'] + 1} to extend it); evaluating its best model again")
     if accelerator.is_main_process:
         atomic_write_text(out / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    accelerator.init_trackers(cfg.project, config=tracking.tracker_config(cfg.to_dict(), log_with),
+    accelerator.init_trackers(project, config=tracking.tracker_config(cfg.to_dict(), log_with),
                               init_kwargs=init_kwargs)
     if tracker_note:
         accelerator.print(tracker_note)
@@ -767,7 +785,7 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> di
         reports.write_evaluation_reports(out, labels, probs, valid, title, calibrated=selecting)
         reports.plot_curves(out / "curves.png", run["history"], f"{cfg.model}: loss and accuracy")
         sample_idx = np.linspace(0, len(splits.fit) - 1, min(32, len(splits.fit))).astype(int).tolist()
-        samples = [splits.fit[i] for i in sample_idx]
+        samples = [s for s in (splits.fit[i] for i in sample_idx) if s is not None]  # None: skip_bad, no cache
         reports.plot_samples(out / "samples.png", np.stack([s[0].numpy() for s in samples]),
                              [s[1] for s in samples], title=f"{splits.root.name}/train at {data_cfg.image_size}px")
         reports.write_json(out / "metrics.json", metrics)

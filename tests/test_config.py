@@ -97,6 +97,15 @@ def test_missing_file_and_bad_override():
         load_config("nope.yaml")
     with pytest.raises(ConfigError, match="configs is a folder; give a YAML file"):
         load_config(ROOT / "configs")
+    for key, value, message in (("seed", -1, r"seed must be in \[0, 2\*\*32\)"), ("lr", float("nan"), "finite"),
+                                ("split_seed", 2**32, "split_seed must be in")):
+        with pytest.raises(ConfigError, match=message):
+            load_config(None, {key: value})
+    # timm's and Hugging Face's names for keys are suggested by name; far-fetched matches are not
+    for key, hint in (("opt", "optimizer"), ("clip_grad", "grad_clip"), ("learning_rate", "lr"),
+                      ("drop", "model_args")):
+        with pytest.raises(ConfigError, match=f"{key} \\(did you mean {hint}"):
+            load_config(None, {key: 1})
     with pytest.raises(ConfigError, match="command line: unknown config key"):
         load_config(None, dict([parse_override("bogus=1")]))
     with pytest.raises(ConfigError, match="key=value"):

@@ -486,6 +486,37 @@ def test_wandb_offline_without_credentials(data_dir, tmp_path):
     assert len(runs) == 1 and list(runs[0].glob("*.wandb"))
 
 
+def test_wandb_settings_come_from_the_environment_and_are_checked_first(tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    from rvf import tracking
+    from rvf.config import ConfigError
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_PROJECT", "team-project")
+    monkeypatch.setenv("WANDB_NAME", "nightly")
+    cfg = TrainConfig(tracker="wandb", tags=[2024, "a"])
+    _, kwargs, _ = tracking.resolve_tracker(cfg, tmp_path / "run")
+    assert kwargs["wandb"]["name"] == "nightly" and kwargs["wandb"]["tags"] == ["2024", "a"]
+    assert tracking.project_name(cfg) == "team-project"  # W&B's own variable, where project is not set
+    assert tracking.project_name(cfg.replace(project="mine")) == "mine"
+    monkeypatch.setenv("WANDB_MODE", "offlin")
+    with pytest.raises(ConfigError, match="WANDB_MODE='offlin' is not a W&B mode"):
+        tracking.resolve_tracker(cfg, tmp_path / "run")
+
+
+def test_overwrite_removes_the_old_runs_tensorboard_folder_whatever_its_project(tmp_path):
+    from rvf.train import clear_run
+
+    out = tmp_path / "run"
+    for name in ("foo", "rvf", "keep_me"):
+        (out / name).mkdir(parents=True)
+    (out / "model.json").write_text("{}")
+    clear_run(out, "foo")
+    assert sorted(p.name for p in out.iterdir()) == ["keep_me"]
+    clear_run(out, ".")  # never the run folder itself
+    assert out.is_dir() and (out / "keep_me").is_dir()
+
+
 def test_wandb_predictions_table_pairs_each_image_with_its_own_row(monkeypatch):
     import types
 
@@ -531,6 +562,8 @@ def test_tensorboard_tracker(data_dir, tmp_path):
     (["--set", "mixup=0.2", "--batch-size", "7"], "mixup/cutmix need an even batch_size, got 7"),
     (["--set", "cutmix=-1"], "cutmix is a Beta distribution's alpha and must be >= 0"),
     (["--resume", "runs/x"], "--resume runs/x continues in that folder; drop --output-dir"),
+    (["--image-size", "8"], "image_size 8: model lenet cannot take 8px images"),
+    (["--set", "project=team/rvf"], "project 'team/rvf' is not a valid project name"),
 ])
 def test_bad_input_is_one_clear_message(data_dir, tmp_path, args, message):
     base = ["--data-dir", str(data_dir), "--output-dir", str(tmp_path / "run"), "--tracker", "none", "--epochs", "1"]
