@@ -41,11 +41,15 @@ def test_benchmark_max_steps_scales_to_the_epoch(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads((out / "lenet-32px-cpu.json").read_text())
     for key in ("baseline_train", "rvf_train", "baseline_data_only", "rvf_data_only"):
-        t = res[key]
-        assert t["images"] == 16 and t["epoch_seconds"] == pytest.approx(3 * t["timed_seconds"], rel=1e-3, abs=2e-4)
+        t = res[key]  # the first step of each epoch is not timed: 8 of its 16 images are
+        assert t["images"] == 8 and t["epoch_seconds"] == pytest.approx(6 * t["timed_seconds"], rel=1e-3, abs=2e-4)
     assert res["projected_20_epochs_seconds"]["baseline"] == pytest.approx(
         20 * res["baseline_train"]["epoch_seconds"], abs=0.1)
-    assert "16 images timed per epoch" in (out / "lenet-32px-cpu.md").read_text()
+    assert "8 images timed per epoch" in (out / "lenet-32px-cpu.md").read_text()
+    for bad in (["--max-steps", "1"], ["--max-steps", "2", "--scaling", "1"]):
+        r = subprocess.run([sys.executable, "scripts/benchmark.py", "--synthetic", "48", *bad], capture_output=True,
+                           text=True, timeout=120, cwd=ROOT)
+        assert r.returncode == 2 and "each epoch's first step is not timed" in r.stderr
 
 
 def test_probe_training_traces_each_lr(tmp_path):
@@ -133,6 +137,8 @@ def test_zoo_refuses_finished_runs_unless_told(tmp_path):
     assert (tmp_path / "zoo" / "lenet" / "config.yaml").read_text() == "model: lenet\n"  # untouched
     for extra, message in ((["--data-dir", str(tmp_path / "nope"), "--overwrite"], "does not exist"),
                            (["--data-dir", str(data), "--overwrite", "--launcher", "nosuchcmd --x"],
-                            "no command 'nosuchcmd' on PATH")):
+                            "no command 'nosuchcmd' on PATH"),
+                           (["--data-dir", str(data), "--overwrite", "--launcher", "accelerate 'launch"],
+                            "No closing quotation")):
         r = subprocess.run(base + extra, capture_output=True, text=True, timeout=120, cwd=ROOT)
         assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
