@@ -165,13 +165,12 @@ def drawn_faces(workdir: Path, n: int = 4) -> list[Path]:
     return paths
 
 
-def default_images(workdir: Path, dataset_faces: bool = False) -> list[Path]:
-    """Drawn faces; with `dataset_faces`, two real and two fake rvf10k-mini faces (local use only)."""
-    if dataset_faces and MINI_VALID.is_dir():
-        paths = sorted((MINI_VALID / "real").glob("*.jpg"))[:2] + sorted((MINI_VALID / "fake").glob("*.jpg"))[:2]
-        if len(paths) == 4:
-            return paths
-    return drawn_faces(workdir)
+def dataset_faces(folder: Path) -> list[Path]:
+    """Two real and two fake faces from `folder`/{real,fake} (local use only), or ValueError."""
+    paths = sorted((folder / "real").glob("*.jpg"))[:2] + sorted((folder / "fake").glob("*.jpg"))[:2]
+    if len(paths) != 4:
+        raise ValueError(f"--dataset-faces {folder}: needs two .jpg faces in each of real/ and fake/ there")
+    return paths
 
 
 def random_checkpoint(directory: Path) -> Path:
@@ -194,8 +193,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", default=None, help="checkpoint folder (default: a random-weight LeNet)")
     parser.add_argument("--images", nargs="+", default=None, help="images to upload (default: 4 drawn faces)")
-    parser.add_argument("--dataset-faces", action="store_true",
-                        help="upload rvf10k-mini faces instead of drawn ones (never commit the result)")
+    parser.add_argument("--dataset-faces", nargs="?", const=MINI_VALID, type=Path, metavar="DIR",
+                        help="upload two real and two fake faces from DIR/{real,fake} instead of drawn ones "
+                             "(DIR default: ../shared/data/rvf10k-mini/rvf10k/valid; never commit the result)")
     parser.add_argument("--output", type=output_file, default=ROOT / "docs" / "screenshot.png",
                         help="PNG to write (default: docs/screenshot.png in this repository, the README's)")
     parser.add_argument("--width", type=positive_int, default=1000, help="browser window, pixels (default: 1000)")
@@ -215,6 +215,11 @@ def main(args) -> int:
     if missing:  # before Chromium starts, which would answer with a WebDriver traceback
         print(f"error: --images: no such file: {', '.join(map(str, missing))}", file=sys.stderr)
         return 2
+    try:
+        faces = dataset_faces(args.dataset_faces) if args.dataset_faces and not args.images else None
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     logging.getLogger("werkzeug").setLevel(logging.WARNING)  # no request log on the console
     with tempfile.TemporaryDirectory(prefix="rvf-screenshot-") as tmp:
         tmp = Path(tmp)
@@ -224,7 +229,7 @@ def main(args) -> int:
         except (CheckpointError, RuntimeError, ValueError) as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
-        images = [Path(p) for p in args.images] if args.images else default_images(tmp, args.dataset_faces)
+        images = [Path(p) for p in args.images] if args.images else faces or drawn_faces(tmp)
         with serve(app) as url, chrome(tmp / "profile", args.width, args.height) as driver:
             results = upload(driver, url, images)
             show_gradcam(driver, 0)
