@@ -457,9 +457,12 @@ def clear_run(out: Path, project: str = "rvf") -> None:
     """Remove what a run writes, and only that: --output-dir might hold other things too.
 
     `project` is the folder TensorBoard logs into (RUN/<project>), whatever it is called: taken
-    by its exact name, never as a glob pattern ("*" is a valid project name).
+    by its exact name, never as a glob pattern ("*" is a valid project name), and only when it
+    holds TensorBoard's event files (a project may share its name with a folder of the user's).
     """
-    own = [out / project] if project.strip(".") and "/" not in project else []  # never "." (the run folder)
+    tb = out / project
+    own = [tb] if (project.strip(".") and "/" not in project and tb.is_dir()
+                   and next(tb.rglob("events.out.tfevents.*"), None)) else []
     for p in [p for name in RUN_OUTPUTS for p in out.glob(name)] + own:
         if p.is_dir():
             shutil.rmtree(p)

@@ -510,9 +510,11 @@ def test_overwrite_removes_the_old_runs_tensorboard_folder_whatever_its_project(
     out = tmp_path / "run"
     for name in ("foo", "rvf", "keep_me"):
         (out / name).mkdir(parents=True)
+    (out / "foo" / "events.out.tfevents.1.host").write_text("")  # TensorBoard's, under project foo
     (out / "model.json").write_text("{}")
     clear_run(out, "foo")
     assert sorted(p.name for p in out.iterdir()) == ["keep_me"]
+    clear_run(out, "keep_me")  # a project named like a folder of the user's, without event files
     clear_run(out, ".")  # never the run folder itself
     assert out.is_dir() and (out / "keep_me").is_dir()
 
