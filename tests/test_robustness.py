@@ -57,7 +57,8 @@ def test_robustness_script_clean_row_matches_evaluate(tmp_path, tta_hflip):
     assert result["rows"][0]["roc_auc"] == pytest.approx(ev["roc_auc"])
     # which way the verdicts went: each class's recall, as evaluate.py's report has it
     assert result["rows"][0]["recall"] == pytest.approx({c: ev["per_class"][c]["recall"] for c in ("fake", "real")})
-    assert "| fake / real called right % |" in table
+    assert "| fake / real called right % | at threshold 0.5000 % |" in table
+    assert f"| {100 * ev['accuracy_at_threshold']:.2f} |" in table.splitlines()[4]  # the clean row, as evaluate.py
 
 
 def test_a_shift_moves_the_picture_and_repeats_its_edges():
