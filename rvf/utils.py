@@ -8,7 +8,8 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
-__all__ = ["atomic_path", "atomic_write_text", "count_parameters", "device_name", "predict_logits"]
+__all__ = ["PeakSampler", "atomic_path", "atomic_write_text", "count_parameters", "device_name", "predict_logits",
+           "tree_rss"]
 
 
 @contextlib.contextmanager
@@ -111,3 +112,56 @@ def resolve_mixed_precision(setting: str | None, device) -> str | None:
     if launcher != "no":
         return launcher
     return "bf16" if has_native_bf16(device) else "no"
+
+
+def tree_rss(pid: int | None = None) -> int:
+    """Resident memory, in bytes, of process `pid` (default: this one) and all its descendants.
+
+    What a benchmark or load test measures: a DataLoader's workers and a gunicorn master's
+    workers hold memory of their own. A child that exits while it is read is skipped; a `pid`
+    that is gone counts 0.
+    """
+    import psutil
+
+    try:
+        root = psutil.Process(pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return 0
+    total = 0
+    for p in procs:
+        try:
+            total += p.memory_info().rss
+        except psutil.NoSuchProcess:
+            pass
+    return total
+
+
+class PeakSampler:
+    """Call `fn` every `interval` seconds in a thread while the block runs; keep the largest value.
+
+        with PeakSampler(tree_rss) as mem:
+            work()
+        mem.peak  # bytes, at its highest
+    """
+
+    def __init__(self, fn, interval: float = 0.05):
+        import threading
+
+        self.fn, self.interval, self.peak = fn, interval, 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.peak = max(self.peak, self.fn())
+
+    def __enter__(self) -> "PeakSampler":
+        self.peak = self.fn()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self.fn())

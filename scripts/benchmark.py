@@ -25,7 +25,6 @@ import shutil
 import statistics
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -71,39 +70,6 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                         help="folder for MODEL-SIZEpx-DEVICE.json and .md (default: benchmarks/results, "
                              "where the README's figures come from)")
     return parser
-
-
-class PeakRSS:
-    """Sample the RSS of this process and its children (DataLoader workers) in a thread."""
-
-    def __init__(self, interval: float = 0.05):
-        import psutil
-
-        self.proc, self.interval, self.peak = psutil.Process(), interval, 0
-        self._stop = threading.Event()
-
-    def _total(self) -> int:
-        total = self.proc.memory_info().rss
-        for c in self.proc.children(recursive=True):
-            try:
-                total += c.memory_info().rss
-            except Exception:  # a worker that just exited
-                pass
-        return total
-
-    def __enter__(self):
-        self.peak = self._total()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-        return self
-
-    def _run(self):
-        while not self._stop.wait(self.interval):
-            self.peak = max(self.peak, self._total())
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
 
 
 def _synthetic_folder(root: Path, n: int) -> Path:
@@ -235,7 +201,7 @@ def main(args) -> int:
     from rvf.data.transforms import build_eval_transform
     from rvf.inference import resolve_device
     from rvf.models import create_model
-    from rvf.utils import device_name, resolve_mixed_precision
+    from rvf.utils import PeakSampler, device_name, resolve_mixed_precision, tree_rss
 
     if not args.data_dir and not args.synthetic:
         print("error: pass --data-dir ROOT or --synthetic N", file=sys.stderr)
@@ -287,7 +253,7 @@ def main(args) -> int:
         base_ds = torchvision.datasets.ImageFolder(str(split_dir), transform=tf)
         base_loader = DataLoader(base_ds, batch_size=args.batch_size, shuffle=True, num_workers=cores,
                                  pin_memory=device.type == "cuda")
-        with PeakRSS() as mem:
+        with PeakSampler(tree_rss) as mem:
             report("baseline_data_only", *time_epochs(Step(fresh_model(), torch.nn.Identity(), device, data_only=True),
                                                       base_loader, args.repeats, args.max_steps))
             report("baseline_train", *time_epochs(Step(fresh_model(), torch.nn.Identity(), device), base_loader,
@@ -314,7 +280,7 @@ def main(args) -> int:
     else:
         rvf_loader = DataLoader(cached, batch_size=args.batch_size, shuffle=True, collate_fn=collate_batch,
                                 pin_memory=device.type == "cuda")
-    with PeakRSS() as mem:
+    with PeakSampler(tree_rss) as mem:
         report("rvf_data_only", *time_epochs(Step(model, train_tf, device, data_only=True), rvf_loader,
                                              args.repeats, args.max_steps))
         report("rvf_train", *time_epochs(RvfStep(fresh_model(), train_tf, device, autocast_dtype=autocast,

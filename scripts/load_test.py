@@ -38,6 +38,7 @@ import time  # noqa: E402
 import uuid  # noqa: E402
 
 from rvf.cli import non_negative_int, positive_int  # noqa: E402
+from rvf.utils import PeakSampler, tree_rss  # noqa: E402
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
@@ -140,20 +141,7 @@ class Server:
 
     def rss(self) -> int:
         """Resident memory of the master and all its workers, in bytes."""
-        import psutil
-
-        try:
-            master = psutil.Process(self.proc.pid)
-            procs = [master, *master.children(recursive=True)]
-        except psutil.NoSuchProcess:
-            return 0
-        total = 0
-        for p in procs:
-            try:
-                total += p.memory_info().rss
-            except psutil.NoSuchProcess:  # a worker that just exited
-                pass
-        return total
+        return tree_rss(self.proc.pid)
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -222,28 +210,6 @@ def run_load(server: Server, path: str, body: bytes, ctype: str, n: int, concurr
     for t in threads:
         t.join()
     return {"latencies": state["latencies"], "errors": state["errors"], "sent": state["next"]}
-
-
-class PeakSampler:
-    """Sample a callable's value every `interval` s in a thread; keep the maximum."""
-
-    def __init__(self, fn, interval: float = 0.1):
-        self.fn, self.interval, self.peak = fn, interval, 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self):
-        while not self._stop.wait(self.interval):
-            self.peak = max(self.peak, self.fn())
-
-    def __enter__(self):
-        self.peak = self.fn()
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
 
 
 def check_checkpoint(directory: Path) -> None:

@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -142,3 +143,21 @@ def test_zoo_refuses_finished_runs_unless_told(tmp_path):
                             "No closing quotation")):
         r = subprocess.run(base + extra, capture_output=True, text=True, timeout=120, cwd=ROOT)
         assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
+
+
+def test_peak_sampler_sees_a_child_process_memory():
+    import subprocess as sp
+
+    from rvf.utils import PeakSampler, tree_rss
+
+    alone = tree_rss()
+    # A child holding ~200 MB: the tree's resident memory must count it, as a benchmark's workers.
+    child = sp.Popen([sys.executable, "-c", "import time; b = b'x' * (200 * 2**20); time.sleep(3)"])
+    try:
+        with PeakSampler(tree_rss, interval=0.02) as mem:
+            time.sleep(1.5)
+        assert mem.peak > alone + 150 * 2**20
+    finally:
+        child.kill()
+        child.wait()
+    assert tree_rss(child.pid) == 0  # a process that is gone counts nothing
