@@ -45,9 +45,9 @@ def create_app(test_config: dict | None = None) -> Flask:
         # Pixels per image, read from the header before decoding: a 16-bit PNG of 88 MP is a
         # 170 KB upload that takes GBs to decode. 40 MP is a 7300 x 5500 photo.
         MAX_IMAGE_PIXELS=40_000_000,
-        # Pixels per request, all its images together: 32 images of 40 MP each fit in a 4 MB
-        # upload of flat PNGs and took 17 s and +0.5 GB to decode. Images past the budget get
-        # an error entry each; a browser sends a few photos per request, far under it.
+        # Pixels per request, all its images together: 32 blank 40 MP PNGs are a 2.4 MB upload
+        # that took 11.6 s to decode and classify (benchmarks/upload_cost.py). Images past the
+        # budget get an error entry each; a browser sends a few photos per request, far under it.
         MAX_REQUEST_PIXELS=160_000_000,
         # Pixels a side, at least: a thumbnail this small says nothing about GAN texture.
         MIN_IMAGE_SIDE=32,
