@@ -59,6 +59,7 @@ STATE_MARKER = "rvf_state.json"  # written last inside a state folder: marks it 
 RUN_OUTPUTS = (STATE_DIR, "wandb", "model.safetensors", "model.json", "framing.safetensors", "config.yaml",
                "metrics.json", "classification_report.txt", "*.png", "architecture.txt", "events.out.tfevents.*", "rvf",
                "eval-*", "robustness-*")  # what --overwrite removes
+REPLACED_DIR = ".replaced"  # the run --overwrite replaces, until the new one has saved an epoch
 
 
 class RunDirError(RuntimeError):
@@ -438,12 +439,12 @@ def fp32_forward(model: nn.Module):
 def prepare_output_dir(out: Path, resume: bool, overwrite: bool) -> bool:
     """Refuse to mix two runs in one folder unless asked to resume or overwrite.
 
-    Returns whether the folder holds a run to replace. `clear_run` replaces it once the new
+    Returns whether the folder holds a run to replace. `ReplacedRun` sets it aside once the new
     run's model and data are set up, so that a typo costs nothing but an error message.
     """
     if out.exists() and not out.is_dir():
         raise RunDirError(f"output dir {out} is a file; give a folder for the run")
-    holds_run = (out / "config.yaml").is_file() or (out / STATE_DIR).is_dir()
+    holds_run = any((out / name).exists() for name in ("config.yaml", STATE_DIR, REPLACED_DIR))
     if resume and not holds_run:
         raise RunDirError(f"--resume {out}: no run there to resume (no config.yaml)")
     if holds_run and not (resume or overwrite):
@@ -453,8 +454,8 @@ def prepare_output_dir(out: Path, resume: bool, overwrite: bool) -> bool:
     return holds_run and not resume
 
 
-def clear_run(out: Path, project: str = "rvf") -> None:
-    """Remove what a run writes, and only that: --output-dir might hold other things too.
+def run_outputs(out: Path, project: str = "rvf") -> list[Path]:
+    """What a run wrote into `out`, and only that: --output-dir might hold other things too.
 
     `project` is the folder TensorBoard logs into (RUN/<project>), whatever it is called: taken
     by its exact name, never as a glob pattern ("*" is a valid project name), and only when it
@@ -463,11 +464,60 @@ def clear_run(out: Path, project: str = "rvf") -> None:
     tb = out / project
     own = [tb] if (project.strip(".") and "/" not in project and tb.is_dir()
                    and next(tb.rglob("events.out.tfevents.*"), None)) else []
-    for p in [p for name in RUN_OUTPUTS for p in out.glob(name)] + own:
+    return [p for name in RUN_OUTPUTS for p in out.glob(name)] + own
+
+
+def clear_run(out: Path, project: str = "rvf") -> None:
+    """Remove what a run wrote into `out` (see `run_outputs`)."""
+    for p in run_outputs(out, project):
         if p.is_dir():
             shutil.rmtree(p)
         elif p.exists():
             p.unlink()
+
+
+class ReplacedRun:
+    """The run `--overwrite` replaces, set aside in RUN/.replaced until the new run has saved an epoch.
+
+    Until then the old run is the only one there is: a first step out of memory, a tracker that
+    will not start or a Ctrl-C in the first epoch (the wrong config, noticed) puts it back
+    instead of leaving nothing. A process killed outright leaves it in RUN/.replaced, and the
+    next `--overwrite` keeps that one (what is in RUN is then a replacement that never saved).
+    """
+
+    def __init__(self, out: Path, project: str, active: bool = True):
+        self.out, self.project = out, project
+        self.aside = out / REPLACED_DIR if active else None
+        if self.aside is None:
+            return
+        if self.aside.is_dir():  # a replacement killed before its first epoch: the old run is still there
+            clear_run(out, project)
+        else:
+            self.aside.mkdir()
+            for p in run_outputs(out, project):
+                p.rename(self.aside / p.name)
+
+    def __enter__(self) -> "ReplacedRun":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None and self.aside is not None:
+            self.restore()
+
+    def restore(self) -> None:
+        """Remove what the new run wrote and put the old run back."""
+        clear_run(self.out, self.project)
+        for p in self.aside.iterdir():
+            p.rename(self.out / p.name)
+        self.aside.rmdir()
+        self.aside = None
+        log.warning("the new run failed before saving an epoch; %s holds the run it was to replace again", self.out)
+
+    def drop(self) -> None:
+        """The new run has saved an epoch: the old one goes for good."""
+        if self.aside is not None:
+            shutil.rmtree(self.aside)
+            self.aside = None
 
 
 # What draws the holdout slice: a resume that changed one would let trained-on images into it.
@@ -671,85 +721,90 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> di
 
     # 5) resume, or start a fresh run record
     run = {"epoch": -1, "step": 0, "best_epoch": -1, "best_score": None, "history": [], "train_seconds": 0.0}
-    if replace:  # only now: a wrong model name, data folder or setting has failed above
-        clear_run(out, project)
-    accelerator.wait_for_everyone()
-    if resume:
-        state = latest_state(out)
-        if state is None:
-            raise RunDirError(f"--resume {out}: no complete saved state under {out / STATE_DIR}")
-        accelerator.load_state(str(state))
-        set_capturable(optimizer, graph_wanted)  # the saved run may have stepped with or without a graph
-        # The optimizer comes back holding the saved run's last lr; take it from the schedule
-        # instead, which is longer when `--epochs` was raised.
-        schedule = getattr(scheduler, "scheduler", scheduler)  # inside Accelerate's wrapper
-        schedule.last_epoch -= 1
-        schedule.step()
-        run = json.loads((state / STATE_MARKER).read_text())
-        accelerator.print(f"resumed from {state} (epoch {run['epoch'] + 1} done)")
-        if run["epoch"] + 1 >= cfg.epochs:
-            accelerator.print(f"nothing to train: the run has {run['epoch'] + 1} of {cfg.epochs} epochs (pass "
-                              f"--epochs N > {run['epoch'] + 1} to extend it); evaluating its best model again")
-    if accelerator.is_main_process:
-        atomic_write_text(out / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    accelerator.init_trackers(project, config=tracking.tracker_config(cfg.to_dict(), log_with),
-                              init_kwargs=init_kwargs)
-    if tracker_note:
-        accelerator.print(tracker_note)
-    n_params = count_parameters(net)
-    accelerator.print(f"model: {cfg.model} | {n_params / 1e6:.2f} M params | {accelerator.device} "
-                      f"({device_name(accelerator.device)}) x {accelerator.num_processes} | "
-                      f"precision {accelerator.mixed_precision}" + (" | CUDA graph" if use_graph else "")
-                      + (f" | distilling {len(teachers.models)} teacher(s), weight {cfg.distill_weight}"
-                         if teachers is not None else ""))
+    # Only now: a wrong model name, data folder or setting has failed above. The old run is set
+    # aside, not deleted, until the new one has saved an epoch.
+    with ReplacedRun(out, project, active=replace and accelerator.is_main_process) as replaced:
+        accelerator.wait_for_everyone()
+        if resume:
+            state = latest_state(out)
+            if state is None:
+                aside = (f" (the run it was replacing is in {out / REPLACED_DIR})"
+                         if (out / REPLACED_DIR).is_dir() else "")
+                raise RunDirError(f"--resume {out}: no complete saved state under {out / STATE_DIR}{aside}")
+            accelerator.load_state(str(state))
+            set_capturable(optimizer, graph_wanted)  # the saved run may have stepped with or without a graph
+            # The optimizer comes back holding the saved run's last lr; take it from the schedule
+            # instead, which is longer when `--epochs` was raised.
+            schedule = getattr(scheduler, "scheduler", scheduler)  # inside Accelerate's wrapper
+            schedule.last_epoch -= 1
+            schedule.step()
+            run = json.loads((state / STATE_MARKER).read_text())
+            accelerator.print(f"resumed from {state} (epoch {run['epoch'] + 1} done)")
+            if run["epoch"] + 1 >= cfg.epochs:
+                accelerator.print(f"nothing to train: the run has {run['epoch'] + 1} of {cfg.epochs} epochs (pass "
+                                  f"--epochs N > {run['epoch'] + 1} to extend it); evaluating its best model again")
+        if accelerator.is_main_process:
+            atomic_write_text(out / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        accelerator.init_trackers(project, config=tracking.tracker_config(cfg.to_dict(), log_with),
+                                  init_kwargs=init_kwargs)
+        if tracker_note:
+            accelerator.print(tracker_note)
+        n_params = count_parameters(net)
+        accelerator.print(f"model: {cfg.model} | {n_params / 1e6:.2f} M params | {accelerator.device} "
+                          f"({device_name(accelerator.device)}) x {accelerator.num_processes} | "
+                          f"precision {accelerator.mixed_precision}" + (" | CUDA graph" if use_graph else "")
+                          + (f" | distilling {len(teachers.models)} teacher(s), weight {cfg.distill_weight}"
+                             if teachers is not None else ""))
 
-    # 6) epochs: train, select on the holdout slice, log, save
-    eval_net = ema.module if ema is not None else net
-    selecting = splits.counts["holdout"] > 0  # `holdout: 0` trains on all of train and keeps the last epoch
-    for epoch in range(run["epoch"] + 1, cfg.epochs):
-        train_loader.set_epoch(epoch)
-        stats, run["step"] = train_one_epoch(model, train_loader, train_tf, train_step, scheduler, accelerator,
-                                             cfg, epoch, ema=ema, step=run["step"], mixup=mixup,
-                                             teachers=teachers)
-        run["train_seconds"] += stats["seconds"]
-        if selecting:
-            labels, probs, loss = evaluate(eval_net, holdout_loader, eval_tf, accelerator, desc="holdout",
-                                           tta_hflip=cfg.tta_hflip)
-        else:  # nothing to score: no empty progress bar every epoch
-            labels, probs, loss = _no_predictions()
-        # Checked once per epoch, where the loss reaches the host anyway: a NaN would otherwise
-        # surface as an sklearn error about its input, or as a run that silently learns nothing.
-        if not (np.isfinite(stats["loss"]) and np.isfinite(probs).all()):
-            kept = f" {out} keeps the best model and the saved state of the epochs before." if epoch else ""
-            raise DivergedError(f"epoch {epoch + 1}: training diverged (train loss {stats['loss']:.4g}); lower lr, "
-                                f"set grad_clip, or train in fp32 (--mixed-precision no).{kept}")
-        hold = (classification_metrics(labels, probs, loss=loss) if selecting
-                else {"accuracy": float("nan"), "loss": float("nan")})
-        row = {"epoch": epoch + 1, "train_loss": stats["loss"], "train_accuracy": stats["accuracy"],
-               "holdout_loss": hold["loss"], "holdout_accuracy": hold["accuracy"],
-               "holdout_roc_auc": hold.get("roc_auc", float("nan")),
-               "lr": optimizer.param_groups[0]["lr"], "images_per_second": stats["images_per_second"]}
-        run["history"].append(row)
-        # Without a holdout slice the tracker gets no holdout series at all, rather than NaNs.
-        accelerator.log({k: v for k, v in row.items() if k != "epoch" and (selecting or not k.startswith("holdout_"))}
-                        | {"epoch": epoch + 1}, step=run["step"])
-        # Select on holdout accuracy, ties to the lower loss; no holdout: the last epoch wins.
-        score = [hold["accuracy"], -hold["loss"]] if selecting else [epoch, 0.0]
-        improved = run["best_score"] is None or score > run["best_score"]
-        if improved:
-            run["best_score"], run["best_epoch"] = score, epoch + 1
-            threshold = calibrate_threshold(labels, probs[:, 0]) if selecting else 0.5
-            if accelerator.is_main_process:
-                save_pretrained(out, eval_net, {
-                    "model_name": cfg.model, "model_args": model_args, "data_config": data_cfg.to_dict(),
-                    "classes": list(CLASSES), "threshold": threshold, "tta_hflip": cfg.tta_hflip, "epoch": epoch + 1,
-                    "metrics": {"holdout": hold}, "config": cfg.to_dict(), "rvf_version": rvf.__version__})
-        accelerator.print(
-            f"epoch {epoch + 1:3d}/{cfg.epochs} | train loss {stats['loss']:.4f} acc {stats['accuracy']:.4f} | "
-            + (f"holdout loss {hold['loss']:.4f} acc {hold['accuracy']:.4f}" if selecting else "no holdout slice")
-            + f" | {stats['images_per_second']:.0f} img/s" + (" | best" if improved and selecting else ""))
-        run["epoch"] = epoch
-        save_run_state(accelerator, out, epoch, run)
+        # 6) epochs: train, select on the holdout slice, log, save
+        eval_net = ema.module if ema is not None else net
+        selecting = splits.counts["holdout"] > 0  # `holdout: 0` trains on all of train and keeps the last epoch
+        for epoch in range(run["epoch"] + 1, cfg.epochs):
+            train_loader.set_epoch(epoch)
+            stats, run["step"] = train_one_epoch(model, train_loader, train_tf, train_step, scheduler, accelerator,
+                                                 cfg, epoch, ema=ema, step=run["step"], mixup=mixup,
+                                                 teachers=teachers)
+            run["train_seconds"] += stats["seconds"]
+            if selecting:
+                labels, probs, loss = evaluate(eval_net, holdout_loader, eval_tf, accelerator, desc="holdout",
+                                               tta_hflip=cfg.tta_hflip)
+            else:  # nothing to score: no empty progress bar every epoch
+                labels, probs, loss = _no_predictions()
+            # Checked once per epoch, where the loss reaches the host anyway: a NaN would otherwise
+            # surface as an sklearn error about its input, or as a run that silently learns nothing.
+            if not (np.isfinite(stats["loss"]) and np.isfinite(probs).all()):
+                kept = f" {out} keeps the best model and the saved state of the epochs before." if epoch else ""
+                raise DivergedError(f"epoch {epoch + 1}: training diverged (train loss {stats['loss']:.4g}); lower lr, "
+                                    f"set grad_clip, or train in fp32 (--mixed-precision no).{kept}")
+            hold = (classification_metrics(labels, probs, loss=loss) if selecting
+                    else {"accuracy": float("nan"), "loss": float("nan")})
+            row = {"epoch": epoch + 1, "train_loss": stats["loss"], "train_accuracy": stats["accuracy"],
+                   "holdout_loss": hold["loss"], "holdout_accuracy": hold["accuracy"],
+                   "holdout_roc_auc": hold.get("roc_auc", float("nan")),
+                   "lr": optimizer.param_groups[0]["lr"], "images_per_second": stats["images_per_second"]}
+            run["history"].append(row)
+            # Without a holdout slice the tracker gets no holdout series at all, rather than NaNs.
+            logged = {k: v for k, v in row.items() if k != "epoch" and (selecting or not k.startswith("holdout_"))}
+            accelerator.log(logged | {"epoch": epoch + 1}, step=run["step"])
+            # Select on holdout accuracy, ties to the lower loss; no holdout: the last epoch wins.
+            score = [hold["accuracy"], -hold["loss"]] if selecting else [epoch, 0.0]
+            improved = run["best_score"] is None or score > run["best_score"]
+            if improved:
+                run["best_score"], run["best_epoch"] = score, epoch + 1
+                threshold = calibrate_threshold(labels, probs[:, 0]) if selecting else 0.5
+                if accelerator.is_main_process:
+                    save_pretrained(out, eval_net, {
+                        "model_name": cfg.model, "model_args": model_args, "data_config": data_cfg.to_dict(),
+                        "classes": list(CLASSES), "threshold": threshold, "tta_hflip": cfg.tta_hflip,
+                        "epoch": epoch + 1,
+                        "metrics": {"holdout": hold}, "config": cfg.to_dict(), "rvf_version": rvf.__version__})
+            accelerator.print(
+                f"epoch {epoch + 1:3d}/{cfg.epochs} | train loss {stats['loss']:.4f} acc {stats['accuracy']:.4f} | "
+                + (f"holdout loss {hold['loss']:.4f} acc {hold['accuracy']:.4f}" if selecting else "no holdout slice")
+                + f" | {stats['images_per_second']:.0f} img/s" + (" | best" if improved and selecting else ""))
+            run["epoch"] = epoch
+            save_run_state(accelerator, out, epoch, run)
+            replaced.drop()
 
     # 7) the best model, on the valid split (never used for selection)
     from safetensors.torch import load_file

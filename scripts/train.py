@@ -58,7 +58,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                              "GPU or CPU does bf16 in hardware, else fp32 ('no')")
     parser.add_argument("--resume", type=Path, metavar="RUN_DIR",
                         help="continue the run in RUN_DIR from its last saved epoch (its config.yaml is the base)")
-    parser.add_argument("--overwrite", action="store_true", help="replace a run already in the output dir")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace a run already in the output dir (kept in OUTPUT_DIR/.replaced until the new "
+                             "run has saved an epoch, and put back if it fails before)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override any config key (repeatable), e.g. --set hflip=0.5 --set crop_scale=[0.8,1]")
     parser.add_argument("--print-config", action="store_true",

@@ -338,6 +338,61 @@ def test_a_failed_overwrite_keeps_the_run_it_would_replace(data_dir, tmp_path):
         assert sorted(p.name for p in (tmp_path / "run").iterdir()) == before
 
 
+def _contents(run: Path) -> dict:
+    return {str(p.relative_to(run)): p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("fails_in", ["first_epoch", "tracker"])
+def test_an_overwrite_that_fails_before_saving_an_epoch_puts_the_old_run_back(data_dir, tmp_path, monkeypatch,
+                                                                              fails_in):
+    # An out-of-memory first step, a tracker that will not start, a Ctrl-C on seeing the wrong
+    # config: until the new run has saved an epoch the old one is the only run there is.
+    import accelerate
+
+    import rvf.train as rvf_train
+
+    cfg = _cfg(data_dir, tmp_path, epochs=1)
+    train(cfg)
+    run = tmp_path / "run"
+    (run / "notes.txt").write_text("not rvf's")
+    before = _contents(run)
+
+    def fail(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    if fails_in == "first_epoch":
+        monkeypatch.setattr(rvf_train, "train_one_epoch", fail)
+    else:
+        monkeypatch.setattr(accelerate.Accelerator, "init_trackers", fail)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg.replace(seed=1), overwrite=True)
+    assert _contents(run) == before and not (run / ".replaced").exists()
+
+
+def test_an_overwrite_killed_before_its_first_epoch_leaves_the_old_run_for_the_next(data_dir, tmp_path,
+                                                                                    monkeypatch):
+    # What a SIGKILL leaves: the old run set aside, a replacement that never saved an epoch.
+    import rvf.train as rvf_train
+
+    cfg = _cfg(data_dir, tmp_path, epochs=1)
+    train(cfg)
+    run = tmp_path / "run"
+    old = _contents(run)
+    rvf_train.ReplacedRun(run, "rvf")
+    (run / "config.yaml").write_bytes(old["config.yaml"])
+    with pytest.raises(RunDirError, match="already holds a run"):
+        train(cfg)
+    with pytest.raises(RunDirError, match="the run it was replacing is in .*\\.replaced"):
+        train(cfg, resume=True)
+    with monkeypatch.context() as m:  # the next --overwrite fails too: the first run comes back
+        m.setattr(rvf_train, "train_one_epoch", lambda *a, **k: 1 / 0)
+        with pytest.raises(ZeroDivisionError):
+            train(cfg.replace(seed=1), overwrite=True)
+    assert _contents(run) == old
+    train(cfg.replace(seed=1), overwrite=True)  # one that saves an epoch replaces it for good
+    assert not (run / ".replaced").exists() and _contents(run)["model.safetensors"] != old["model.safetensors"]
+
+
 def test_resume_refuses_another_model(data_dir, tmp_path):
     cfg = _cfg(data_dir, tmp_path, epochs=1)
     train(cfg)
@@ -462,7 +517,7 @@ def test_overwrite_removes_only_what_a_run_wrote(data_dir, tmp_path):
     mine = tmp_path / "run" / "notes.txt"
     mine.write_text("not rvf's")
     train(cfg, overwrite=True)
-    assert mine.read_text() == "not rvf's"
+    assert mine.read_text() == "not rvf's" and not (tmp_path / "run" / ".replaced").exists()
     assert (tmp_path / "run" / "model.safetensors").is_file() and latest_state(tmp_path / "run").name == "epoch_0"
 
 
