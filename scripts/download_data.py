@@ -5,6 +5,9 @@
 Public datasets need no credentials with recent kagglehub; if Kaggle asks for them, set
 KAGGLE_USERNAME and KAGGLE_KEY or put kaggle.json in ~/.kaggle. Without network it fails
 at once and says how to download by hand.
+
+Exit status, as train.py's: 1 when the download fails (network, credentials), 2 when the copy
+at --dest is not a readable rvf10k.
 """
 
 import argparse
@@ -35,7 +38,7 @@ def main(args) -> int:
         train, valid = RVF10K(root, "train"), RVF10K(root, "valid")
     except DatasetError as e:  # e.g. a half-extracted earlier download at --dest
         print(f"error: {e}\n(pass --force to download it again)", file=sys.stderr)
-        return 1
+        return 2
     print(f"rvf10k is in {root} ({len(train)} train, {len(valid)} valid images)", file=sys.stderr)
     print(root)  # stdout: just the root, for DATA=$(python scripts/download_data.py)
     return 0

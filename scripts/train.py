@@ -113,10 +113,10 @@ def main(args) -> int:
             print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
             return 0
         train(cfg, resume=args.resume is not None, overwrite=args.overwrite)
-    except (ConfigError, DatasetError, BadImageError, DownloadError, RunDirError, CheckpointError) as e:
+    except (ConfigError, DatasetError, BadImageError, RunDirError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except DivergedError as e:
+    except (DivergedError, DownloadError) as e:  # not the input's fault: 1, as download_data.py
         print(f"error: {e}", file=sys.stderr)
         return 1
     except ValueError as e:  # e.g. an unknown model name from the factory

@@ -1,6 +1,7 @@
 """The data pipeline: layouts, CSV checks, bad data, the decode cache and transforms."""
 
 import csv
+import importlib.util
 import io
 import json
 import logging
@@ -491,13 +492,45 @@ def test_random_erasing_touches_only_some_samples():
 
 # ------------------------------------------------------------------ download
 
-def test_download_without_network_fails_fast_with_instructions(tmp_path):
+@pytest.fixture
+def offline(monkeypatch):
+    """No network for this test, whatever the machine has: kagglehub's real code meets a dead socket."""
+    import socket
+
+    def unreachable(*args, **kwargs):
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known (offline in this test)")
+
+    monkeypatch.setattr(socket, "getaddrinfo", unreachable)
+    monkeypatch.setattr(socket.socket, "connect", unreachable)
+    monkeypatch.delenv("KAGGLE_KERNEL_RUN_TYPE", raising=False)  # not Kaggle's notebook cache either
+
+
+def test_download_without_network_fails_fast_with_instructions(tmp_path, offline):
     import time
 
     t0 = time.perf_counter()
     with pytest.raises(DownloadError, match=r"kaggle\.com/datasets/sachchitkunichetty/rvf10k.*--data-dir"):
         download_rvf10k(tmp_path / "dl")
     assert time.perf_counter() - t0 < 30
+
+
+def _download_script():
+    spec = importlib.util.spec_from_file_location("download_script", ROOT / "scripts" / "download_data.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_download_script_exit_status_says_whose_fault(tmp_path, offline, capsys):
+    script = _download_script()
+    parse = script.get_args_parser().parse_args
+    assert script.main(parse(["--dest", str(tmp_path / "dl")])) == 1  # the network's: as train.py's
+    assert "could not reach Kaggle" in capsys.readouterr().err
+    make_kaggle_dataset(tmp_path / "half" / "v1", n=2)
+    next((tmp_path / "half" / "v1" / "rvf10k" / "valid").rglob("*.jpg")).unlink()  # a half-extracted copy
+    assert script.main(parse(["--dest", str(tmp_path / "half")])) == 2
+    err = capsys.readouterr().err
+    assert "pass --force to download it again" in err and "valid" in err
 
 
 def test_download_script_reuses_an_existing_copy(tmp_path):
