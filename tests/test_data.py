@@ -291,6 +291,28 @@ def test_cache_key_covers_pillows_decoder(monkeypatch, tmp_path):
     assert cache_key(samples, 16, "bilinear") != key
 
 
+def test_cache_key_sees_an_image_replaced_with_its_size_and_mtime_kept(tmp_path):
+    import os
+    import shutil
+
+    root = make_folder_dataset(tmp_path / "d", n=2, splits=("train",))
+    samples = RVF10K(root, "train").samples
+    key = cache_key(samples, 16, "bilinear")
+    assert cache_key(samples, 16, "bilinear") == key  # reading changes nothing
+    a, b = (Path(p) for p, _ in samples[:2])
+    st = a.stat()
+    data = bytearray(a.read_bytes())
+    data[-3] ^= 0xFF  # other pixels, same size
+    a.write_bytes(bytes(data))
+    os.utime(a, ns=(st.st_atime_ns, st.st_mtime_ns))  # touch -r: the mtime put back
+    assert a.stat().st_size == st.st_size and a.stat().st_mtime_ns == st.st_mtime_ns
+    assert cache_key(samples, 16, "bilinear") != key
+    key = cache_key(samples, 16, "bilinear")
+    shutil.copy2(b, tmp_path / "b.jpg")  # cp -p of an edited copy back over the original
+    os.replace(tmp_path / "b.jpg", b)
+    assert cache_key(samples, 16, "bilinear") != key
+
+
 def test_a_one_worker_build_gives_the_threads_back(tmp_path):
     root = make_folder_dataset(tmp_path / "d", n=2, splits=("train",))
     before = torch.get_num_threads()

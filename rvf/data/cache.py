@@ -47,13 +47,19 @@ def default_cache_dir() -> Path:
 
 def cache_key(samples: Sequence[tuple[str, int]], image_size: int, interpolation: str) -> str:
     """Hash everything that determines the cached pixels and labels: the files, the size and
-    filter, rvf's decode (`CACHE_VERSION`) and Pillow's, whose JPEG decoder may round otherwise."""
+    filter, rvf's decode (`CACHE_VERSION`) and Pillow's, whose JPEG decoder may round otherwise.
+
+    A file counts as unchanged only with the same size, mtime, inode and ctime: a copy that
+    keeps the mtime (`cp -p`, `rsync -t`) gets a new inode, and setting the mtime back
+    (`touch -r`) moves the ctime, so neither leaves stale pixels in the cache.
+    """
     import PIL
 
     h = hashlib.sha256(f"v{CACHE_VERSION}|{PIL.__version__}|{image_size}|{interpolation}|".encode())
     for path, label in samples:
         st = os.stat(path)
-        h.update(f"{os.path.abspath(path)}|{label}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+        h.update(f"{os.path.abspath(path)}|{label}|{st.st_size}|{st.st_mtime_ns}|{st.st_ino}|{st.st_ctime_ns}\n"
+                 .encode())
     return h.hexdigest()[:20]
 
 
