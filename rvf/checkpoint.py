@@ -24,7 +24,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from rvf.data.transforms import INTERPOLATIONS, DataConfig
-from rvf.utils import atomic_path, atomic_write_text
+from rvf.utils import atomic_path, atomic_write_text, json_text
 
 __all__ = ["CheckpointError", "WEIGHTS_NAME", "META_NAME", "check_threshold", "save_pretrained", "load_pretrained",
            "read_meta"]
@@ -63,18 +63,8 @@ def save_pretrained(directory: str | os.PathLike, model: torch.nn.Module, meta: 
     with atomic_path(directory / WEIGHTS_NAME) as tmp:
         save_file(state, str(tmp), metadata={"format": "pt", "model_name": meta["model_name"], "save_id": save_id})
     meta = {**meta, "weights_id": save_id}
-    atomic_write_text(directory / META_NAME, json.dumps(meta, indent=2, default=_jsonable))
+    atomic_write_text(directory / META_NAME, json_text(meta))  # NaN as null: jq or JSON.parse refuse a bare NaN
     return directory
-
-
-def _jsonable(o):
-    if isinstance(o, (Path, torch.device)):
-        return str(o)
-    if isinstance(o, tuple):
-        return list(o)
-    if hasattr(o, "item"):
-        return o.item()
-    raise TypeError(f"{type(o).__name__} is not JSON serialisable")
 
 
 def read_meta(directory: str | os.PathLike, allow_pickle: bool = False) -> dict:
@@ -186,8 +176,8 @@ def load_pretrained(directory: str | os.PathLike, device: str | torch.device = "
 
     Raises:
         CheckpointError: naming the file, for a missing/invalid checkpoint, a pickle without
-            `allow_pickle`, weights and JSON from different saves, an unknown model name or
-            weights whose shapes do not match the model.
+            `allow_pickle`, weights and JSON from different saves, an unknown model name,
+            weights whose shapes do not match the model, or weights that hold NaN or inf.
     """
     from rvf.models import create_model
 
@@ -199,6 +189,10 @@ def load_pretrained(directory: str | os.PathLike, device: str | torch.device = "
     except (ValueError, RuntimeError, TypeError) as e:
         raise CheckpointError(f"{directory / META_NAME}: cannot build model {meta['model_name']!r}: {e}") from e
     state = _read_safetensors(weights, meta) if weights.name == WEIGHTS_NAME else _read_pickle(weights)
+    # Such a model scores every image NaN, which thresholds to "real" without a word.
+    if broken := [k for k, t in state.items() if t.is_floating_point() and not torch.isfinite(t).all()]:
+        raise CheckpointError(f"{weights}: {len(broken)} tensor(s) hold NaN or inf ({', '.join(broken[:3])}"
+                              f"{', ...' if len(broken) > 3 else ''}): a diverged run, or a damaged file")
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:  # torch's first line only says "Error(s) in loading state_dict"

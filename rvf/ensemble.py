@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from rvf.metrics import FAKE, calibrate_threshold, classification_metrics
+from rvf.metrics import FAKE, calibrate_threshold, classification_metrics, predicted_labels
 
 __all__ = ["MANIFEST", "EnsembleError", "evaluate_ensemble", "read_manifest", "sub_ensembles", "write_manifest"]
 
@@ -152,7 +152,7 @@ def evaluate_ensemble(checkpoints: list[str | Path], data_dir: str | Path, outpu
         columns = [labels["valid"], valid[:, 0]] + [p[:, 0] for p in valid_p]
         header = ",".join(["label", "p_fake"] + [f"p_fake_{i}" for i in range(len(valid_p))])
         np.savetxt(out / "probabilities.csv", np.column_stack(columns), delimiter=",", header=header, comments="",
-                   fmt=["%d"] + ["%.6f"] * (len(columns) - 1))
+                   fmt=["%d"] + ["%.9g"] * (len(columns) - 1))  # 9 digits: a float32 exactly
     accelerator.end_training()
     return metrics
 
@@ -162,7 +162,7 @@ def sub_ensembles(labels, member_probs: list[np.ndarray], max_subsets: int = 200
 
     Answers "would more members like these still pay?". Each size is scored as the mean, lowest
     and highest over all its subsets (a seeded sample of `max_subsets` where there are more),
-    at the argmax, like `accuracy` in `classification_metrics`. With three members or more, `limit`
+    at 0.5 (the argmax), like `accuracy` in `classification_metrics`. With three members or more, `limit`
     fits score(k) = a - b / k by least squares and reports a: averaging k members of like skill
     shrinks the part of their error that differs between them about as 1/k (the variance term of
     Krogh and Vedelsby's 1995 decomposition), so a is a rough guide to what many more members of
@@ -193,7 +193,7 @@ def sub_ensembles(labels, member_probs: list[np.ndarray], max_subsets: int = 200
         acc, auc = [], []
         for subset in subsets:
             mean = np.mean(probs[list(subset)], axis=0)  # (N, 2)
-            acc.append(float((mean.argmax(1) == labels).mean()))
+            acc.append(float((predicted_labels(mean) == labels).mean()))
             auc.append(float(roc_auc_score(is_fake, mean[:, FAKE])) if two_classes else float("nan"))
         sizes.append({"members": k, "subsets": len(subsets), "accuracy": float(np.mean(acc)),
                       "accuracy_min": min(acc), "accuracy_max": max(acc), "roc_auc": float(np.mean(auc))})

@@ -5,8 +5,10 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
-from rvf.checkpoint import load_pretrained, meta_threshold
-from rvf.data import RVF10K, build_cache, build_eval_transform
+import numpy as np
+
+from rvf.checkpoint import CheckpointError, load_pretrained, meta_threshold
+from rvf.data import RVF10K, DatasetError, build_cache, build_eval_transform
 from rvf.metrics import classification_metrics
 from rvf.utils import atomic_path
 
@@ -47,12 +49,17 @@ def evaluate_checkpoint(checkpoint: str | Path, data_dir: str | Path, split: str
         images = build_cache(dataset.samples, data_cfg.image_size, interpolation=data_cfg.interpolation,
                              cache_dir=cache_dir, name=split, skip_bad=skip_bad,
                              progress=accelerator.is_local_main_process)
+    if len(images) == 0:  # every file unreadable, and skipped
+        raise DatasetError(f"{dataset.root}/{split}: no readable images left to score")
     loader = DataLoader(images, batch_size=batch_size, shuffle=False, collate_fn=collate_batch)
     model, loader = accelerator.prepare(model, loader)
     transform = build_eval_transform(data_cfg).to(accelerator.device)
     if tta_hflip is None:
         tta_hflip = bool(meta.get("tta_hflip", False))
     labels, probs, loss = evaluate(model, loader, transform, accelerator, desc=split, tta_hflip=tta_hflip)
+    if not np.isfinite(probs).all():  # finite weights, but the forward pass overflows
+        raise CheckpointError(f"{checkpoint}: the model's output is NaN or inf for "
+                              f"{int((~np.isfinite(probs)).any(1).sum())} of {len(probs)} images")
     metrics = {
         "model": meta["model_name"], "checkpoint": str(checkpoint), "split": split,
         split: classification_metrics(labels, probs, threshold=meta_threshold(meta), loss=loss),
@@ -72,7 +79,7 @@ def evaluate_checkpoint(checkpoint: str | Path, data_dir: str | Path, split: str
         with atomic_path(output_dir / "probabilities.csv") as tmp, open(tmp, "w", newline="") as f:
             writer = csv.writer(f)
             writer.writerow(["label", "p_fake", "path"])
-            writer.writerows((int(y), f"{p:.6f}", path)
+            writer.writerows((int(y), f"{p:.9g}", path)  # 9 digits: a float32 exactly, ties stay ties
                              for y, p, (path, _) in zip(labels, probs[:, 0], images.samples, strict=True))
         m = metrics[split]
         accelerator.print(f"{split} ({m['n']} images): accuracy {m['accuracy']:.4f} | ROC AUC {m['roc_auc']:.4f} | "

@@ -6,8 +6,8 @@ import json
 import shutil
 from pathlib import Path
 
-__all__ = ["SEED_ACCURACY", "PUBLISHED_FILES", "collect_runs", "publish_run", "readme_table", "update_readme",
-           "write_leaderboard"]
+__all__ = ["SEED_ACCURACY", "PUBLISHED_FILES", "ResultsError", "collect_runs", "publish_run", "read_run_metrics",
+           "readme_table", "update_readme", "write_leaderboard"]
 
 # The seed project's valid-split accuracy (%) at 64x64, Adam 1e-4, batch 64 (best of its two
 # published runs), for the "seed" column.
@@ -15,23 +15,62 @@ SEED_ACCURACY = {"lenet": 76.1, "alexnet": 78.6, "inception_v1": 77.1, "vgg16": 
                  "resnet50": 75.8, "alexnet_bn": 72.6, "vgg16_bn": 85.7}
 
 
+class ResultsError(ValueError):
+    """A run's metrics.json cannot go into the leaderboard; the message names the file."""
+
+
+# What a training run's metrics.json holds and the tables need (an evaluate.py folder has no
+# best epoch or training time: it is a score, not a run).
+REQUIRED = ("model", "valid", "best_epoch", "epochs", "train_seconds")
+REQUIRED_VALID = ("accuracy", "roc_auc", "average_precision")
+
+
+def read_run_metrics(path: str | Path) -> dict:
+    """Read and check a training run's `metrics.json`.
+
+    Raises:
+        ResultsError: naming the file, when it is not JSON or lacks what the tables show.
+    """
+    path = Path(path)
+    try:
+        m = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ResultsError(f"{path}: not readable JSON ({e})") from e
+    if not isinstance(m, dict) or not isinstance(m.get("valid"), dict):
+        raise ResultsError(f"{path}: not a training run's metrics (no 'valid' section)")
+    missing = [k for k in REQUIRED if k not in m] + [f"valid.{k}" for k in REQUIRED_VALID if k not in m["valid"]]
+    if missing:
+        hint = " (an evaluate.py output? publish the training run's folder)" if "split" in m else ""
+        raise ResultsError(f"{path}: lacks {', '.join(missing)}{hint}")
+    return m
+
+
 def collect_runs(run_dirs) -> list[dict]:
-    """Read `metrics.json` of each run folder that has one, best valid accuracy first."""
+    """Read `metrics.json` of each run folder that has one: best valid accuracy first, ties to the
+    higher ROC AUC, then by name (so that ranks never depend on the order folders are listed)."""
     rows = []
     for d in map(Path, run_dirs):
         f = d / "metrics.json"
         if not f.is_file():
             continue
-        m = json.loads(f.read_text())
+        m = read_run_metrics(f)
         v = m["valid"]
+        holdout = (m.get("counts") or {}).get("holdout")
         rows.append({"run": d.name, "path": str(d), "model": m["model"], "params": m.get("params"),
                      "macs": m.get("macs"), "image_size": m.get("image_size"), "accuracy": v["accuracy"],
                      "roc_auc": v["roc_auc"], "ap": v["average_precision"], "best_epoch": m["best_epoch"],
                      "epochs": m["epochs"], "train_seconds": m["train_seconds"], "device": m.get("device", ""),
-                     "acc_at_threshold": v.get("accuracy_at_threshold"), "eer": v.get("eer"),
+                     # A run without a holdout slice kept 0.5, calibrated on nothing.
+                     "acc_at_threshold": v.get("accuracy_at_threshold") if holdout != 0 else None,
+                     "eer": v.get("eer"), "holdout_images": holdout,
                      "torch": m.get("torch", ""), "num_processes": m.get("num_processes", 1),
                      "valid_images": (m.get("counts") or {}).get("valid")})
-    return sorted(rows, key=lambda r: -(r["accuracy"] or 0))
+    return sorted(rows, key=lambda r: (-(r["accuracy"] or 0), -(r["roc_auc"] or 0), r["run"]))
+
+
+def _fmt(x, spec: str, scale: float = 1.0) -> str:
+    """A number for a table cell, or "-" where there is none (null: e.g. ROC AUC of a one-class split)."""
+    return "-" if x is None else f"{scale * x:{spec}}"
 
 
 def _fmt_count(n) -> str:
@@ -53,8 +92,11 @@ def write_leaderboard(rows: list[dict], out_dir: str | Path, title: str = "rvf10
     # Say what was scored, from the runs themselves: a zoo on a small folder is not rvf10k's 3,000.
     sizes = sorted({r["valid_images"] for r in rows if r.get("valid_images")})
     scored = f" ({' / '.join(f'{n:,}' for n in sizes)} images)" if sizes else ""
+    chosen = "best epoch chosen on the holdout slice of train"
+    if any(r.get("holdout_images") == 0 for r in rows):
+        chosen += " (a run without one, holdout 0, keeps its last epoch)"
     lines = [f"# {title}", "",
-             f"Valid split{scored}, best epoch chosen on the holdout slice of train.", "",
+             f"Valid split{scored}, {chosen}.", "",
              "| # | model | run | size | params | MACs | accuracy % | seed % | ROC AUC | AP | best epoch "
              "| train time | device |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -63,7 +105,8 @@ def write_leaderboard(rows: list[dict], out_dir: str | Path, title: str = "rvf10
         lines.append(
             f"| {i} | `{r['model']}` | {r['run']} | {r['image_size']} | {_fmt_count(r['params'])} "
             f"| {_fmt_count(r['macs'])} "
-            f"| {100 * r['accuracy']:.2f} | {seed if seed is not None else '-'} | {r['roc_auc']:.4f} | {r['ap']:.4f} "
+            f"| {100 * r['accuracy']:.2f} | {seed if seed is not None else '-'} | {_fmt(r['roc_auc'], '.4f')} "
+            f"| {_fmt(r['ap'], '.4f')} "
             f"| {r['best_epoch']}/{r['epochs']} | {r['train_seconds'] / 60:.1f} min | {r['device']} |")
     md = out_dir / "leaderboard.md"
     atomic_write_text(md, "\n".join(lines) + "\n")
@@ -116,14 +159,14 @@ def readme_table(rows: list[dict]) -> str:
     for r in rows:
         seed = SEED_ACCURACY.get(r["model"])
         machine = r["device"] + (f" x {r['num_processes']}" if r.get("num_processes", 1) > 1 else "")
-        eer = f"{r['eer']:.3f}" if r.get("eer") is not None else "-"
-        acc_t = f"{100 * r['acc_at_threshold']:.2f} %" if r.get("acc_at_threshold") is not None else "-"
+        acc_t = _fmt(r.get("acc_at_threshold"), ".2f", 100) + (" %" if r.get("acc_at_threshold") is not None else "")
         acc = 100 * r["accuracy"]
         acc_s = f"**{acc:.2f} %**" if seed is None or acc >= seed else f"{acc:.2f} %"  # bold: the seed is beaten
         delta = f"{acc - seed:+.2f} pts" if seed is not None else "-"
         lines.append(
             f"| `configs/{r['run']}.yaml` | `{r['model']}` | {acc_s} "
-            f"| {f'{seed} %' if seed is not None else '-'} | {delta} | {r['roc_auc']:.4f} | {r['ap']:.4f} | {eer} "
+            f"| {f'{seed} %' if seed is not None else '-'} | {delta} | {_fmt(r['roc_auc'], '.4f')} "
+            f"| {_fmt(r['ap'], '.4f')} | {_fmt(r.get('eer'), '.3f')} "
             f"| {acc_t} "
             f"| {r['best_epoch']}/{r['epochs']} | {_fmt_count(r['params'])} | {machine}, torch {r.get('torch', '')} "
             f"| {r['train_seconds'] / 60:.1f} min |")

@@ -1,7 +1,7 @@
 """Detector metrics from predicted probabilities, with scikit-learn doing the arithmetic.
 
 The detector's positive class is *fake* (label 0): ROC AUC, average precision and EER score
-P(fake). Accuracy is reported both at the argmax (threshold 0.5) and at the threshold
+P(fake). Accuracy is reported both at threshold 0.5 (the argmax) and at the threshold
 calibrated on the holdout slice of train, which is the one the app and CLI use.
 """
 
@@ -12,19 +12,37 @@ from sklearn import metrics as skm
 
 from rvf import CLASSES
 
-__all__ = ["calibrate_threshold", "classification_metrics", "equal_error_rate"]
+__all__ = ["calibrate_threshold", "classification_metrics", "equal_error_rate", "predicted_labels"]
 
 FAKE = CLASSES.index("fake")
 
 
 def equal_error_rate(is_fake: np.ndarray, p_fake: np.ndarray) -> float:
-    """Return the rate where false-positive and false-negative rates are equal."""
+    """Return the rate where the false-positive and false-negative rates are equal.
+
+    Read where the ROC curve crosses FPR = FNR, interpolating linearly between the two
+    thresholds around the crossing, on the full curve: sklearn's default drops the points
+    between collinear ones, and the nearest remaining point can be far off on a small split.
+    """
     if len(np.unique(is_fake)) < 2:
         return float("nan")
-    fpr, tpr, _ = skm.roc_curve(is_fake, p_fake)
-    fnr = 1 - tpr
-    i = int(np.nanargmin(np.abs(fnr - fpr)))
-    return float((fpr[i] + fnr[i]) / 2)
+    fpr, tpr, _ = skm.roc_curve(is_fake, p_fake, drop_intermediate=False)
+    gap = (1 - tpr) - fpr  # FNR - FPR: 1 at the first point (nothing flagged), -1 at the last
+    i = int(np.argmax(gap <= 0))  # the first point at or past the crossing
+    if gap[i] == 0:
+        return float(fpr[i])
+    t = gap[i - 1] / (gap[i - 1] - gap[i])  # where the segment from i-1 to i crosses 0
+    return float(fpr[i - 1] + t * (fpr[i] - fpr[i - 1]))
+
+
+def predicted_labels(probs, threshold: float = 0.5) -> np.ndarray:
+    """(N,) labels from (N, 2) probabilities: fake iff P(fake) >= threshold, the CLI's and the app's rule.
+
+    At 0.5 this is the argmax but for ties, which it calls fake, as the threshold does; an
+    argmax would call a tie, or a rounding such as [0.5, 0.50000006], the other way, and the
+    accuracy at the argmax would disagree with the accuracy at a stored threshold of 0.5.
+    """
+    return np.where(np.asarray(probs)[:, FAKE] >= threshold, FAKE, 1 - FAKE)
 
 
 def calibrate_threshold(labels: np.ndarray, p_fake: np.ndarray) -> float:
@@ -59,9 +77,15 @@ def classification_metrics(labels, probs, threshold: float = 0.5, loss: float | 
     """
     labels = np.asarray(labels)
     probs = np.asarray(probs, dtype=np.float64)
+    if len(labels) == 0:
+        raise ValueError("no predictions to score: the split is empty")
+    if not np.isfinite(probs).all():
+        bad = int((~np.isfinite(probs)).any(1).sum())
+        raise ValueError(f"{bad} of {len(probs)} predictions are NaN or inf: the model's output overflowed, "
+                         "or its weights are damaged")
     p_fake = probs[:, FAKE]
-    preds = probs.argmax(1)
     is_fake = labels == FAKE
+    preds = predicted_labels(probs)
     two_classes = len(np.unique(labels)) == 2
     report = skm.classification_report(labels, preds, labels=[0, 1], target_names=list(CLASSES),
                                        output_dict=True, zero_division=0)
@@ -73,9 +97,9 @@ def classification_metrics(labels, probs, threshold: float = 0.5, loss: float | 
         "average_precision": float(skm.average_precision_score(is_fake, p_fake)) if two_classes else float("nan"),
         "eer": equal_error_rate(is_fake, p_fake),
         "threshold": float(threshold),
-        "accuracy_at_threshold": float(((p_fake >= threshold) == is_fake).mean()) if len(labels) else float("nan"),
-        "per_class": {c: {k: float(report[c][k]) for k in ("precision", "recall", "f1-score", "support")}
-                      for c in CLASSES},
+        "accuracy_at_threshold": float(((p_fake >= threshold) == is_fake).mean()),
+        "per_class": {c: {k: float(report[c][k]) for k in ("precision", "recall", "f1-score")}
+                      | {"support": int(report[c]["support"])} for c in CLASSES},
         "confusion_matrix": skm.confusion_matrix(labels, preds, labels=[0, 1]).tolist(),
     }
     if loss is not None:

@@ -6,7 +6,6 @@ files. Matplotlib runs headless (Agg) and every figure is closed after saving.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import shutil
@@ -15,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from rvf import CLASSES
-from rvf.utils import atomic_path, atomic_write_text, count_parameters
+from rvf.utils import atomic_path, atomic_write_text, count_parameters, json_text
 
 __all__ = [
     "architecture_diagram", "architecture_table", "plot_confusion_matrix", "plot_curves",
@@ -41,17 +40,8 @@ def _save(fig, path: Path) -> None:
 
 
 def write_json(path: str | Path, data: dict) -> None:
-    """Write `data` as indented JSON, atomically; NaN becomes null."""
-    def clean(o):
-        if isinstance(o, float) and not math.isfinite(o):
-            return None
-        if isinstance(o, dict):
-            return {k: clean(v) for k, v in o.items()}
-        if isinstance(o, (list, tuple)):
-            return [clean(v) for v in o]
-        return o
-
-    atomic_write_text(path, json.dumps(clean(data), indent=2))
+    """Write `data` as indented, strict JSON (NaN becomes null: `rvf.utils.json_text`), atomically."""
+    atomic_write_text(path, json_text(data))
 
 
 def plot_confusion_matrix(path: Path, cm, title: str = "") -> None:
@@ -170,10 +160,12 @@ def write_evaluation_reports(out_dir: Path, labels, probs, metrics: dict, title:
     """
     from sklearn.metrics import classification_report
 
+    from rvf.metrics import predicted_labels
+
     out_dir = Path(out_dir)
     labels = np.asarray(labels)
     probs = np.asarray(probs)
-    report = classification_report(labels, probs.argmax(1), labels=[0, 1], target_names=list(CLASSES),
+    report = classification_report(labels, predicted_labels(probs), labels=[0, 1], target_names=list(CLASSES),
                                    digits=4, zero_division=0)
     extra = (f"\nROC AUC (fake positive): {metrics['roc_auc']:.4f}\n"
              f"Average precision:       {metrics['average_precision']:.4f}\n"

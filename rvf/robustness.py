@@ -23,7 +23,7 @@ from rvf.data import RVF10K, BadImageError, DatasetError, build_eval_transform, 
 from rvf.data.transforms import to_uint8
 from rvf.framing import FILE_NAME as FRAMING_FILE
 from rvf.framing import FramingReference
-from rvf.metrics import classification_metrics
+from rvf.metrics import classification_metrics, predicted_labels
 
 __all__ = ["PERTURBATIONS", "Perturbation", "evaluate_robustness"]
 
@@ -214,7 +214,7 @@ def evaluate_robustness(checkpoint, data_dir, split: str = "valid", output_dir=N
                "recall": {c: m["per_class"][c]["recall"] for c in CLASSES}}
         if framing is not None:
             off = np.asarray(off)
-            right = probs.argmax(1) == labels
+            right = predicted_labels(probs) == labels
             row["framing_off"] = float(off.mean())  # the share the app would have warned about
             row["accuracy_framing_ok"] = float(right[~off].mean()) if (~off).any() else None
         rows.append(row)

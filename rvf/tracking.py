@@ -118,9 +118,11 @@ def log_final_wandb(run, labels, probs, rows, images, paths, metrics: dict, repo
     """
     import wandb
 
+    from rvf.metrics import predicted_labels
+
     labels = np.asarray(labels)
     probs = np.asarray(probs)
-    preds = probs.argmax(1)
+    preds = predicted_labels(probs)
     table = wandb.Table(columns=["image", "file", "label", "prediction", "p_fake"])
     for img, path, i in zip(images, paths, rows, strict=True):
         table.add_data(wandb.Image(np.asarray(img).transpose(1, 2, 0)), Path(path).name,

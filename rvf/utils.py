@@ -8,8 +8,8 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
-__all__ = ["PeakSampler", "atomic_path", "atomic_write_text", "count_parameters", "device_name", "predict_logits",
-           "tree_rss"]
+__all__ = ["PeakSampler", "atomic_path", "atomic_write_text", "count_parameters", "device_name", "json_text",
+           "predict_logits", "tree_rss"]
 
 
 @contextlib.contextmanager
@@ -44,6 +44,32 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     """Write `text` to `path` atomically."""
     with atomic_path(path) as tmp:
         tmp.write_text(text)
+
+
+def json_text(data, indent: int | None = 2) -> str:
+    """`data` as strict JSON: NaN and inf become null, numpy and torch scalars plain numbers,
+    paths and devices strings, tuples lists.
+
+    Python's json would write NaN as a bare `NaN`, which browsers' JSON.parse, jq and most
+    other parsers refuse.
+    """
+    import json
+    import math
+
+    def clean(o):
+        if hasattr(o, "item") and getattr(o, "ndim", 0) == 0:  # numpy / torch scalars
+            o = o.item()
+        if isinstance(o, float) and not math.isfinite(o):
+            return None
+        if isinstance(o, dict):
+            return {k: clean(v) for k, v in o.items()}
+        if isinstance(o, (list, tuple)):
+            return [clean(v) for v in o]
+        if isinstance(o, os.PathLike) or type(o).__name__ == "device":
+            return str(o)
+        return o
+
+    return json.dumps(clean(data), indent=indent, allow_nan=False)
 
 
 def count_parameters(model) -> int:

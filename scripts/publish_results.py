@@ -41,26 +41,37 @@ FULL_VALID = 3000  # rvf10k's valid split
 
 def check_run(run: Path, force: bool) -> str | None:
     """Return why `run` cannot go into the README's table, or None."""
-    import json
+    from rvf.leaderboard import ResultsError, read_run_metrics
 
     metrics = run / "metrics.json"
     if not run.is_dir():
         return f"{run}: no such run folder"
     if not metrics.is_file():
         return f"{run}: no metrics.json; is the run finished?"
+    try:  # --force or not: a file the tables cannot read would break every later rebuild
+        n = read_run_metrics(metrics)["valid"].get("n")
+    except ResultsError as e:
+        return str(e)
     if force:
         return None
     if not (ROOT / "configs" / f"{run.name}.yaml").is_file():
         return (f"{run}: the table would call it configs/{run.name}.yaml, which does not exist; name the run "
                 f"folder after its config (train_zoo.py does), or pass --force")
-    n = json.loads(metrics.read_text()).get("valid", {}).get("n")
     if n != FULL_VALID:
         return f"{run}: scored on {n} valid images, not rvf10k's {FULL_VALID}; pass --force to publish it anyway"
     return None
 
 
 def main(args) -> int:
-    from rvf.leaderboard import README_END, README_START, collect_runs, publish_run, update_readme, write_leaderboard
+    from rvf.leaderboard import (
+        README_END,
+        README_START,
+        ResultsError,
+        collect_runs,
+        publish_run,
+        update_readme,
+        write_leaderboard,
+    )
 
     problems = [why for run in args.runs if (why := check_run(run, args.force))]
     if not args.readme.is_file():
@@ -74,7 +85,11 @@ def main(args) -> int:
         return 2
     for run in args.runs:
         print(f"published {run} -> {publish_run(run, args.results)}")
-    rows = collect_runs(sorted(p for p in args.results.iterdir() if p.is_dir()))
+    try:
+        rows = collect_runs(sorted(p for p in args.results.iterdir() if p.is_dir()))
+    except ResultsError as e:  # a folder put there by hand
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     if not rows:
         print(f"error: no published runs (metrics.json) under {args.results}", file=sys.stderr)
         return 2

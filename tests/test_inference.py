@@ -33,6 +33,24 @@ def test_missing_threshold_defaults_to_half(tmp_path):
     assert Predictor.from_checkpoint(make_checkpoint(tmp_path, threshold=None)).threshold == 0.5
 
 
+def test_weights_with_nan_are_refused_when_loaded(tmp_path):
+    # Such a model scores every image NaN, which a threshold would call "real" without a word.
+    from safetensors.torch import load_file, safe_open, save_file
+
+    from rvf.checkpoint import CheckpointError
+
+    ckpt = make_checkpoint(tmp_path)
+    weights = ckpt / "model.safetensors"
+    with safe_open(str(weights), framework="pt") as f:
+        metadata = f.metadata()
+    state = load_file(str(weights))
+    name = next(k for k, t in state.items() if t.is_floating_point())
+    state[name][0] = float("nan")
+    save_file(state, str(weights), metadata=metadata)
+    with pytest.raises(CheckpointError, match=rf"model.safetensors: 1 tensor\(s\) hold NaN or inf \({name}\)"):
+        Predictor.from_checkpoint(ckpt)
+
+
 @pytest.mark.parametrize("edit, message", [
     (lambda m: m["data_config"].pop("std"), r"bad \"data_config\".*KeyError"),
     (lambda m: m.update(data_config=None), r"bad \"data_config\""),
@@ -222,3 +240,21 @@ def test_a_null_threshold_means_the_default_everywhere(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     assert json.loads((tmp_path / "ev" / "metrics.json").read_text())["valid"]["threshold"] == 0.5
     assert "not calibrated" in (tmp_path / "ev" / "classification_report.txt").read_text()
+
+
+def test_evaluate_with_every_image_unreadable_says_so(tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+    from synth import make_folder_dataset
+
+    ckpt = make_checkpoint(tmp_path / "ckpt")
+    data = make_folder_dataset(tmp_path / "data", n=2, size=48, splits=("valid",))
+    for f in (data / "valid").rglob("*.jpg"):
+        f.write_bytes(b"not a jpeg")
+    r = subprocess.run([sys.executable, "scripts/evaluate.py", "--checkpoint", str(ckpt), "--data-dir", str(data),
+                        "--skip-bad", "--cache-dir", str(tmp_path / "cache")],
+                       capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert r.returncode == 2 and "valid: no readable images left to score" in r.stderr, r.stderr[-2000:]
+    assert "Traceback" not in r.stderr

@@ -102,3 +102,44 @@ def test_published_ensembles_are_quoted_from_their_metrics():
         assert len(m["members"]) >= 2 and m["valid"]["n"] == 3000
         assert f"{100 * m['valid']['accuracy']:.2f} %" in text, f.parent.name
         assert f"ROC AUC {m['valid']['roc_auc']:.4f}" in text.replace("**", "").replace("\n  ", " "), f.parent.name
+
+
+def test_runs_the_tables_cannot_read_are_named_and_never_copied(tmp_path):
+    import json
+
+    readme = tmp_path / "README.md"
+    readme.write_text(f"{README_START}\n{README_END}\n")
+    results = tmp_path / "results"
+    shutil.copytree(RESULTS / "lenet", results / "lenet")
+    broken = tmp_path / "runs" / "lenet_best"
+    shutil.copytree(RESULTS / "lenet_best", broken)
+    (broken / "metrics.json").write_text("{not json")
+    scored = tmp_path / "runs" / "alexnet"  # what evaluate.py writes: a score, not a training run
+    scored.mkdir(parents=True)
+    (scored / "metrics.json").write_text(json.dumps({"model": "alexnet", "split": "valid", "valid": {"n": 3000}}))
+
+    def publish(*extra):
+        return subprocess.run([sys.executable, "scripts/publish_results.py", *extra, "--results", str(results),
+                               "--readme", str(readme)], capture_output=True, text=True, cwd=ROOT, timeout=120)
+
+    for run, message in ((broken, "metrics.json: not readable JSON"),
+                         (scored, "metrics.json: lacks best_epoch, epochs")):
+        r = publish(str(run), "--force")  # --force skips the naming rules, never this check
+        assert r.returncode == 2 and f"{run}/{message}" in r.stderr, r.stderr
+        assert sorted(p.name for p in results.iterdir()) == ["lenet"]  # nothing copied
+    shutil.copytree(broken, results / "lenet_best")  # put there by hand: the rebuild names it
+    r = publish()
+    assert r.returncode == 2 and "lenet_best/metrics.json: not readable JSON" in r.stderr
+
+
+def test_a_score_sklearn_leaves_undefined_is_a_dash_and_ties_rank_by_auc(tmp_path):
+    import json
+
+    for name, acc, auc in (("b", 0.8, 0.85), ("a", 0.8, 0.9), ("c", 0.7, None)):
+        shutil.copytree(RESULTS / "lenet", tmp_path / name)
+        m = json.loads((tmp_path / name / "metrics.json").read_text())
+        m["valid"].update(accuracy=acc, roc_auc=auc, average_precision=None if auc is None else 0.8, eer=None)
+        (tmp_path / name / "metrics.json").write_text(json.dumps(m))
+    rows = collect_runs([tmp_path / n for n in ("c", "b", "a")])
+    assert [r["run"] for r in rows] == ["a", "b", "c"]
+    assert readme_table(rows).splitlines()[-1].split(" | ")[5:8] == ["-", "-", "-"]  # AUC, AP, EER
