@@ -117,11 +117,14 @@ def load_splits(cfg: TrainConfig, data_cfg, progress: bool = True) -> Splits:
     return Splits(fit, holdout, valid, Path(root), counts)
 
 
-def _loader(dataset, batch_size: int, cfg: TrainConfig, train: bool) -> DataLoader:
+def _loader(dataset, batch_size: int, cfg: TrainConfig, train: bool, num_processes: int = 1) -> DataLoader:
     # With the uint8 cache a batch is one memory-map read: worker processes would only add
     # IPC. Decoding per file is the opposite: it needs every core.
     workers = cfg.num_workers if cfg.num_workers is not None else (0 if cfg.cache else min(8, _cores()))
-    return DataLoader(dataset, batch_size=batch_size, shuffle=train, drop_last=train and len(dataset) > batch_size,
+    # Dropping the ragged last batch keeps batch statistics honest, but only where every
+    # process still gets a whole batch: each trains on its share of the batches.
+    drop_last = train and len(dataset) > batch_size * num_processes
+    return DataLoader(dataset, batch_size=batch_size, shuffle=train, drop_last=drop_last,
                       num_workers=workers, collate_fn=collate_batch, pin_memory=torch.cuda.is_available(),
                       persistent_workers=workers > 0)
 
@@ -527,7 +530,8 @@ MODEL_KEYS = ("model", "model_args", "image_size", "interpolation", "optimizer")
 
 
 def check_resume_config(out: Path, cfg: TrainConfig) -> None:
-    """Refuse to resume with another model, or settings that would draw another holdout slice."""
+    """Refuse to resume with another model, settings that would draw another holdout slice, another
+    batch size (the schedule counts steps) or an EMA switched on or off (the state holds one or not)."""
     from rvf.config import load_config
 
     saved = load_config(out / "config.yaml")
@@ -542,6 +546,13 @@ def check_resume_config(out: Path, cfg: TrainConfig) -> None:
     if changed := changes(SPLIT_KEYS):
         raise RunDirError(f"--resume {out}: {', '.join(changed)} would draw another holdout slice, which "
                           "could hold images the run already trained on; resume with the run's own values")
+    if changed := changes(("batch_size",)):
+        raise RunDirError(f"--resume {out}: {changed[0]}; the saved LR schedule counts the run's steps in batches "
+                          f"of {saved.batch_size} (resume with them, or start a new run)")
+    if bool(saved.ema_decay) != bool(cfg.ema_decay):
+        raise RunDirError(f"--resume {out}: ema_decay {saved.ema_decay} -> {cfg.ema_decay}; the saved state "
+                          f"{'holds' if saved.ema_decay else 'has no'} weight average to continue (resume with "
+                          f"ema_decay {saved.ema_decay})")
 
 
 def latest_state(out: Path) -> Path | None:
@@ -567,6 +578,7 @@ def save_run_state(accelerator, out: Path, epoch: int, run: dict) -> None:
     finally:
         for lg, level in zip(loggers, levels):
             lg.setLevel(level)
+    accelerator.wait_for_everyone()  # each process writes its own RNG state: all of them, before "complete"
     if accelerator.is_main_process:
         atomic_write_text(path / STATE_MARKER, json.dumps(run))
         for old in (out / STATE_DIR).glob("epoch_*"):
@@ -619,8 +631,11 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> di
         mixed_precision=precision,
         kwargs_handlers=[AutocastKwargs(cache_enabled=False)] if graph_wanted else None,
         log_with=log_with, project_dir=str(out),
-        # A seeded sampler gives each epoch the same order whether or not the run was resumed.
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, non_blocking=torch.cuda.is_available()),
+        # A seeded sampler gives each epoch the same order whether or not the run was resumed;
+        # `data_seed` gives it the same order in every process, which each then takes its share
+        # of (left to the process's own seed, set per device below, the shares would overlap).
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.seed,
+                                                  non_blocking=torch.cuda.is_available()),
     )
     replace = False
     if accelerator.is_main_process:
@@ -668,8 +683,11 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> di
                                     rank=accelerator.process_index, world_size=accelerator.num_processes)
         steps_per_epoch = len(train_loader) * accelerator.num_processes  # as one process would count them
     else:
-        train_loader = _loader(splits.fit, cfg.batch_size, cfg, train=True)
-        steps_per_epoch = len(train_loader)
+        train_loader = _loader(splits.fit, cfg.batch_size, cfg, train=True, num_processes=accelerator.num_processes)
+        # Each process runs its share of the batches: Accelerate drops the odd ones out with
+        # drop_last, else pads the last share (even_batches). Counted as one process would.
+        n, world = len(train_loader), accelerator.num_processes
+        steps_per_epoch = (n // world if train_loader.drop_last else -(-n // world)) * world
     holdout_loader = _loader(splits.holdout, eval_bs, cfg, train=False)
     valid_loader = _loader(splits.valid, eval_bs, cfg, train=False)
     train_tf = build_train_transform(data_cfg, hflip=cfg.hflip, crop_size=cfg.crop_size, scale=cfg.crop_scale,
@@ -694,8 +712,9 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> di
     # 4) one line makes it all device- and process-aware
     model, optimizer, holdout_loader, valid_loader, scheduler = accelerator.prepare(
         model, optimizer, holdout_loader, valid_loader, scheduler)
-    if not device_data:
+    if not device_data:  # last, as it always was: a saved state names its samplers by this order
         train_loader = accelerator.prepare(train_loader)
+        assert len(train_loader) * accelerator.num_processes == steps_per_epoch, "Accelerate shards otherwise"
     net = accelerator.unwrap_model(model)  # the plain module: what is saved, averaged and evaluated
     ema = build_ema(cfg, net)
     if ema is not None:
@@ -792,6 +811,8 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> di
             if improved:
                 run["best_score"], run["best_epoch"] = score, epoch + 1
                 threshold = calibrate_threshold(labels, probs[:, 0]) if selecting else 0.5
+                if selecting:  # the holdout figures saved with the model: at the threshold it will use
+                    hold = classification_metrics(labels, probs, threshold=threshold, loss=loss)
                 if accelerator.is_main_process:
                     save_pretrained(out, eval_net, {
                         "model_name": cfg.model, "model_args": model_args, "data_config": data_cfg.to_dict(),

@@ -313,10 +313,12 @@ def test_a_schedule_saved_by_torch_chained_schedulers_still_loads(data_dir, tmp_
     assert new.get_last_lr() == pytest.approx(old.get_last_lr())
 
 
-def test_resume_refuses_settings_that_redraw_the_holdout_slice(data_dir, tmp_path):
+def test_resume_refuses_settings_that_redraw_the_holdout_slice_or_break_the_schedule(data_dir, tmp_path):
     cfg = _cfg(data_dir, tmp_path, epochs=1)
     train(cfg)
-    for change, message in ((dict(holdout=0.5), "holdout 0.25 -> 0.5"), (dict(seed=7), "split_seed 42 -> 7")):
+    for change, message in ((dict(holdout=0.5), "holdout 0.25 -> 0.5"), (dict(seed=7), "split_seed 42 -> 7"),
+                            (dict(batch_size=4), "batch_size 8 -> 4; the saved LR schedule counts"),
+                            (dict(ema_decay=0.9), "ema_decay None -> 0.9; the saved state has no weight average")):
         with pytest.raises(RunDirError, match=message):
             train(cfg.replace(epochs=2, **change), resume=True)
     train(cfg.replace(epochs=2, seed=7, split_seed=42), resume=True)  # another seed, the same slice
@@ -710,6 +712,51 @@ def test_two_process_ddp_counts_each_image_once(data_dir, tmp_path):
     for key in ("accuracy", "roc_auc", "average_precision", "loss"):
         assert v1[key] == pytest.approx(v2[key], abs=1e-6)
     assert v1["accuracy"] == pytest.approx(m2train["valid"]["accuracy"], abs=1e-9)
+
+
+# Run under torchrun: record which fit images each process draws in each epoch, then train.
+DDP_PROBE = """
+import json, os, sys
+import torch
+root = sys.argv.pop(1)
+sys.path[:0] = [root, os.path.join(root, "scripts")]
+import rvf.train as T
+real = T.train_one_epoch
+def probe(model, loader, *args, **kwargs):
+    drawn = [i for batch in loader.batch_sampler for i in batch]  # the sampler replays its epoch's order
+    gathered = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(gathered, drawn)
+    if torch.distributed.get_rank() == 0:
+        print("PROBE " + json.dumps({"draws": sum(map(len, gathered)), "distinct": len(set(sum(gathered, []))),
+                                     "fit": len(loader.dataset)}), flush=True)
+    return real(model, loader, *args, **kwargs)
+T.train_one_epoch = probe
+import train
+sys.exit(train.main(train.get_args_parser().parse_args()))
+"""
+
+
+@pytest.mark.slow
+def test_two_processes_on_the_dataloader_path_share_out_one_shuffle(data_dir, tmp_path):
+    # `device_data: false` (a 256 px rvf10k on CPU, `cache: false`): a DataLoader per process.
+    # Each must take its share of one permutation (not its own shuffle, which overlaps), and the
+    # schedule must count the steps a process really runs. 24 images, holdout 0.25: 18 to fit;
+    # batch 12 x 2 processes > 18, so no batch is dropped and each process trains one a step.
+    probe = tmp_path / "probe.py"
+    probe.write_text(DDP_PROBE)
+    out = tmp_path / "run"
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29538"]
+    r = _run([*launch, str(probe), str(ROOT), "--data-dir", str(data_dir), "--output-dir", str(out), "--epochs", "2",
+              "--image-size", "32", "--batch-size", "12", "--tracker", "none", "--set", "device_data=false",
+              "--set", "holdout=0.25", "--set", "scheduler=cosine", "--set", "min_lr=1e-5", "--lr", "1e-3"],
+             tmp_path, timeout=600, ACCELERATE_USE_CPU="1")
+    assert r.returncode == 0, r.stderr[-3000:]
+    epochs = [json.loads(line.split("PROBE ", 1)[1]) for line in r.stdout.splitlines() if line.startswith("PROBE ")]
+    assert len(epochs) == 2 and epochs[0]["fit"] == 18
+    for e in epochs:
+        assert e["draws"] == 24 and e["distinct"] == 18  # 12 + 12: the second process's batch wraps around
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["num_processes"] == 2 and m["history"][-1]["lr"] == pytest.approx(1e-5)  # the cosine ran to its end
 
 
 @pytest.mark.skipif(not SHARED_MINI.is_dir(), reason=f"{SHARED_MINI} not present (rvf10k-mini ships with CI only)")
