@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import shutil
 import time
@@ -130,8 +131,6 @@ def _loader(dataset, batch_size: int, cfg: TrainConfig, train: bool, num_process
 
 
 def _cores() -> int:
-    import os
-
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
@@ -443,17 +442,20 @@ def prepare_output_dir(out: Path, resume: bool, overwrite: bool) -> bool:
     """Refuse to mix two runs in one folder unless asked to resume or overwrite.
 
     Returns whether the folder holds a run to replace. `ReplacedRun` sets it aside once the new
-    run's model and data are set up, so that a typo costs nothing but an error message.
+    run's model and data are set up, so that a typo costs nothing but an error message. The
+    folder itself is made only then too: a run that fails to start leaves no empty one behind.
     """
     if out.exists() and not out.is_dir():
         raise RunDirError(f"output dir {out} is a file; give a folder for the run")
+    parent = next(p for p in (out, *out.parents) if p.exists())  # the part that exists already
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise RunDirError(f"output dir {out}: cannot write into {parent}")
     holds_run = any((out / name).exists() for name in ("config.yaml", STATE_DIR, REPLACED_DIR))
     if resume and not holds_run:
         raise RunDirError(f"--resume {out}: no run there to resume (no config.yaml)")
     if holds_run and not (resume or overwrite):
         raise RunDirError(f"output dir {out} already holds a run; pass --resume {out} to continue it "
                           f"or --overwrite to replace it")
-    out.mkdir(parents=True, exist_ok=True)
     return holds_run and not resume
 
 
@@ -490,6 +492,7 @@ class ReplacedRun:
 
     def __init__(self, out: Path, project: str, active: bool = True):
         self.out, self.project = out, project
+        out.mkdir(parents=True, exist_ok=True)
         self.aside = out / REPLACED_DIR if active else None
         if self.aside is None:
             return

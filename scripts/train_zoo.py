@@ -9,7 +9,9 @@ models), under `--launcher` if given, e.g. --launcher "accelerate launch --multi
 Runs go to OUTPUT_ROOT/<config name>; all of them share one W&B group so they line up
 side by side. leaderboard.md and leaderboard.png land in OUTPUT_ROOT. A config whose run
 folder already holds a run is refused before anything trains, unless --skip-done (finished
-runs are kept) or --overwrite (they are trained again).
+runs are kept) or --overwrite (they are trained again). A config with `pretrained: true`
+(configs/efficientnet_b0_imagenet.yaml) has its weights downloaded before the first run
+trains, so a machine without network learns it at once.
 """
 
 import argparse
@@ -43,6 +45,23 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     return parser
 
 
+def fetch_pretrained(path: Path, cfg) -> list[str]:
+    """Download a pretrained config's weights now (they are cached for its run), or say why not.
+
+    Without network the hub fails after its retries, about a minute: better here than after
+    the hours of training the configs before it take.
+    """
+    from rvf.models import create_model
+
+    print(f"[zoo] {path.stem}: fetching its pretrained weights before anything trains", flush=True)
+    try:
+        create_model(cfg.model, pretrained=True, **{"num_classes": 2, **cfg.model_args})
+    except (RuntimeError, OSError, ValueError, TypeError) as e:
+        first = (str(e).splitlines() or [type(e).__name__])[0]
+        return [f"{path}: {first}"]  # rvf's message says how to use weights on disk
+    return []
+
+
 def main(args) -> int:
     from rvf.config import ConfigError, load_config, parse_override
     from rvf.data import RVF10K, DatasetError
@@ -56,9 +75,12 @@ def main(args) -> int:
     problems = []
     for cfg in configs:
         try:
-            load_config(cfg, dict(parse_override(o) for o in args.overrides))
+            resolved = load_config(cfg, dict(parse_override(o) for o in args.overrides))
         except ConfigError as e:
             problems.append(str(e))
+            continue
+        if resolved.pretrained and not resolved.pretrained_file:
+            problems += fetch_pretrained(cfg, resolved)
     stems = [cfg.stem for cfg in configs]
     problems += [f"two configs are named {s}.yaml: their runs would share {args.output_root / s}"
                  for s in sorted({s for s in stems if stems.count(s) > 1})]

@@ -1,6 +1,7 @@
 """The benchmark scripts run end to end on tiny inputs (smoke tests, not timings)."""
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -123,6 +124,19 @@ def test_zoo_checks_every_config_before_training_any(tmp_path):
     assert "two configs are named lenet.yaml" in r.stderr
     r = subprocess.run([sys.executable, "scripts/train_zoo.py"], capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert r.returncode == 2 and "--configs" in r.stderr and "--leaderboard-only" in r.stderr
+
+
+def test_zoo_fetches_pretrained_weights_before_training_any(tmp_path):
+    # Offline (HF_HUB_OFFLINE: no network call at all, on any machine), a pretrained config late
+    # in the zoo fails at once instead of after the configs before it have trained.
+    (tmp_path / "imagenet.yaml").write_text("model: timm:resnet18\npretrained: true\n")
+    r = subprocess.run([sys.executable, "scripts/train_zoo.py", "--configs", str(ROOT / "configs" / "lenet.yaml"),
+                        str(tmp_path / "imagenet.yaml"), "--output-root", str(tmp_path / "zoo")],
+                       capture_output=True, text=True, timeout=120, cwd=ROOT,
+                       env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")})
+    assert r.returncode == 2 and not (tmp_path / "zoo").exists()
+    assert f"{tmp_path / 'imagenet.yaml'}: Could not get pretrained weights for 'timm:resnet18'" in r.stderr
+    assert "pretrained_file=" in r.stderr
 
 
 def test_zoo_refuses_finished_runs_unless_told(tmp_path):

@@ -340,6 +340,14 @@ def test_a_failed_overwrite_keeps_the_run_it_would_replace(data_dir, tmp_path):
         assert sorted(p.name for p in (tmp_path / "run").iterdir()) == before
 
 
+def test_a_run_that_fails_to_start_leaves_no_folder_behind(tmp_path):
+    from rvf.data import DatasetError
+
+    with pytest.raises(DatasetError):
+        train(_cfg(tmp_path / "no-data", tmp_path, output_dir=str(tmp_path / "runs" / "lenet")))
+    assert not (tmp_path / "runs").exists()
+
+
 def _contents(run: Path) -> dict:
     return {str(p.relative_to(run)): p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()}
 
@@ -645,7 +653,8 @@ def test_unwritable_output_dir(data_dir, tmp_path):
     blocker.write_text("")
     r = _run([sys.executable, "scripts/train.py", "--data-dir", str(data_dir), "--output-dir", str(blocker / "run"),
               "--tracker", "none", "--epochs", "1"], tmp_path)
-    assert r.returncode == 1 and "not_a_dir" in r.stderr and "Traceback" not in r.stderr
+    # Checked before any decoding: a bad path, not a failed write (2, not 1)
+    assert r.returncode == 2 and f"cannot write into {blocker}" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_an_output_dir_that_is_a_file_is_named(data_dir, tmp_path):

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import re
+import textwrap
 from pathlib import Path
 
 __all__ = ["KAGGLE_DATASET", "DownloadError", "download_rvf10k", "find_dataset_root"]
@@ -22,6 +24,15 @@ def find_dataset_root(path: str | os.PathLike) -> Path | None:
         return path
     hits = sorted(p.parent for p in path.glob("**/train.csv") if (p.parent / "rvf10k").is_dir())
     return hits[0] if hits else None
+
+
+def _network_error(e: Exception) -> str:
+    """One readable line for a requests/urllib3 error, whose text runs to 400 characters of reprs."""
+    text = (str(e).splitlines() or [""])[0]
+    host, cause = re.search(r"host='([^']+)'", text), re.search(r"Caused by (\w+)", text)
+    if host:
+        return f"{type(e).__name__}: {host.group(1)} unreachable" + (f", {cause.group(1)}" if cause else "")
+    return f"{type(e).__name__}: {textwrap.shorten(text, 200, placeholder=' ...')}" if text else type(e).__name__
 
 
 def download_rvf10k(dest: str | os.PathLike | None = None, force: bool = False) -> Path:
@@ -52,7 +63,7 @@ def download_rvf10k(dest: str | os.PathLike | None = None, force: bool = False) 
             why = ("Kaggle refused the request: set KAGGLE_USERNAME and KAGGLE_KEY (or "
                    "~/.kaggle/kaggle.json; see https://www.kaggle.com/docs/api) and accept the dataset's terms.")
         else:
-            why = f"could not reach Kaggle ({type(e).__name__}: {text.splitlines()[0][:200]})."
+            why = f"could not reach Kaggle ({_network_error(e)})."
         raise DownloadError(f"rvf10k download failed: {why} {manual}") from e
     root = find_dataset_root(path)
     if root is None:
