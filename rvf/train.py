@@ -765,6 +765,7 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> di
             if run["epoch"] + 1 >= cfg.epochs:
                 accelerator.print(f"nothing to train: the run has {run['epoch'] + 1} of {cfg.epochs} epochs (pass "
                                   f"--epochs N > {run['epoch'] + 1} to extend it); evaluating its best model again")
+                cfg = cfg.replace(epochs=run["epoch"] + 1)  # what it trained, not a lower --epochs
         if accelerator.is_main_process:
             atomic_write_text(out / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         accelerator.init_trackers(project, config=tracking.tracker_config(cfg.to_dict(), log_with),

@@ -266,6 +266,10 @@ def test_a_longer_resume_continues_the_schedule_it_now_has(data_dir, tmp_path):
     resumed = train(cfg.replace(epochs=3), resume=True)
     assert resumed["history"][-1]["lr"] == pytest.approx(1e-5)
     assert max(h["lr"] for h in resumed["history"]) <= cfg.lr
+    # A lower --epochs trains nothing, and the run still says it has 3
+    again = train(cfg.replace(epochs=1), resume=True)
+    assert again["epochs"] == 3 and len(again["history"]) == 3
+    assert "epochs: 3" in (tmp_path / "run" / "config.yaml").read_text()
 
 
 @pytest.mark.parametrize("scheduler", ["cosine", "step", "none"])
