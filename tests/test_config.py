@@ -42,6 +42,7 @@ def test_scientific_notation_is_a_number(tmp_path):
     ("epoch: 3\n", r"c\.yaml: unknown config key\(s\): epoch \(did you mean epochs\?\)"),
     ("epochs: ten\n", r"c\.yaml: epochs must be an integer, got 'ten'"),
     ("epochs: 2.5\n", r"epochs must be an integer"),
+    ("epochs: true\n", r"epochs must be an integer, got True \(bool\)"),  # a bool is an int to Python
     ("hflip: yes please\n", r"hflip must be a number"),
     ("cache: 1\n", r"cache must be true/false"),
     ("model: null\n", r"model may not be null"),
@@ -63,9 +64,11 @@ def test_bad_yaml_names_the_key_and_file(tmp_path, text, match):
     ("mixed_precision", "fp8", "mixed_precision must be one of auto, no, fp16, bf16"),
     ("tracker", "mlflow", "tracker must be one of wandb, tensorboard, none"),
     ("holdout", 1.5, r"holdout must be a fraction of train in \[0, 1\), got 1.5"),
+    ("holdout", 1.0, r"holdout must be a fraction of train in \[0, 1\), got 1.0"),  # nothing left to train on
     ("hflip", 2, "hflip must be between 0 and 1, got 2.0"),
     ("label_smoothing", -0.1, "label_smoothing must be between 0 and 1"),
     ("ema_decay", 1.0, "ema_decay must be between 0 and 1"),
+    ("ema_decay", 0.0, "ema_decay must be between 0 and 1"),  # off is null, not 0
     ("downscale", 1.5, "downscale must be between 0 and 1"),
     ("downscale_range", [0, 1], r"downscale_range must be \[min, max\] with 0 < min <= max <= 1, got \(0.0, 1.0\)"),
     ("crop_scale", [1, 0.5], r"crop_scale must be \[min, max\]"),

@@ -62,6 +62,8 @@ def test_plain_folder_any_image_type_and_val_alias(tmp_path):
     assert len(ds) == 6 and ds[0][0].size == (32, 32)
     make_folder_dataset(tmp_path, n=2, splits=("test",), ext="webp")
     assert len(RVF10K(tmp_path, "test")) == 4
+    make_folder_dataset(tmp_path / "upper", n=2, splits=("train",), ext="JPG")  # cameras and Windows tools write .JPG
+    assert [Path(p).suffix for p, _ in RVF10K(tmp_path / "upper", "train").samples] == [".JPG"] * 4
 
 
 def _rewrite_csv(path: Path, edit):
@@ -86,6 +88,16 @@ def test_csv_label_disagreeing_with_folder(tmp_path):
         rows[1][3], rows[1][4] = "0", "fake"
     _rewrite_csv(tmp_path / "train.csv", flip)
     with pytest.raises(DatasetError, match=r"train\.csv: 1 row\(s\).*line 2.*folder 'real' but labelled 'fake'"):
+        RVF10K(tmp_path, "train")
+
+
+def test_csv_label_disagreeing_with_label_str(tmp_path):
+    make_kaggle_dataset(tmp_path, n=3)
+
+    def contradict(rows):  # a real image (under real/, label 1) whose label_str says fake
+        rows[1][4] = "fake"
+    _rewrite_csv(tmp_path / "train.csv", contradict)
+    with pytest.raises(DatasetError, match=r"train\.csv: 1 row\(s\).*label_str.*line 2: label=1 label_str='fake'"):
         RVF10K(tmp_path, "train")
 
 

@@ -3,6 +3,7 @@
 import io
 import json
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -14,9 +15,10 @@ from synth import make_folder_dataset
 
 from rvf.checkpoint import CheckpointError
 from rvf.config import TrainConfig
+from rvf.data import RVF10K, holdout_split
 from rvf.ensemble import EnsembleError, evaluate_ensemble, sub_ensembles
 from rvf.inference import EnsemblePredictor, Predictor, load_predictor
-from rvf.metrics import classification_metrics
+from rvf.metrics import calibrate_threshold, classification_metrics
 from rvf.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -67,6 +69,15 @@ def test_ensemble_averages_members_and_calibrates_on_holdout(runs):
         assert (tmp / "out" / name).stat().st_size > 0
     report = (tmp / "out" / "classification_report.txt").read_text()
     assert f"Accuracy at calibrated threshold {m['threshold']:.4f}:" in report
+    # The threshold, recomputed: the holdout slice the runs drew (holdout 0.25, seed 42), each member's
+    # P(fake) for it as it serves one, their mean, calibrated on P(fake) (column 0, not P(real)).
+    train_set = RVF10K(data, "train")
+    _, held = holdout_split(train_set.targets, 0.25, 42)
+    assert len(held) == m["holdout"]["n"]
+    paths, labels = [train_set.samples[i][0] for i in held], [train_set.targets[i] for i in held]
+    p_fake = np.mean([[r.p_fake for r in Predictor.from_checkpoint(tmp / name).predict_sources(paths)]
+                      for name in ("lenet", "alexnet")], axis=0)
+    assert m["threshold"] == pytest.approx(calibrate_threshold(labels, p_fake), abs=1e-6)
 
 
 def _members(m: int, n: int = 60, seed: int = 0) -> tuple[np.ndarray, list[np.ndarray]]:
@@ -120,14 +131,22 @@ def test_members_must_share_the_holdout_slice(runs):
     tmp, data, metrics = runs
     with pytest.raises(EnsembleError, match=r"lenet_seed7 held out another slice of train \(split seed 7"):
         evaluate_ensemble([tmp / "lenet", tmp / "lenet_seed7"], data, cache_dir=str(tmp / "cache"))
+    # The same seed holding out a larger share is another slice too (the run's model.json says which).
+    other_share = tmp / "lenet_holdout20"
+    if not other_share.exists():
+        shutil.copytree(tmp / "lenet", other_share)
+        meta = json.loads((other_share / "model.json").read_text())
+        meta["config"]["holdout"] = 0.2
+        (other_share / "model.json").write_text(json.dumps(meta))
+    with pytest.raises(EnsembleError, match=r"lenet_holdout20 held out another slice of train \(split seed 42, "
+                                            r"holdout 0.2, subset None\) than .*lenet \(split seed 42, holdout 0.25,"):
+        evaluate_ensemble([tmp / "lenet", other_share], data, cache_dir=str(tmp / "cache"))
     # Another training seed on the same slice (split_seed) is a valid member.
     m = evaluate_ensemble([tmp / "lenet", tmp / "lenet_s7_split42"], data, cache_dir=str(tmp / "cache"))
     assert m["holdout"]["n"] == 6 and len(m["members"]) == 2
     # A run on a `subset` held out a slice of that subset: the ensemble rebuilds exactly it.
     with pytest.raises(EnsembleError, match="subset 16"):
         evaluate_ensemble([tmp / "lenet", tmp / "lenet_subset16"], data, cache_dir=str(tmp / "cache"))
-    import shutil
-
     twin = tmp / "lenet_subset16_copy"
     if not twin.exists():
         shutil.copytree(tmp / "lenet_subset16", twin)

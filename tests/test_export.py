@@ -15,11 +15,13 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")  # see conftest
 ATOL = 1e-4  # on probabilities
 assert DEFAULT_ATOL == ATOL
 
-# (model, input size): resnet50 and the timm model at 64 px keep the exports fast on a CPU.
-MODELS = [("lenet", None), ("resnet50", 64), ("timm:resnet18", 64)]
+# (model, input size): resnet50 and the timm model at 64 px keep the exports fast on a CPU. LeNet at 96 px
+# max-pools its 21 px S4 map to 13 in windows of 2 and 3 px, which ONNX gets from our own decomposition.
+MODELS = [("lenet", None), ("resnet50", 64), ("timm:resnet18", 64), ("lenet", 96)]
 
 
-@pytest.fixture(scope="module", params=MODELS, ids=[m for m, _ in MODELS])
+@pytest.fixture(scope="module", params=MODELS,
+                ids=[f"{m}-{s}px" if m == "lenet" and s else m for m, s in MODELS])
 def model_checkpoint(request, tmp_path_factory):
     name, size = request.param
     return make_checkpoint(tmp_path_factory.mktemp(name.replace(":", "_")), name, image_size=size)
@@ -55,6 +57,17 @@ def test_parity_check_catches_a_wrong_export(checkpoint, tmp_path):
     other = make_checkpoint(tmp_path / "other", seed=1)  # same architecture, other weights
     with pytest.raises(ExportError, match="differ"):
         check_parity(out, "torchscript", other)
+
+
+def test_parity_check_catches_nan_probabilities(checkpoint, tmp_path, monkeypatch):
+    # NaN compares false with everything: "diff > atol" would pass an export that outputs only NaN.
+    import rvf.export
+
+    out = export_checkpoint(checkpoint, "torchscript", tmp_path / "m.pt")
+    monkeypatch.setattr(rvf.export, "load_exported",
+                        lambda path, fmt: (lambda images: np.full((len(images), 2), np.nan, np.float32), {}))
+    with pytest.raises(ExportError, match="probabilities differ from PyTorch's by nan"):
+        check_parity(out, "torchscript", checkpoint)
 
 
 def load_script():

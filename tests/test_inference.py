@@ -1,6 +1,7 @@
 """The Predictor: one preprocessing, one p_fake/threshold rule, Grad-CAM for every model."""
 
 import io
+import json
 import threading
 
 import numpy as np
@@ -49,6 +50,19 @@ def test_weights_with_nan_are_refused_when_loaded(tmp_path):
     save_file(state, str(weights), metadata=metadata)
     with pytest.raises(CheckpointError, match=rf"model.safetensors: 1 tensor\(s\) hold NaN or inf \({name}\)"):
         Predictor.from_checkpoint(ckpt)
+
+
+def test_weights_and_json_of_two_saves_are_refused(tmp_path):
+    # A save interrupted between its two renames leaves the new weights beside the old model.json.
+    from rvf.checkpoint import CheckpointError
+
+    first = make_checkpoint(tmp_path, seed=0)
+    old_json = (first / "model.json").read_text()
+    make_checkpoint(tmp_path, seed=1)  # the next save into the same folder
+    assert load_pretrained(tmp_path)[1]["weights_id"] != json.loads(old_json)["weights_id"]
+    (first / "model.json").write_text(old_json)
+    with pytest.raises(CheckpointError, match=r"model\.safetensors and model\.json are from different saves"):
+        load_pretrained(tmp_path)
 
 
 @pytest.mark.parametrize("edit, message", [
@@ -186,6 +200,21 @@ def test_gradcam_explains_verdict_by_default(predictor, face_paths):
     labels = [predictor.verdict(p) for p in predictor.predict_batch(batch).tolist()]
     targets = [predictor.classes.index(label) for label in labels]
     np.testing.assert_allclose(predictor.gradcam(batch), predictor.gradcam(batch, targets), atol=1e-6)
+
+
+def test_the_served_heat_map_explains_the_verdicts_class(tmp_path, face_paths):
+    # One set of weights, two thresholds: 0 calls every face fake, 1 + 1e-9 (calibrate_threshold's
+    # "never fake") every face real, so the overlay must show class 0's Grad-CAM, then class 1's.
+    src = str(face_paths[0])
+    pngs = {}
+    for label, threshold in (("fake", 0.0), ("real", 1.0 + 1e-9)):
+        p = Predictor.from_checkpoint(make_checkpoint(tmp_path / label, threshold=threshold))
+        (served,) = p.predict_sources([src], gradcam=True)
+        assert served.label == label
+        cam = p.gradcam(p.load(src)[None], [p.classes.index(label)])[0]  # (S, S)
+        assert served.gradcam_png == p.overlay_png(p.load(src, p.overlay_view[0]), cam)
+        pngs[label] = served.gradcam_png
+    assert pngs["fake"] != pngs["real"]
 
 
 def test_overlay_png(predictor, face_paths):

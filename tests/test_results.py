@@ -143,3 +143,16 @@ def test_a_score_sklearn_leaves_undefined_is_a_dash_and_ties_rank_by_auc(tmp_pat
     rows = collect_runs([tmp_path / n for n in ("c", "b", "a")])
     assert [r["run"] for r in rows] == ["a", "b", "c"]
     assert readme_table(rows).splitlines()[-1].split(" | ")[5:8] == ["-", "-", "-"]  # AUC, AP, EER
+
+
+def test_leaderboard_columns_hold_what_their_headers_say(tmp_path):
+    import json
+
+    from rvf.leaderboard import write_leaderboard
+
+    md = write_leaderboard(collect_runs([RESULTS / "lenet"]), tmp_path).read_text().splitlines()
+    header, row = ([c.strip() for c in line.strip("|").split("|")] for line in (md[4], md[6]))
+    assert header[6:10] == ["accuracy %", "seed %", "ROC AUC", "AP"]
+    v = json.loads((RESULTS / "lenet" / "metrics.json").read_text())["valid"]
+    # The accuracy at the argmax, not at the threshold (76.57 against 75.97 here); AUC, then AP.
+    assert row[6:10] == [f"{100 * v['accuracy']:.2f}", "76.1", f"{v['roc_auc']:.4f}", f"{v['average_precision']:.4f}"]

@@ -58,6 +58,10 @@ def test_robustness_script_clean_row_matches_evaluate(tmp_path, tta_hflip):
     # which way the verdicts went: each class's recall, as evaluate.py's report has it
     assert result["rows"][0]["recall"] == pytest.approx({c: ev["per_class"][c]["recall"] for c in ("fake", "real")})
     assert "| fake / real called right % | at threshold 0.5000 % |" in table
+    clean = result["rows"][0]["accuracy"]
+    assert len({row["accuracy"] for row in result["rows"]}) > 1  # these weights' accuracy moves: a sign would show
+    for row in result["rows"]:
+        assert row["delta_accuracy"] == pytest.approx(row["accuracy"] - clean)  # negative: worse than clean
     assert f"| {100 * ev['accuracy_at_threshold']:.2f} |" in table.splitlines()[4]  # the clean row, as evaluate.py
 
 
@@ -97,6 +101,37 @@ def test_robustness_script_runs_the_perturbations_asked_for(tmp_path):
     assert "| framing off % |" in r.stdout
     r = subprocess.run(cmd[:-2] + ["shift:0.5"], capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and "whole number of pixels" in r.stderr
+
+
+def test_accuracy_where_framing_is_ok_counts_only_those_faces(tmp_path):
+    import torch
+    from conftest import make_checkpoint
+    from synth import aligned_faces, png_bytes
+
+    from rvf.framing import FramingReference
+    from rvf.inference import Predictor
+    from rvf.robustness import evaluate_robustness
+
+    checkpoint = make_checkpoint(tmp_path / "ckpt")
+    FramingReference.fit(aligned_faces(50)).save(checkpoint)
+    # fake/: three aligned faces and one moved; real/: one aligned and three moved. Whatever these
+    # weights call them, the faces framed ok and those framed off then score differently.
+    faces, moved = aligned_faces(8, seed=1), {3, 5, 6, 7}
+    for i, f in enumerate(faces):
+        d = tmp_path / "data" / "valid" / ("fake" if i < 4 else "real")
+        d.mkdir(parents=True, exist_ok=True)
+        (d / f"{i}.png").write_bytes(png_bytes(torch.roll(f, (5, 5), dims=(1, 2)) if i in moved else f))
+    result = evaluate_robustness(checkpoint, tmp_path / "data", output_dir=tmp_path / "rob", num_workers=0,
+                                 perturbations=[Perturbation("clean")], progress=False)
+    paths = sorted((tmp_path / "data" / "valid").rglob("*.png"))
+    served = Predictor.from_checkpoint(checkpoint).predict_sources([str(p) for p in paths])
+    assert [int(p.stem) for p, r in zip(paths, served) if not r.framing["ok"]] == sorted(moved)
+    right = np.array([r.label == p.parent.name for p, r in zip(paths, served)])  # threshold 0.5: the argmax
+    ok = np.array([r.framing["ok"] for r in served])
+    (row,) = result["rows"]
+    assert row["accuracy"] == pytest.approx(right.mean()) and row["framing_off"] == 0.5
+    assert row["accuracy_framing_ok"] == pytest.approx(right[ok].mean())
+    assert right[ok].mean() != right[~ok].mean()
 
 
 def test_a_crop_keeps_a_seeded_square_and_a_rotation_keeps_the_size():

@@ -43,6 +43,12 @@ def _cfg(data_dir, tmp_path, **kw) -> TrainConfig:
     return TrainConfig(**{**base, **kw})
 
 
+def _best_epoch(history: list[dict]) -> int:
+    """The epoch selection must pick: best holdout accuracy, ties to the lower loss (the first on exact ties)."""
+    scores = [(h["holdout_accuracy"], -h["holdout_loss"]) for h in history]
+    return 1 + scores.index(max(scores))
+
+
 def test_train_script_end_to_end_writes_every_report(data_dir, tmp_path):
     out = tmp_path / "run"
     r = _run([sys.executable, "scripts/train.py", "--config", "configs/lenet.yaml", "--data-dir", str(data_dir),
@@ -55,7 +61,7 @@ def test_train_script_end_to_end_writes_every_report(data_dir, tmp_path):
         assert (out / "architecture.png").is_file()
     m = json.loads((out / "metrics.json").read_text())
     assert m["valid"]["n"] == 24 and m["counts"] == {"fit": 18, "holdout": 6, "valid": 24}
-    assert len(m["history"]) == 2 and 1 <= m["best_epoch"] <= 2
+    assert len(m["history"]) == 2 and m["best_epoch"] == _best_epoch(m["history"])
     for key in ("accuracy", "roc_auc", "average_precision", "per_class", "confusion_matrix"):
         assert key in m["valid"]
     assert m["params"] > 0 and m["macs"] > 0 and m["device"] and m["train_seconds"] > 0
@@ -77,6 +83,11 @@ def test_train_script_end_to_end_writes_every_report(data_dir, tmp_path):
 def test_learns_the_synthetic_task(data_dir, tmp_path):
     m = train(_cfg(data_dir, tmp_path, epochs=6, model_args={"drop_rate": 0.0}))
     assert m["valid"]["accuracy"] >= 0.9 and m["valid"]["roc_auc"] >= 0.95
+    # Several epochs reach the same holdout accuracy here (6 images): the lower loss must win the tie.
+    accuracies = [h["holdout_accuracy"] for h in m["history"]]
+    assert accuracies.count(max(accuracies)) > 1
+    assert m["best_epoch"] == _best_epoch(m["history"])
+    assert json.loads((tmp_path / "run" / "model.json").read_text())["epoch"] == m["best_epoch"]
 
 
 def test_trains_with_only_what_the_gpu_image_has(data_dir, tmp_path, monkeypatch):

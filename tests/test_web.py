@@ -4,7 +4,7 @@ import base64
 import io
 
 import pytest
-from conftest import BAD_IMAGES, METRICS, VALID_IMAGES, good_jpeg, make_checkpoint
+from conftest import BAD_IMAGES, METRICS, VALID_IMAGES, good_jpeg, image_bytes, make_checkpoint
 from PIL import Image
 
 from rvf.checkpoint import CheckpointError
@@ -283,6 +283,19 @@ def test_a_request_past_its_pixel_budget_gets_error_entries(checkpoint):
     assert post(client, [("d.jpg", face)]).status_code == 200  # the budget is per request
 
 
+def test_an_image_over_the_per_image_limit_spends_none_of_the_budget(checkpoint):
+    # It is refused on its own (per-image limit); the faces after it still fit the request's budget.
+    config = {"TESTING": True, "MODEL_CHECKPOINT": str(checkpoint), "MAX_REQUEST_PIXELS": 150_000,
+              "MAX_IMAGE_PIXELS": 100_000}
+    client = create_app(config).test_client()
+    big = image_bytes("JPEG", size=(350, 300))  # 105,000 px: over the image limit, under the budget
+    face = good_jpeg()  # 65,536 px: two fit in 150,000, not after the big one
+    r = post(client, [("big.jpg", big), ("a.jpg", face), ("b.jpg", face)])
+    assert r.status_code == 200
+    big, a, b = r.json["results"]
+    assert "more than the 0.1 megapixels" in big["error"] and "label" in a and "label" in b
+
+
 def test_upload_limit_is_configurable(checkpoint):
     config = {"TESTING": True, "MODEL_CHECKPOINT": str(checkpoint), "MAX_CONTENT_LENGTH": 60_000}
     client = create_app(config).test_client()
@@ -310,6 +323,9 @@ def test_too_many_files_is_400(app, client):
     n = app.config["MAX_FILES"] + 1
     r = post(client, [(f"{i}.jpg", b"x") for i in range(n)])
     assert r.status_code == 400 and "too many files" in r.json["error"]
+    # Exactly the maximum is allowed (one face and junk: cheap, and 200 because one was predicted).
+    r = post(client, [("0.jpg", good_jpeg())] + [(f"{i}.jpg", b"x") for i in range(1, n - 1)])
+    assert r.status_code == 200 and len(r.json["results"]) == n - 1 and "label" in r.json["results"][0]
 
 
 # Werkzeug leaves the parts it parsed before the limit for the garbage collector to close.
