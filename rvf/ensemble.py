@@ -78,7 +78,7 @@ def evaluate_ensemble(checkpoints: list[str | Path], data_dir: str | Path, outpu
     from torch.utils.data import DataLoader
 
     from rvf import reports
-    from rvf.checkpoint import load_pretrained, meta_threshold, read_meta
+    from rvf.checkpoint import CheckpointError, load_pretrained, meta_threshold, read_meta
     from rvf.data import build_eval_transform, collate_batch
     from rvf.train import evaluate, load_splits
     from rvf.utils import device_name
@@ -121,7 +121,10 @@ def evaluate_ensemble(checkpoints: list[str | Path], data_dir: str | Path, outpu
                 raise EnsembleError(f"{checkpoint} sees another {split} split than {first[0]} (different data?)")
             labels[split] = y
             store.append(probs)
-            scored[split] = classification_metrics(y, probs, threshold=meta_threshold(meta), loss=loss)
+            try:
+                scored[split] = classification_metrics(y, probs, threshold=meta_threshold(meta), loss=loss)
+            except ValueError as e:  # NaN or inf out of finite weights
+                raise CheckpointError(f"{checkpoint}: {e}") from e
         members.append(scored)
         del model
         accelerator.free_memory()

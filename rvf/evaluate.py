@@ -5,8 +5,6 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
-import numpy as np
-
 from rvf.checkpoint import CheckpointError, load_pretrained, meta_threshold
 from rvf.data import RVF10K, DatasetError, build_cache, build_eval_transform
 from rvf.metrics import classification_metrics
@@ -57,12 +55,12 @@ def evaluate_checkpoint(checkpoint: str | Path, data_dir: str | Path, split: str
     if tta_hflip is None:
         tta_hflip = bool(meta.get("tta_hflip", False))
     labels, probs, loss = evaluate(model, loader, transform, accelerator, desc=split, tta_hflip=tta_hflip)
-    if not np.isfinite(probs).all():  # finite weights, but the forward pass overflows
-        raise CheckpointError(f"{checkpoint}: the model's output is NaN or inf for "
-                              f"{int((~np.isfinite(probs)).any(1).sum())} of {len(probs)} images")
+    try:
+        scored = classification_metrics(labels, probs, threshold=meta_threshold(meta), loss=loss)
+    except ValueError as e:  # NaN or inf out of finite weights: the forward pass overflowed
+        raise CheckpointError(f"{checkpoint}: {e}") from e
     metrics = {
-        "model": meta["model_name"], "checkpoint": str(checkpoint), "split": split,
-        split: classification_metrics(labels, probs, threshold=meta_threshold(meta), loss=loss),
+        "model": meta["model_name"], "checkpoint": str(checkpoint), "split": split, split: scored,
         "image_size": data_cfg.image_size, "tta_hflip": tta_hflip, "device": device_name(accelerator.device),
         "num_processes": accelerator.num_processes,
     }

@@ -438,6 +438,11 @@ def fp32_forward(model: nn.Module):
 
 # ----------------------------------------------------------------------------- run folder
 
+def run_exists(out: Path) -> bool:
+    """Whether `out` holds a run (finished or not), or one set aside by an unfinished --overwrite."""
+    return any((out / name).exists() for name in ("config.yaml", STATE_DIR, REPLACED_DIR))
+
+
 def prepare_output_dir(out: Path, resume: bool, overwrite: bool) -> bool:
     """Refuse to mix two runs in one folder unless asked to resume or overwrite.
 
@@ -450,7 +455,7 @@ def prepare_output_dir(out: Path, resume: bool, overwrite: bool) -> bool:
     parent = next(p for p in (out, *out.parents) if p.exists())  # the part that exists already
     if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
         raise RunDirError(f"output dir {out}: cannot write into {parent}")
-    holds_run = any((out / name).exists() for name in ("config.yaml", STATE_DIR, REPLACED_DIR))
+    holds_run = run_exists(out)
     if resume and not holds_run:
         raise RunDirError(f"--resume {out}: no run there to resume (no config.yaml)")
     if holds_run and not (resume or overwrite):
@@ -487,28 +492,37 @@ class ReplacedRun:
     Until then the old run is the only one there is: a first step out of memory, a tracker that
     will not start or a Ctrl-C in the first epoch (the wrong config, noticed) puts it back
     instead of leaving nothing. A process killed outright leaves it in RUN/.replaced, and the
-    next `--overwrite` keeps that one (what is in RUN is then a replacement that never saved).
+    next `--overwrite` keeps that one (what is in RUN is then a replacement that never saved);
+    once RUN holds a saved epoch again, a leftover RUN/.replaced is stale and goes.
     """
 
-    def __init__(self, out: Path, project: str, active: bool = True):
-        self.out, self.project = out, project
+    def __init__(self, out: Path, project: str, replace: bool, main: bool = True):
+        self.out, self.project, self.aside = out, project, None
         out.mkdir(parents=True, exist_ok=True)
-        self.aside = out / REPLACED_DIR if active else None
-        if self.aside is None:
+        if not main:  # one process moves files
             return
-        if self.aside.is_dir():  # a replacement killed before its first epoch: the old run is still there
+        aside = out / REPLACED_DIR
+        if aside.is_dir() and latest_state(out) is not None:  # RUN has saved an epoch since
+            shutil.rmtree(aside, ignore_errors=True)
+        if not replace:
+            return
+        self.aside = aside
+        if aside.is_dir():  # a replacement killed before its first epoch: the old run is in there
             clear_run(out, project)
         else:
-            self.aside.mkdir()
+            aside.mkdir()
             for p in run_outputs(out, project):
-                p.rename(self.aside / p.name)
+                p.rename(aside / p.name)
 
     def __enter__(self) -> "ReplacedRun":
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is not None and self.aside is not None:
-            self.restore()
+            try:
+                self.restore()
+            except Exception as e:  # never in place of the error that stopped the run
+                log.error("could not put the old run back (%s: %s); it is in %s", type(e).__name__, e, self.aside)
 
     def restore(self) -> None:
         """Remove what the new run wrote and put the old run back."""
@@ -521,9 +535,9 @@ class ReplacedRun:
 
     def drop(self) -> None:
         """The new run has saved an epoch: the old one goes for good."""
-        if self.aside is not None:
-            shutil.rmtree(self.aside)
-            self.aside = None
+        aside, self.aside = self.aside, None  # first: from here on, a failure must never restore
+        if aside is not None:
+            shutil.rmtree(aside, ignore_errors=True)  # what a failed delete leaves is stale: the next run clears it
 
 
 # What draws the holdout slice: a resume that changed one would let trained-on images into it.
@@ -745,7 +759,7 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> di
     run = {"epoch": -1, "step": 0, "best_epoch": -1, "best_score": None, "history": [], "train_seconds": 0.0}
     # Only now: a wrong model name, data folder or setting has failed above. The old run is set
     # aside, not deleted, until the new one has saved an epoch.
-    with ReplacedRun(out, project, active=replace and accelerator.is_main_process) as replaced:
+    with ReplacedRun(out, project, replace=replace, main=accelerator.is_main_process) as replaced:
         accelerator.wait_for_everyone()
         if resume:
             state = latest_state(out)

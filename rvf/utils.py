@@ -47,8 +47,8 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 
 
 def json_text(data, indent: int | None = 2) -> str:
-    """`data` as strict JSON: NaN and inf become null, numpy and torch scalars plain numbers,
-    paths and devices strings, tuples lists.
+    """`data` as strict JSON: NaN and inf become null, numpy and torch values plain numbers and
+    lists, paths and devices strings, tuples lists.
 
     Python's json would write NaN as a bare `NaN`, which browsers' JSON.parse, jq and most
     other parsers refuse.
@@ -57,8 +57,8 @@ def json_text(data, indent: int | None = 2) -> str:
     import math
 
     def clean(o):
-        if hasattr(o, "item") and getattr(o, "ndim", 0) == 0:  # numpy / torch scalars
-            o = o.item()
+        if hasattr(o, "tolist"):  # numpy / torch scalars and arrays: plain numbers and lists
+            o = o.tolist()
         if isinstance(o, float) and not math.isfinite(o):
             return None
         if isinstance(o, dict):

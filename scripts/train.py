@@ -23,6 +23,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from rvf.config import ConfigError, load_config, parse_override  # noqa: E402
+from rvf.train import REPLACED_DIR  # noqa: E402
 
 FLAGS = {  # flag -> config key, for the settings people change most
     "model": "model", "data_dir": "data_dir", "output_dir": "output_dir", "epochs": "epochs",
@@ -83,7 +84,11 @@ def resolve_config(args):
                               "pass one of them")
         saved = args.resume / "config.yaml"
         if not saved.is_file():
-            raise ConfigError(f"--resume {args.resume}: no config.yaml there, so nothing to resume")
+            aside = args.resume / REPLACED_DIR
+            raise ConfigError(f"--resume {args.resume}: no config.yaml there, so nothing to resume"
+                              + (f"; an --overwrite was killed before its first epoch, and the run it was "
+                                 f"replacing is in {aside}: move its contents back to resume it"
+                                 if aside.is_dir() else ""))
         base = load_config(saved)
     overrides = dict(parse_override(o) for o in args.overrides)
     overrides.update({key: getattr(args, flag) for flag, key in FLAGS.items() if getattr(args, flag) is not None})

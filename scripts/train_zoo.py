@@ -65,13 +65,17 @@ def fetch_pretrained(path: Path, cfg) -> list[str]:
 def main(args) -> int:
     from rvf.config import ConfigError, load_config, parse_override
     from rvf.data import RVF10K, DatasetError
-    from rvf.leaderboard import collect_runs, write_leaderboard
+    from rvf.leaderboard import ResultsError, collect_runs, read_run_metrics, write_leaderboard
+    from rvf.train import run_exists
 
     configs = [] if args.leaderboard_only else args.configs
     if not configs and not args.leaderboard_only:
         print("error: pass --configs FILE... (or --leaderboard-only to rebuild the leaderboard)", file=sys.stderr)
         return 2
     # All of them checked before the first trains: a typo in the last must not wait hours.
+    def done(cfg: Path) -> bool:
+        return args.skip_done and (args.output_root / cfg.stem / "metrics.json").is_file()
+
     problems = []
     for cfg in configs:
         try:
@@ -79,13 +83,13 @@ def main(args) -> int:
         except ConfigError as e:
             problems.append(str(e))
             continue
-        if resolved.pretrained and not resolved.pretrained_file:
+        if resolved.pretrained and not resolved.pretrained_file and not done(cfg):
             problems += fetch_pretrained(cfg, resolved)
     stems = [cfg.stem for cfg in configs]
     problems += [f"two configs are named {s}.yaml: their runs would share {args.output_root / s}"
                  for s in sorted({s for s in stems if stems.count(s) > 1})]
-    taken = [str(args.output_root / s) for s in stems if (args.output_root / s / "config.yaml").is_file()
-             and not (args.skip_done and (args.output_root / s / "metrics.json").is_file())]
+    taken = [str(args.output_root / cfg.stem) for cfg in configs
+             if run_exists(args.output_root / cfg.stem) and not done(cfg)]
     if taken and not args.overwrite:
         problems.append(f"these run folders already hold runs: {', '.join(taken)}; pass --skip-done to keep "
                         f"the finished ones, or --overwrite to train them again")
@@ -109,7 +113,7 @@ def main(args) -> int:
     failed = []
     for cfg in configs:
         out = args.output_root / cfg.stem
-        if args.skip_done and (out / "metrics.json").is_file():
+        if done(cfg):
             print(f"[zoo] {cfg.stem}: done already, skipping", flush=True)
             continue
         cmd = (launcher or [sys.executable]) + [str(ROOT / "scripts" / "train.py"),
@@ -125,7 +129,15 @@ def main(args) -> int:
             failed.append(cfg.stem)
             print(f"[zoo] {cfg.stem} FAILED; going on with the rest", file=sys.stderr, flush=True)
     runs = sorted(p for p in args.output_root.iterdir() if p.is_dir()) if args.output_root.is_dir() else []
-    rows = collect_runs(runs)
+    readable = []
+    for run in runs:  # the output root may hold other things: an ensemble's or evaluate.py's folder
+        try:
+            if (run / "metrics.json").is_file():
+                read_run_metrics(run / "metrics.json")
+                readable.append(run)
+        except ResultsError as e:
+            print(f"[zoo] left out of the leaderboard: {e}", file=sys.stderr, flush=True)
+    rows = collect_runs(readable)
     if failed:
         print(f"error: these runs failed: {', '.join(failed)}", file=sys.stderr)
     if not rows:

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -137,6 +138,18 @@ def test_zoo_fetches_pretrained_weights_before_training_any(tmp_path):
     assert r.returncode == 2 and not (tmp_path / "zoo").exists()
     assert f"{tmp_path / 'imagenet.yaml'}: Could not get pretrained weights for 'timm:resnet18'" in r.stderr
     assert "pretrained_file=" in r.stderr
+    # A finished run that --skip-done keeps needs no weights; a folder that is not a training run
+    # (an ensemble's) is left out of the leaderboard, by name, rather than failing it.
+    shutil.copytree(ROOT / "results" / "rvf10k" / "lenet", tmp_path / "zoo" / "imagenet")
+    (tmp_path / "zoo" / "ens").mkdir()
+    (tmp_path / "zoo" / "ens" / "metrics.json").write_text('{"members": [], "valid": {}}')
+    r = subprocess.run([sys.executable, "scripts/train_zoo.py", "--configs", str(tmp_path / "imagenet.yaml"),
+                        "--skip-done", "--output-root", str(tmp_path / "zoo")],
+                       capture_output=True, text=True, timeout=120, cwd=ROOT,
+                       env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")})
+    assert r.returncode == 0 and "imagenet: done already, skipping" in r.stdout, r.stderr[-2000:]
+    assert "left out of the leaderboard" in r.stderr and "ens/metrics.json: lacks" in r.stderr
+    assert "| imagenet |" in (tmp_path / "zoo" / "leaderboard.md").read_text()
 
 
 def test_zoo_refuses_finished_runs_unless_told(tmp_path):

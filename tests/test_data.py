@@ -307,12 +307,14 @@ def test_cache_key_covers_pillows_decoder(monkeypatch, tmp_path):
 def test_cache_key_sees_an_image_replaced_with_its_size_and_mtime_kept(tmp_path):
     import os
     import shutil
+    import time
 
     root = make_folder_dataset(tmp_path / "d", n=2, splits=("train",))
     samples = RVF10K(root, "train").samples
     key = cache_key(samples, 16, "bilinear")
     assert cache_key(samples, 16, "bilinear") == key  # reading changes nothing
     a, b = (Path(p) for p, _ in samples[:2])
+    time.sleep(0.05)  # past a clock tick: kernels before 6.13 stamp ctime at jiffy (1-10 ms) resolution
     st = a.stat()
     data = bytearray(a.read_bytes())
     data[-3] ^= 0xFF  # other pixels, same size

@@ -96,5 +96,8 @@ def test_what_cannot_be_scored_says_why(labels, probs, message):
 
 
 def test_json_text_is_strict():
-    text = json_text({"a": np.float32(0.5), "b": np.int64(3), "c": [float("inf"), (1, 2)]})
-    assert json.loads(text) == {"a": 0.5, "b": 3, "c": [None, [1, 2]]}
+    import torch
+
+    text = json_text({"a": np.float32(0.5), "b": np.int64(3), "c": [float("inf"), (1, 2)],
+                      "d": torch.tensor([1.5]), "e": np.array([[1, 2]]), "f": torch.tensor(float("nan"))})
+    assert json.loads(text) == {"a": 0.5, "b": 3, "c": [None, [1, 2]], "d": [1.5], "e": [[1, 2]], "f": None}

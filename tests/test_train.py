@@ -403,7 +403,7 @@ def test_an_overwrite_killed_before_its_first_epoch_leaves_the_old_run_for_the_n
     train(cfg)
     run = tmp_path / "run"
     old = _contents(run)
-    rvf_train.ReplacedRun(run, "rvf")
+    rvf_train.ReplacedRun(run, "rvf", replace=True)
     (run / "config.yaml").write_bytes(old["config.yaml"])
     with pytest.raises(RunDirError, match="already holds a run"):
         train(cfg)
@@ -416,6 +416,39 @@ def test_an_overwrite_killed_before_its_first_epoch_leaves_the_old_run_for_the_n
     assert _contents(run) == old
     train(cfg.replace(seed=1), overwrite=True)  # one that saves an epoch replaces it for good
     assert not (run / ".replaced").exists() and _contents(run)["model.safetensors"] != old["model.safetensors"]
+
+
+def test_a_set_aside_run_never_comes_back_over_a_newer_one(data_dir, tmp_path, monkeypatch):
+    # Killed (or Ctrl-C) between the new run's first save and dropping the old one: the new run
+    # has an epoch, so what is set aside is stale; it must never be restored over it later.
+    import shutil
+
+    import rvf.train as rvf_train
+
+    cfg = _cfg(data_dir, tmp_path, epochs=1)
+    train(cfg)
+    run = tmp_path / "run"
+    real_rmtree = shutil.rmtree
+
+    def interrupted(path, *args, **kwargs):
+        if Path(path).name == ".replaced":
+            raise KeyboardInterrupt
+        return real_rmtree(path, *args, **kwargs)
+
+    with monkeypatch.context() as m:
+        m.setattr(rvf_train.shutil, "rmtree", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            train(cfg.replace(seed=1, epochs=2), overwrite=True)
+    new = _contents(run)  # the new run's first epoch, not the old run put back
+    assert (run / ".replaced").is_dir() and json.loads(new["model.json"])["config"]["seed"] == 1
+    train(cfg.replace(seed=1, epochs=2), resume=True)  # RUN has an epoch: the leftover goes
+    assert not (run / ".replaced").exists()
+    finished = _contents(run)
+    with monkeypatch.context() as m:  # and a later failed --overwrite puts back this run, not the stale one
+        m.setattr(rvf_train, "train_one_epoch", lambda *a, **k: 1 / 0)
+        with pytest.raises(ZeroDivisionError):
+            train(cfg.replace(seed=2), overwrite=True)
+    assert _contents(run) == finished
 
 
 def test_resume_refuses_another_model(data_dir, tmp_path):
@@ -714,7 +747,7 @@ def test_two_process_ddp_counts_each_image_once(data_dir, tmp_path):
     data = make_folder_dataset(tmp_path / "odd", n=12, size=32)
     (data / "valid" / "real" / "00000.jpg").unlink()
     # accelerate launch's multi-CPU mode needs MPI; torchrun + ACCELERATE_USE_CPU is the same DDP (gloo)
-    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29537"]
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]  # a free port
     out = tmp_path / "run"
     r = _run([*launch, "scripts/train.py", "--data-dir", str(data), "--output-dir", str(out), "--epochs", "1",
               "--image-size", "32", "--batch-size", "4", "--tracker", "none"],
@@ -769,7 +802,7 @@ def test_two_processes_on_the_dataloader_path_share_out_one_shuffle(data_dir, tm
     probe = tmp_path / "probe.py"
     probe.write_text(DDP_PROBE)
     out = tmp_path / "run"
-    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29538"]
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]  # a free port
     r = _run([*launch, str(probe), str(ROOT), "--data-dir", str(data_dir), "--output-dir", str(out), "--epochs", "2",
               "--image-size", "32", "--batch-size", "12", "--tracker", "none", "--set", "device_data=false",
               "--set", "holdout=0.25", "--set", "scheduler=cosine", "--set", "min_lr=1e-5", "--lr", "1e-3"],
