@@ -63,7 +63,7 @@ class ProbabilityModel(nn.Module):
 def _adaptive_max_pool2d(x: torch.Tensor, output_size) -> tuple[torch.Tensor, torch.Tensor]:
     """`aten.adaptive_max_pool2d` as slices and maxes, for a static H and W.
 
-    The ONNX exporter has no translation for it (LeNet's S4 pools 26 px to 5), and ONNX's
+    The ONNX exporter has no translation for it (LeNet's head pools its last map to 13x13), and ONNX's
     MaxPool cannot express uneven windows. Window i covers [floor(i*H/oh), ceil((i+1)*H/oh)),
     as in PyTorch; taking the max over rows, then columns, gives the same result exactly.
     The indices output is never used at inference, so it is left as zeros.

@@ -116,6 +116,29 @@ def test_inception_norm_layer_by_name():
     assert 0.1 < feats.std().item() < 10
     with pytest.raises(ValueError, match="unknown norm_layer 'bogus'"):
         create_model("inception_v1", norm_layer="bogus")
+    # The same names for AlexNet and VGG (a string was "'str' object is not callable")
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in create_model("vgg16", norm_layer="batchnorm").modules()) == 13
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in create_model("alexnet", norm_layer="none").modules())
+
+
+@pytest.mark.parametrize("name, kwargs, message", [
+    ("lenet", {"num_classes": -1}, "num_classes must be a whole number >= 0"),
+    ("lenet", {"num_classes": 2.5}, "num_classes must be a whole number >= 0"),
+    ("vgg16_bn", {"init_std": 0}, "init_std must be a number between 0 and 1"),  # all-zero weights
+    ("inception_v1", {"init_std": 1e6}, "init_std must be a number between 0 and 1"),  # NaN logits
+    ("vgg16", {"init_std": 0.01}, "init_std is for vgg16_bn"),
+    ("vgg16", {"first_pool": "no"}, "first_pool must be true or false, got 'no'"),
+    ("alexnet", {"stem_stride": "2"}, "stem_stride must be 2 or 4, got '2'"),
+    ("timm:hf-hub:timm/resnet18.a1_in1k", {}, "rvf takes a timm architecture name"),
+])
+def test_bad_model_arguments_are_named(name, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        create_model(name, **kwargs)
+
+
+def test_num_classes_null_means_the_default():  # `model_args: {num_classes: null}`, as any option
+    assert create_model("lenet", num_classes=None).num_classes == 2
+    assert create_model("timm:resnet18", num_classes=None).num_classes == 2
 
 
 @pytest.mark.parametrize("name", ["inception_v1", "vgg16_bn"])
@@ -320,6 +343,21 @@ def test_scratch_pretrained_torch_file(tmp_path):
     torch.save(src.state_dict(), path)
     model = create_model("lenet", pretrained_file=path)
     assert torch.equal(model.features[0].weight, src.features[0].weight)
+
+
+@pytest.mark.parametrize("saved, loaded", [
+    ({"name": "inception_v1", "aux_logits": True}, {"name": "inception_v1"}),  # the heads only train
+    ({"name": "inception_v1"}, {"name": "inception_v1", "aux_logits": True}),
+    ({"name": "lenet", "num_classes": 0}, {"name": "lenet"}),  # a features-only save
+])
+def test_weights_fit_a_model_with_or_without_its_heads(tmp_path, saved, loaded):
+    path = tmp_path / "weights.safetensors"
+    source = create_model(saved.pop("name"), **saved)
+    save_file(source.state_dict(), str(path))
+    model = create_model(loaded.pop("name"), pretrained_file=path, **loaded)
+    shared = {k: v for k, v in source.state_dict().items() if k in model.state_dict()
+              and not k.startswith(("fc.", "aux"))}
+    assert shared and all(torch.equal(model.state_dict()[k], v) for k, v in shared.items())
 
 
 def test_scratch_pretrained_file_must_match_backbone(tmp_path):

@@ -9,7 +9,7 @@ from torch import nn
 
 __all__ = [
     "AdaptiveMaxPool2d", "ClassifierMixin", "CoordChannels", "HighPassResiduals", "init_classifier", "init_weights",
-    "mlp_pre_logits",
+    "mlp_pre_logits", "resolve_norm_layer",
 ]
 
 
@@ -126,6 +126,27 @@ def init_classifier(fc: nn.Module) -> None:
         nn.init.zeros_(fc.bias)
 
 
+def resolve_norm_layer(norm_layer, model: str):
+    """A `norm_layer` argument as a module class: a class as is, a timm norm name looked up, "none" None.
+
+    A string lets a YAML config choose (`model_args: {norm_layer: none}`): `create_model`
+    drops kwargs that are None, so None itself cannot travel through `model_args`. The layer
+    is built from a channel count alone, so "groupnorm" (32 groups) fits only layers whose
+    width 32 divides.
+    """
+    if not isinstance(norm_layer, str):
+        return norm_layer
+    if norm_layer.lower() in ("", "none"):
+        return None
+    from timm.layers import get_norm_layer
+
+    try:
+        return get_norm_layer(norm_layer)
+    except (KeyError, ValueError, AssertionError) as e:
+        raise ValueError(f"{model}: unknown norm_layer {norm_layer!r} (use 'none', 'batchnorm', 'layernorm2d' "
+                         f"or another timm norm name)") from e
+
+
 @torch.no_grad()
 def init_weights(model: nn.Module, conv_mode: str = "fan_out", std: float | None = None) -> None:
     """Kaiming for convs (`conv_mode`) and hidden linears (fan_in), BN as identity, and
@@ -144,6 +165,8 @@ def init_weights(model: nn.Module, conv_mode: str = "fan_out", std: float | None
     larger learning rate would. Under the seed's protocol (Adam 1e-4) that is what keeps
     Inception v1 from memorising the training set in five epochs (see configs/inception_v1.yaml).
     """
+    if std is not None and (isinstance(std, bool) or not isinstance(std, (int, float)) or not 0 < std < 1):
+        raise ValueError(f"init_std must be a number between 0 and 1 (e.g. 0.01), got {std!r}")
     for m in model.modules():
         if isinstance(m, (nn.Conv2d, nn.Linear)) and std is not None:
             nn.init.normal_(m.weight, 0, std)

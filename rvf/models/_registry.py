@@ -127,7 +127,7 @@ def create_model(
 
     Args:
         name: a name from `list_models()`, or `timm:<timm name>`.
-        num_classes: outputs of the classifier.
+        num_classes: outputs of the classifier (0: none, `forward` returns pooled features).
         pretrained: load pretrained weights. Scratch models have no hosted weights and need
             `pretrained_file`; timm models download theirs unless `pretrained_file` is set.
         pretrained_file: a local `.safetensors` (or torch state dict) file. Implies
@@ -146,6 +146,10 @@ def create_model(
     """
     # Options not every model supports default to None in configs; drop them (as timm does).
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
+    if num_classes is None:  # `model_args: {num_classes: null}` means the default, as for any option
+        num_classes = 2
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 0:
+        raise ValueError(f"num_classes must be a whole number >= 0 (0: features only), got {num_classes!r}")
     if pretrained_file is not None:
         if not Path(pretrained_file).is_file():
             raise FileNotFoundError(f"pretrained_file {str(pretrained_file)!r} does not exist")
@@ -205,38 +209,40 @@ def _read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 
 
 def load_pretrained(model: nn.Module, path: str | Path) -> None:
-    """Load a state dict file into `model`, re-initialising a classifier of another size.
+    """Load a state dict file into `model`, keeping fresh what only one side has a use for.
 
-    Keys under the classifier path(s) of `model.pretrained_cfg["classifier"]` whose shape
-    differs (e.g. 1000 -> 2 classes) or that the model lacks (`num_classes=0`) are dropped
-    and keep their fresh initialisation. Everything else loads strictly.
+    Fresh (and logged): classifier weights, under `model.pretrained_cfg["classifier"]`, whose
+    shape differs (1000 -> 2 classes), that the model lacks (`num_classes=0`) or that the file
+    lacks (a features-only save); and heads that only train, under `pretrained_cfg["train_only"]`
+    (Inception's auxiliary classifiers), present on one side only. Everything else loads strictly.
 
     Args:
         model: a model built by `build_model_with_cfg`.
         path: `.safetensors` file, or a torch file holding a plain state dict.
 
     Raises:
-        RuntimeError: missing, unexpected or mismatched keys outside the classifier.
+        RuntimeError: missing, unexpected or mismatched keys outside those heads.
     """
     state_dict = _read_state_dict(path)
-    classifiers = model.pretrained_cfg.get("classifier") or ()
-    if isinstance(classifiers, str):
-        classifiers = (classifiers,)
+    cfg = model.pretrained_cfg
+
+    def under(key: str, entry: str) -> bool:
+        prefixes = cfg.get(entry) or ()
+        return any(key.startswith(p + ".") for p in ((prefixes,) if isinstance(prefixes, str) else prefixes))
+
     own = model.state_dict()
-    dropped = [
-        k for k in state_dict
-        if any(k.startswith(c + ".") for c in classifiers) and (k not in own or own[k].shape != state_dict[k].shape)
-    ]
-    if not dropped:
-        model.load_state_dict(state_dict, strict=True)
-        return
-    _logger.info("%s: classifier keys %s do not fit the model and stay freshly initialised", path, dropped)
+    misfit = [k for k in state_dict if k not in own or own[k].shape != state_dict[k].shape]
+    dropped = [k for k in misfit if under(k, "classifier") or (under(k, "train_only") and k not in own)]
     for k in dropped:
         del state_dict[k]
     result = model.load_state_dict(state_dict, strict=False)
-    missing = [k for k in result.missing_keys if not any(k.startswith(c + ".") for c in classifiers)]
+    fresh = [k for k in result.missing_keys if under(k, "classifier") or under(k, "train_only")]
+    missing = [k for k in result.missing_keys if k not in fresh]
     if missing or result.unexpected_keys:
         raise RuntimeError(f"{path} does not match the model: missing {missing}, unexpected {result.unexpected_keys}")
+    if dropped or fresh:
+        _logger.info("%s: %s left out, %s freshly initialised (heads the file or the model has no use for)",
+                     path, dropped, fresh)
 
 
 def get_cam_layer(model: nn.Module) -> nn.Module:

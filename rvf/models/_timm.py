@@ -52,6 +52,10 @@ def create_timm_model(
         RuntimeError: the weights could not be downloaded (offline machine, no hosted
             weights); the message says to pass `pretrained_file=`, the cause is chained.
     """
+    if name.startswith(("hf-hub:", "local-dir:")):  # timm accepts them, but they name weights, not a model
+        raise ValueError(f"'{TIMM_PREFIX}{name}': rvf takes a timm architecture name (e.g. 'timm:resnet18', or "
+                         f"'timm:resnet18.a1_in1k' for a tag's weights); for weights in a file or folder, pass "
+                         f"pretrained_file=<its .safetensors>")
     if not is_timm_model(name):
         close = timm_close_matches(name)
         hint = f" Did you mean {', '.join(TIMM_PREFIX + c for c in close)}?" if close else ""

@@ -33,7 +33,15 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from ._base import AdaptiveMaxPool2d, ClassifierMixin, CoordChannels, HighPassResiduals, init_weights, mlp_pre_logits
+from ._base import (
+    AdaptiveMaxPool2d,
+    ClassifierMixin,
+    CoordChannels,
+    HighPassResiduals,
+    init_weights,
+    mlp_pre_logits,
+    resolve_norm_layer,
+)
 from ._registry import build_model_with_cfg, register_model, scratch_cfg
 
 __all__ = ["AlexNet"]
@@ -53,8 +61,8 @@ class AlexNet(ClassifierMixin, nn.Module):
         num_classes: classifier outputs; 0 leaves `fc` as an identity.
         in_chans: input image channels.
         drop_rate: dropout after each hidden layer of the MLP head.
-        norm_layer: normalisation after every convolution (e.g. `nn.BatchNorm2d`); None for
-            the paper's plain convolutions.
+        norm_layer: normalisation after every convolution (e.g. `nn.BatchNorm2d`, or a timm
+            norm name such as "batchnorm"); None or "none" for the paper's plain convolutions.
         act_layer: activation after every convolution and hidden linear layer.
         pool_size: output size of the head's adaptive max-pool.
         head_hidden_size: width of the two hidden linear layers.
@@ -74,7 +82,7 @@ class AlexNet(ClassifierMixin, nn.Module):
             num_classes: int = 2,
             in_chans: int = 3,
             drop_rate: float = 0.5,
-            norm_layer: Callable[..., nn.Module] | None = None,
+            norm_layer: Callable[..., nn.Module] | str | None = None,
             act_layer: Callable[..., nn.Module] = nn.ReLU,
             pool_size: int = 2,
             head_hidden_size: int = 1024,
@@ -88,8 +96,9 @@ class AlexNet(ClassifierMixin, nn.Module):
         self.head_hidden_size = head_hidden_size
         if space_to_depth < 1:
             raise ValueError(f"space_to_depth must be >= 1, got {space_to_depth}")
-        if stem_stride not in (2, 4):
-            raise ValueError(f"stem_stride must be 2 or 4, got {stem_stride}")
+        if isinstance(stem_stride, bool) or stem_stride not in (2, 4):
+            raise ValueError(f"stem_stride must be 2 or 4, got {stem_stride!r}")
+        norm_layer = resolve_norm_layer(norm_layer, "alexnet")
         if stem_stride != 4:  # floor((S + 8 - 11) / 2) == floor((2S + 4 - 11) / 4) for every even S
             out_chs, kernel, _, _ = cfg[0]
             cfg = [(out_chs, kernel, stem_stride, 4), *cfg[1:]]

@@ -11,14 +11,15 @@ compatibility, and the seed's version was written for 64x64 inputs only. Here:
     - Every convolution is followed by BatchNorm (`norm_layer`, as in torchvision; the
       paper predates BatchNorm and needed its auxiliary heads to train 22 layers).
       `norm_layer="none"` (e.g. `model_args: {norm_layer: none}` in a config) gives the
-      paper's plain convolutions; any other name is timm's (`batchnorm`, `groupnorm`...).
+      paper's plain convolutions; any other name is timm's (`batchnorm`, `layernorm2d`...).
     - The 5x5 branch is a real 5x5 convolution, as in the paper.
     - Max-pools use `ceil_mode` (as torchvision), so a 32 px input still reaches inception5b
       at 1x1; 64 px gives 2x2 there, 256 px gives 8x8. Global average pooling before the
       classifier makes the head independent of the input size.
     - The auxiliary heads (off by default: `aux_logits=True`) average-pool to 4x4 with an
-      adaptive pool, which equals the paper's 5x5 stride-3 pool at 224 px and still works
-      on the 4x4 map a 64 px input gives. In training mode `forward` then returns
+      adaptive pool, as torchvision does: at 224 px it gives the 4x4 grid of the paper's 5x5
+      stride-3 pool (from windows 4-5 px wide, not the paper's 5), and it still works on the
+      4x4 map a 64 px input gives. In training mode `forward` then returns
       `(logits, aux1, aux2)`; the paper weights the auxiliary losses by 0.3. In eval mode
       it returns the logits only.
     - `stem_stride=1` drops conv1's stride 2 (the paper's), so an S px face gets the grid a
@@ -30,10 +31,9 @@ from collections import OrderedDict
 from collections.abc import Callable
 
 import torch
-from timm.layers import get_norm_layer
 from torch import nn
 
-from ._base import init_weights
+from ._base import init_weights, resolve_norm_layer
 from ._registry import build_model_with_cfg, init_classifier, register_model, scratch_cfg
 
 __all__ = ["GoogLeNet"]
@@ -85,11 +85,8 @@ class Inception(nn.Module):
         c5_reduce: 1x1 reduction before the 5x5 convolution.
         c5: 5x5 branch channels.
         pool_proj: 1x1 projection after the 3x3 max-pool.
-        norm_layer: normalisation after every convolution: a module class, a timm norm name
-            ("batchnorm", "groupnorm"...), or None / "none" for plain convolutions.
+        norm_layer: normalisation after every convolution (a module class), or None for plain ones.
         act_layer: activation after every convolution.
-        init_std: None for Kaiming (fan_in) init; a float draws every conv and linear from
-            N(0, init_std), as torchvision's GoogLeNet does with 0.01 (see `_base.init_weights`).
     """
 
     def __init__(
@@ -153,20 +150,6 @@ class InceptionAux(nn.Module):
         return self.fc(x)  # (B, num_classes)
 
 
-def _resolve_norm(norm_layer):
-    # A string lets a YAML config choose: `create_model` drops kwargs that are None, so None
-    # itself cannot travel through `model_args`.
-    if not isinstance(norm_layer, str):
-        return norm_layer
-    if norm_layer.lower() in ("", "none"):
-        return None
-    try:
-        return get_norm_layer(norm_layer)
-    except (KeyError, ValueError, AssertionError) as e:
-        raise ValueError(f"inception_v1: unknown norm_layer {norm_layer!r} (use 'none', 'batchnorm', "
-                         f"'groupnorm' or another timm norm name)") from e
-
-
 class GoogLeNet(nn.Module):
     """GoogLeNet / Inception v1 with optional auxiliary heads.
 
@@ -178,7 +161,7 @@ class GoogLeNet(nn.Module):
         aux_logits: add the two auxiliary classifiers (after inception4a and 4d).
         aux_drop_rate: dropout in the auxiliary classifiers.
         norm_layer: normalisation after every convolution: a module class, a timm norm name
-            ("batchnorm", "groupnorm"...), or None / "none" for plain convolutions.
+            ("batchnorm", "layernorm2d"...), or None / "none" for plain convolutions.
         act_layer: activation after every convolution.
         init_std: None for Kaiming (fan_in) init; a float draws every conv and linear from
             N(0, init_std).
@@ -202,7 +185,7 @@ class GoogLeNet(nn.Module):
         super().__init__()
         if stem_stride not in (1, 2):
             raise ValueError(f"stem_stride must be 1 or 2, got {stem_stride}")
-        norm_layer = _resolve_norm(norm_layer)
+        norm_layer = resolve_norm_layer(norm_layer, "inception_v1")
         self.init_std = init_std
         dd = dict(norm_layer=norm_layer, act_layer=act_layer)
         self.num_classes = num_classes
@@ -308,7 +291,8 @@ def _create_inception(variant: str, pretrained: bool = False, **kwargs) -> GoogL
     return build_model_with_cfg(GoogLeNet, variant, pretrained, pretrained_cfg, cfg=cfgs[variant], **kwargs)
 
 
-default_cfgs = {"inception_v1": scratch_cfg("inception5b")}
+# The auxiliary heads only train: a weights file with or without them fits a model without or with.
+default_cfgs = {"inception_v1": scratch_cfg("inception5b", train_only=("aux1", "aux2"))}
 
 
 @register_model

@@ -44,7 +44,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from ._base import AdaptiveMaxPool2d, ClassifierMixin, CoordChannels, init_weights, mlp_pre_logits
+from ._base import AdaptiveMaxPool2d, ClassifierMixin, CoordChannels, init_weights, mlp_pre_logits, resolve_norm_layer
 from ._registry import build_model_with_cfg, register_model, scratch_cfg
 
 __all__ = ["VGG"]
@@ -64,8 +64,8 @@ class VGG(ClassifierMixin, nn.Module):
         num_classes: classifier outputs; 0 leaves `fc` as an identity.
         in_chans: input image channels.
         drop_rate: dropout after each hidden layer of the MLP head.
-        norm_layer: normalisation after every convolution (e.g. `nn.BatchNorm2d`); None for
-            the paper's plain convolutions.
+        norm_layer: normalisation after every convolution (e.g. `nn.BatchNorm2d`, or a timm
+            norm name such as "batchnorm"); None or "none" for the paper's plain convolutions.
         act_layer: activation after every convolution and hidden linear layer.
         pool_size: output size of the head's adaptive max-pool.
         head_hidden_size: width of the two hidden linear layers.
@@ -83,7 +83,7 @@ class VGG(ClassifierMixin, nn.Module):
             num_classes: int = 2,
             in_chans: int = 3,
             drop_rate: float = 0.5,
-            norm_layer: Callable[..., nn.Module] | None = None,
+            norm_layer: Callable[..., nn.Module] | str | None = None,
             act_layer: Callable[..., nn.Module] = nn.ReLU,
             pool_size: int = 2,
             head_hidden_size: int = 1024,
@@ -99,6 +99,12 @@ class VGG(ClassifierMixin, nn.Module):
         if coords:
             layers.append(CoordChannels())
             prev_chs += CoordChannels.out_extra
+        norm_layer = resolve_norm_layer(norm_layer, "vgg")
+        if not isinstance(first_pool, bool):
+            raise ValueError(f"first_pool must be true or false, got {first_pool!r}")
+        if init_std is not None and norm_layer is None:
+            raise ValueError("init_std is for vgg16_bn: without BatchNorm to restore the signal's scale, N(0, "
+                             f"{init_std}) weights shrink it at every layer (plain vgg16 uses Kaiming)")
         if not first_pool:
             first = cfg.index("M")
             cfg = cfg[:first] + cfg[first + 1:]
