@@ -72,10 +72,10 @@ def main(args) -> int:
     if not configs and not args.leaderboard_only:
         print("error: pass --configs FILE... (or --leaderboard-only to rebuild the leaderboard)", file=sys.stderr)
         return 2
-    # All of them checked before the first trains: a typo in the last must not wait hours.
-    def done(cfg: Path) -> bool:
+    def done(cfg: Path) -> bool:  # a finished run that --skip-done keeps
         return args.skip_done and (args.output_root / cfg.stem / "metrics.json").is_file()
 
+    # All of them checked before the first trains: a typo in the last must not wait hours.
     problems = []
     for cfg in configs:
         try:
