@@ -2,11 +2,13 @@
 
 Usage:
     python benchmarks/api_latency.py [--models lenet alexnet resnet50] [--n 50] [--gradcam] [--threads 1]
+                                     [--output benchmarks/results/api_latency-cpu.md]
 
 For each model it saves a random-weight checkpoint at the model's own input size, builds the
 app with `create_app`, warms up, then times `--n` requests through Flask's test client (the
 whole request: multipart parsing, decode, resize, forward, JSON; no network). It prints
-p50/p90/mean in milliseconds and the CPU or GPU it ran on.
+p50/p90/mean in milliseconds and the CPU or GPU it ran on, and with `--output` writes the same
+table, headed by its command, to a Markdown file.
 """
 
 import sys
@@ -31,6 +33,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser.add_argument("--gradcam", action="store_true", help="ask for a Grad-CAM overlay too")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--output", type=Path, help="also write the table, with the command, to this Markdown file")
     return parser
 
 
@@ -61,11 +64,11 @@ def main(args) -> int:
         torch.set_num_threads(args.threads)
     data, name = sample_jpeg()
     query = "?gradcam=1" if args.gradcam else ""
-    print(f"POST /api/predict{query}, one {name} ({len(data) / 1000:.0f} KB); {args.n} requests after "
-          f"{args.warmup} warm-up; {device_name(args.device)}, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads")
-    print("| model | input | p50 ms | p90 ms | mean ms |")
-    print("|---|---|---|---|---|")
+    lines = [f"POST /api/predict{query}, one {name} ({len(data) / 1000:.0f} KB); {args.n} requests after "
+             f"{args.warmup} warm-up; {device_name(args.device)}, torch {torch.__version__}, "
+             f"{torch.get_num_threads()} threads, {time.strftime('%Y-%m-%d')}",
+             "", "| model | input | p50 ms | p90 ms | mean ms |", "|---|---|---|---|---|"]
+    print("\n".join(lines), flush=True)
     for model_name in args.models:
         with tempfile.TemporaryDirectory() as tmp:
             torch.manual_seed(0)
@@ -86,8 +89,12 @@ def main(args) -> int:
                 if i >= args.warmup:
                     times.append(dt * 1000)
         q = statistics.quantiles(times, n=10)
-        print(f"| {model_name} | {data_cfg.image_size} px | {statistics.median(times):.1f} | {q[8]:.1f} | "
-              f"{statistics.fmean(times):.1f} |")
+        lines.append(f"| {model_name} | {data_cfg.image_size} px | {statistics.median(times):.1f} | {q[8]:.1f} | "
+                     f"{statistics.fmean(times):.1f} |")
+        print(lines[-1], flush=True)
+    if args.output:
+        command = "python benchmarks/api_latency.py " + " ".join(sys.argv[1:])
+        args.output.write_text(f"`{command}`\n\n" + "\n".join(lines) + "\n")
     return 0
 
 

@@ -188,3 +188,13 @@ def test_peak_sampler_sees_a_child_process_memory():
         child.kill()
         child.wait()
     assert tree_rss(child.pid) == 0  # a process that is gone counts nothing
+
+
+def test_api_latency_writes_its_table_with_the_command(tmp_path):
+    out = tmp_path / "latency.md"
+    r = subprocess.run([sys.executable, "benchmarks/api_latency.py", "--models", "lenet", "--n", "3", "--warmup", "1",
+                        "--output", str(out)], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-2000:]
+    text = out.read_text()
+    assert text.startswith("`python benchmarks/api_latency.py --models lenet --n 3")
+    assert "| model | input | p50 ms |" in text and "| lenet | 64 px |" in text
