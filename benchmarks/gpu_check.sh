@@ -17,8 +17,8 @@
 #      ZOO_MODES="auto eager" for both: the sum of their train_seconds (goal <= 60 s).
 # Measured 2026-11-28 on one H100 (eager only, before rvf.step existed): 445 s of wall time.
 # Scale it down to try it on a CPU: N_TRAIN=70 EPOCHS=1 DEVICE=cpu MP=no ZOO_MODES=eager bash benchmarks/gpu_check.sh
-# It leaves the synthetic data and runs in /tmp/rvf-synthetic and /tmp/rvf-gpu-check (1.2 GB even
-# scaled down as above) for a second look: rm -rf them when done.
+# It leaves the synthetic data and runs in /tmp/rvf-synthetic and /tmp/rvf-gpu-check for a second
+# look: rm -rf them when done.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu-check}

@@ -813,7 +813,9 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> di
                 kept = f" {out} keeps the best model and the saved state of the epochs before." if epoch else ""
                 raise DivergedError(f"epoch {epoch + 1}: training diverged (train loss {stats['loss']:.4g}); lower lr, "
                                     f"set grad_clip, or train in fp32 (--mixed-precision no).{kept}")
-            hold = (classification_metrics(labels, probs, loss=loss) if selecting
+            # Scored at the threshold this epoch's model would be saved with (accuracy: at 0.5).
+            threshold = calibrate_threshold(labels, probs[:, 0]) if selecting else 0.5
+            hold = (classification_metrics(labels, probs, threshold=threshold, loss=loss) if selecting
                     else {"accuracy": float("nan"), "loss": float("nan")})
             row = {"epoch": epoch + 1, "train_loss": stats["loss"], "train_accuracy": stats["accuracy"],
                    "holdout_loss": hold["loss"], "holdout_accuracy": hold["accuracy"],
@@ -828,9 +830,6 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> di
             improved = run["best_score"] is None or score > run["best_score"]
             if improved:
                 run["best_score"], run["best_epoch"] = score, epoch + 1
-                threshold = calibrate_threshold(labels, probs[:, 0]) if selecting else 0.5
-                if selecting:  # the holdout figures saved with the model: at the threshold it will use
-                    hold = classification_metrics(labels, probs, threshold=threshold, loss=loss)
                 if accelerator.is_main_process:
                     save_pretrained(out, eval_net, {
                         "model_name": cfg.model, "model_args": model_args, "data_config": data_cfg.to_dict(),
