@@ -284,7 +284,7 @@ def check_input_size(model: nn.Module, name: str, image_size: int, crop_size: in
 
 def train_one_epoch(model, loader, transform, train_step: TrainStep, scheduler, accelerator, cfg,
                     epoch: int, ema=None, step: int = 0, mixup=None, teachers=None) -> tuple[dict, int]:
-    """Train for one epoch; return ({loss, accuracy, images_per_second}, global step).
+    """Train for one epoch; return ({loss, accuracy, lr, images_per_second, seconds}, global step).
 
     `train_step` runs forward, loss, backward and the optimizer step on each batch (an
     `rvf.step.TrainStep`, eager, or a CUDA graph replayed). It outlives the epoch: a graph is
@@ -307,6 +307,7 @@ def train_one_epoch(model, loader, transform, train_step: TrainStep, scheduler, 
     bar = tqdm(total=len(loader), desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch", leave=False,
                disable=not accelerator.is_local_main_process, dynamic_ncols=True)
     shown = _AsyncStats(device)
+    lr = scheduler.get_last_lr()[0]
     t0 = time.perf_counter()
     for i, (images, labels) in enumerate(loader):
         if not len(labels):  # skip_bad without the cache: every image of this batch was unreadable
@@ -323,6 +324,7 @@ def train_one_epoch(model, loader, transform, train_step: TrainStep, scheduler, 
             targets = distill_targets(targets, teacher_probs, cfg.distill_weight, teacher_probs.shape[1],
                                       smoothing=cfg.label_smoothing)
         loss, logits = train_step(x, targets)  # forward, loss, backward, (clip), optimizer step
+        lr = scheduler.get_last_lr()[0]  # what this step used; after `scheduler.step()` it is the next one's
         scheduler.step()
         step += 1
         if ema is not None:
@@ -340,7 +342,7 @@ def train_one_epoch(model, loader, transform, train_step: TrainStep, scheduler, 
                                              torch.tensor(float(seen), device=device)]), "sum")
     loss_t, correct_t, n = totals.tolist()  # waits for the device: the epoch's work is done, not just queued
     seconds = time.perf_counter() - t0
-    return {"loss": loss_t / max(n, 1), "accuracy": correct_t / max(n, 1),
+    return {"loss": loss_t / max(n, 1), "accuracy": correct_t / max(n, 1), "lr": float(lr),
             "images_per_second": n / seconds, "seconds": seconds}, step
 
 
@@ -820,7 +822,7 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> di
             row = {"epoch": epoch + 1, "train_loss": stats["loss"], "train_accuracy": stats["accuracy"],
                    "holdout_loss": hold["loss"], "holdout_accuracy": hold["accuracy"],
                    "holdout_roc_auc": hold.get("roc_auc", float("nan")),
-                   "lr": optimizer.param_groups[0]["lr"], "images_per_second": stats["images_per_second"]}
+                   "lr": stats["lr"], "images_per_second": stats["images_per_second"]}
             run["history"].append(row)
             # Without a holdout slice the tracker gets no holdout series at all, rather than NaNs.
             logged = {k: v for k, v in row.items() if k != "epoch" and (selecting or not k.startswith("holdout_"))}

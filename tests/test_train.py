@@ -269,14 +269,22 @@ def test_resume_is_exact(data_dir, tmp_path, device_data):
     assert all(np.allclose(wa[k].numpy(), wb[k].numpy(), atol=1e-6) for k in wa)
 
 
+def test_each_epoch_logs_the_lr_its_steps_trained_with(data_dir, tmp_path):
+    # Step decay by 10x after every epoch: epoch 1 trains at lr, epoch 2 at lr / 10. (The
+    # optimizer's lr after an epoch is the next step's: it logged lr / 10 and lr / 100.)
+    m = train(_cfg(data_dir, tmp_path, epochs=2, scheduler="step", step_size=1, gamma=0.1))
+    assert [h["lr"] for h in m["history"]] == pytest.approx([1e-3, 1e-4], rel=1e-9)
+
+
 def test_a_longer_resume_continues_the_schedule_it_now_has(data_dir, tmp_path):
     # --resume RUN --epochs 3 on a finished 2-epoch cosine run: the rest of a 3-epoch cosine
     # (ending at min_lr), not the 2-epoch cosine's next period climbing back to the peak.
     cfg = _cfg(data_dir, tmp_path, epochs=2, scheduler="cosine", min_lr=1e-5)
     train(cfg)
     resumed = train(cfg.replace(epochs=3), resume=True)
-    assert resumed["history"][-1]["lr"] == pytest.approx(1e-5)
-    assert max(h["lr"] for h in resumed["history"]) <= cfg.lr
+    fresh = train(cfg.replace(epochs=3, output_dir=str(tmp_path / "fresh")))
+    assert resumed["history"][-1]["lr"] == pytest.approx(fresh["history"][-1]["lr"], rel=1e-9)
+    assert resumed["history"][-1]["lr"] < resumed["history"][-2]["lr"] < cfg.lr
     # A lower --epochs trains nothing, and the run still says it has 3
     again = train(cfg.replace(epochs=1), resume=True)
     assert again["epochs"] == 3 and len(again["history"]) == 3
@@ -813,7 +821,10 @@ def test_two_processes_on_the_dataloader_path_share_out_one_shuffle(data_dir, tm
     for e in epochs:
         assert e["draws"] == 24 and e["distinct"] == 18  # 12 + 12: the second process's batch wraps around
     m = json.loads((out / "metrics.json").read_text())
-    assert m["num_processes"] == 2 and m["history"][-1]["lr"] == pytest.approx(1e-5)  # the cosine ran to its end
+    # A 4-step cosine as one process counts them, 2 a step: epoch 2's one step trains halfway down
+    # (a schedule counting other steps, or a process left idle, moves it).
+    assert m["num_processes"] == 2
+    assert [h["lr"] for h in m["history"]] == pytest.approx([1e-3, 1e-5 + (1e-3 - 1e-5) / 2], rel=1e-9)
 
 
 @pytest.mark.skipif(not SHARED_MINI.is_dir(), reason=f"{SHARED_MINI} not present (rvf10k-mini ships with CI only)")
