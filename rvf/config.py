@@ -118,6 +118,10 @@ class TrainConfig:
     # the whole uint8 train split on the device, batches indexed there; None: on for GPUs, and
     # on a CPU for splits up to 256 MB
     device_data: Optional[bool] = None
+    # torch threads per training process on a CPU. None: OMP_NUM_THREADS where it asks for more
+    # than 1, else the process's share of the physical cores (`accelerate launch` and torchrun
+    # set OMP_NUM_THREADS=1 when not told otherwise: one core of 2 trained, 1.7x slower).
+    cpu_threads: Optional[int] = None
     fused_optimizer: bool = True  # torch's fused optimizer kernel where there is one (adam, adamw, sgd...)
     # Record each training step (forward, backward, optimizer) once as a CUDA graph and replay it:
     # one launch per step instead of hundreds, for small models the host cannot feed fast
@@ -216,7 +220,7 @@ _CHOICES = {
 }
 _PROBABILITIES = ("hflip", "erase", "mixup_prob", "label_smoothing", "downscale", "distill_weight")
 _AT_LEAST_ONE = ("epochs", "batch_size", "eval_batch_size", "step_size", "subset", "image_size", "log_every",
-                 "num_sample_preds")
+                 "num_sample_preds", "cpu_threads")
 _NOT_NEGATIVE = ("lr", "weight_decay", "momentum", "warmup_epochs", "min_lr", "gamma", "aux_weight",
                  "brightness", "contrast", "translate", "num_workers", "grad_clip")
 
@@ -269,7 +273,8 @@ _ALIASES = {"opt": "optimizer", "learning_rate": "lr", "clip_grad": "grad_clip",
             "lr_scheduler_type": "scheduler", "num_train_epochs": "epochs", "per_device_train_batch_size": "batch_size",
             "wd": "weight_decay", "mixup_alpha": "mixup", "cutmix_alpha": "cutmix", "warmup": "warmup_epochs",
             "drop": "model_args ({drop_rate: ...} for timm models)", "drop_rate": "model_args ({drop_rate: ...})",
-            "amp": "mixed_precision", "workers": "num_workers", "data": "data_dir", "output": "output_dir"}
+            "amp": "mixed_precision", "workers": "num_workers", "threads": "cpu_threads",
+            "num_threads": "cpu_threads", "data": "data_dir", "output": "output_dir"}
 
 
 def _apply(cfg: TrainConfig, changes: dict, source: str) -> TrainConfig:

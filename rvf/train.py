@@ -11,6 +11,7 @@ several GPUs with DDP; how it is launched lives in `accelerate_config.yaml` and
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -132,6 +133,39 @@ def _loader(dataset, batch_size: int, cfg: TrainConfig, train: bool, num_process
 
 def _cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+# How torchrun (LOCAL_WORLD_SIZE) and MPI launchers (Accelerate's multi-CPU path) say how many
+# processes share this machine.
+_LOCAL_SIZE_VARS = ("LOCAL_WORLD_SIZE", "MPI_LOCALNRANKS", "OMPI_COMM_WORLD_LOCAL_SIZE", "MV2_COMM_WORLD_LOCAL_SIZE")
+
+
+def cpu_threads(requested: int | None, num_processes: int) -> tuple[int, str | None]:
+    """torch's intra-op threads for one training process on the CPU, and a note when rvf chose
+    them over OMP_NUM_THREADS.
+
+    `requested` (the `cpu_threads` key) wins. Otherwise OMP_NUM_THREADS does, unless it is unset
+    or 1: `accelerate launch` sets 1 when it was not given `--num_cpu_threads_per_process`, and
+    torchrun sets 1 for several processes, so a plain `accelerate launch scripts/train.py` left
+    every core but one idle (an AlexNet+BN step at 64 px: 1.7x slower on 2 cores). Then each
+    process takes its share of the physical cores it may run on.
+    """
+    if requested:
+        return requested, None
+    omp = os.environ.get("OMP_NUM_THREADS", "").strip()
+    if omp not in ("", "1"):
+        return torch.get_num_threads(), None  # asked for: torch read it at start-up
+    local = next((int(v) for k in _LOCAL_SIZE_VARS if (v := os.environ.get(k, "")).isdigit() and int(v) > 0),
+                 num_processes)
+    cores = _cores()
+    with contextlib.suppress(ImportError, TypeError):  # psutil comes with Accelerate; None where it cannot tell
+        import psutil
+
+        cores = max(1, cores * psutil.cpu_count(logical=False) // (os.cpu_count() or cores))  # hyperthreads: 1 a core
+    threads = max(1, cores // local)
+    note = (f"OMP_NUM_THREADS=1 (a launcher's default) overridden: {threads} threads for this process "
+            "(set cpu_threads to choose)" if omp == "1" and threads > 1 else None)
+    return threads, note
 
 
 # ----------------------------------------------------------------------------- optimisation
@@ -656,6 +690,18 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> di
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.seed,
                                                   non_blocking=torch.cuda.is_available()),
     )
+    threads_note, threads_text = None, ""
+    if accelerator.device.type == "cpu":
+        threads, threads_note = cpu_threads(cfg.cpu_threads, accelerator.num_processes)
+        torch.set_num_threads(threads)
+        threads_text = f", {threads} thread{'s' * (threads > 1)}"
+    if accelerator.num_processes == 1 and "MASTER_ADDR" in os.environ and "WORLD_SIZE" not in os.environ:
+        # `accelerate launch --num_processes N` without --multi_gpu (or with --cpu) exports the
+        # rendezvous address for N processes but starts one, and says nothing.
+        log.warning("the launcher asked for several processes but started one: `accelerate launch` starts "
+                    "several only with --multi_gpu on GPUs, or through MPI (--mpirun_hostfile) on CPUs; "
+                    "for CPU processes on one machine: ACCELERATE_USE_CPU=1 torchrun --nproc_per_node N "
+                    "scripts/train.py ...")
     replace = False
     if accelerator.is_main_process:
         replace = prepare_output_dir(out, resume, overwrite)
@@ -786,11 +832,12 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> di
             atomic_write_text(out / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         accelerator.init_trackers(project, config=tracking.tracker_config(cfg.to_dict(), log_with),
                                   init_kwargs=init_kwargs)
-        if tracker_note:
-            accelerator.print(tracker_note)
+        for note in (tracker_note, threads_note):
+            if note:
+                accelerator.print(note)
         n_params = count_parameters(net)
         accelerator.print(f"model: {cfg.model} | {n_params / 1e6:.2f} M params | {accelerator.device} "
-                          f"({device_name(accelerator.device)}) x {accelerator.num_processes} | "
+                          f"({device_name(accelerator.device)}) x {accelerator.num_processes}{threads_text} | "
                           f"precision {accelerator.mixed_precision}" + (" | CUDA graph" if use_graph else "")
                           + (f" | distilling {len(teachers.models)} teacher(s), weight {cfg.distill_weight}"
                              if teachers is not None else ""))
@@ -861,6 +908,7 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> di
                               if run["history"] else None),
         "params": n_params, "image_size": data_cfg.image_size, "counts": splits.counts,
         "device": device_name(accelerator.device), "num_processes": accelerator.num_processes,
+        "cpu_threads": torch.get_num_threads() if accelerator.device.type == "cpu" else None,
         "mixed_precision": accelerator.mixed_precision, "device_data": bool(device_data),
         # Whether the step really replayed a graph: `cuda_graph: null` falls back to eager steps
         # when the capture fails, and a benchmark must not credit the graph for those.

@@ -9,11 +9,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from safetensors.torch import load_file
 from synth import SHARED_MINI, make_folder_dataset
 
 from rvf.config import TrainConfig
-from rvf.train import RunDirError, latest_state, train
+from rvf.train import RunDirError, cpu_threads, latest_state, train
 
 ROOT = Path(__file__).resolve().parents[1]
 REPORTS = ["model.safetensors", "model.json", "framing.safetensors", "config.yaml", "metrics.json",
@@ -105,6 +106,63 @@ def test_a_holdout_tie_goes_to_the_lower_loss(data_dir, tmp_path, monkeypatch):
     assert [h["holdout_loss"] for h in m["history"]] == [0.9, 0.3, 0.5, 0.1]
     assert m["best_epoch"] == 2  # epoch 4's loss is lower, but its accuracy is too
     assert json.loads((tmp_path / "run" / "model.json").read_text())["epoch"] == 2
+
+
+def test_cpu_threads_take_the_cores_a_launcher_left_idle(monkeypatch):
+    import psutil
+
+    import rvf.train as rt
+
+    monkeypatch.setattr(rt, "_cores", lambda: 8)
+    monkeypatch.setattr(rt.os, "cpu_count", lambda: 8)
+    monkeypatch.setattr(psutil, "cpu_count", lambda logical=True: 8)
+    for var in rt._LOCAL_SIZE_VARS:
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # what `accelerate launch` exports when not told
+    threads, note = cpu_threads(None, 1)
+    assert threads == 8 and "OMP_NUM_THREADS=1" in note and "cpu_threads" in note
+    assert cpu_threads(None, 2)[0] == 4  # two processes share the machine
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # torchrun: 4 of the 8 processes are on this machine
+    assert cpu_threads(None, 8)[0] == 2
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")
+    monkeypatch.setattr(psutil, "cpu_count", lambda logical=True: 8 if logical else 4)
+    assert cpu_threads(None, 1)[0] == 4  # one thread per physical core, not per hyperthread
+    assert cpu_threads(3, 1) == (3, None)  # the key wins
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")  # asked for: torch read it at start-up
+    assert cpu_threads(None, 1) == (torch.get_num_threads(), None)
+    monkeypatch.delenv("OMP_NUM_THREADS")  # torch's own default: no note
+    assert cpu_threads(None, 1) == (4, None)
+
+
+def test_training_on_the_cpu_sets_its_threads(data_dir, tmp_path, monkeypatch):
+    before = torch.get_num_threads()
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    try:
+        torch.set_num_threads(1)
+        m = train(_cfg(data_dir, tmp_path / "auto", epochs=1))
+        assert torch.get_num_threads() == m["cpu_threads"] == cpu_threads(None, 1)[0]
+        m = train(_cfg(data_dir, tmp_path / "one", epochs=1, cpu_threads=1))
+        assert torch.get_num_threads() == m["cpu_threads"] == 1
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.slow
+def test_accelerate_launch_says_it_started_one_process_of_two(data_dir, tmp_path, monkeypatch):
+    # `accelerate launch --cpu --num_processes 2` starts one process (CPU processes need MPI)
+    # with OMP_NUM_THREADS=1: the run says so, and trains on its share of the cores anyway.
+    out = tmp_path / "run"
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    r = _run([*launch, "scripts/train.py", "--data-dir", str(data_dir), "--output-dir", str(out), "--epochs", "1",
+              "--image-size", "32", "--batch-size", "8", "--tracker", "none", "--set", "holdout=0.25"],
+             tmp_path, OMP_NUM_THREADS="1")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "asked for several processes but started one" in r.stderr and "torchrun" in r.stderr
+    assert json.loads((out / "metrics.json").read_text())["num_processes"] == 1
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    threads = cpu_threads(None, 1)[0]
+    assert f"x 1, {threads} thread{'s' * (threads > 1)} |" in r.stdout
 
 
 def test_trains_with_only_what_the_gpu_image_has(data_dir, tmp_path, monkeypatch):
