@@ -18,6 +18,7 @@ import os
 import re
 import shutil
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -51,8 +52,8 @@ from rvf.metrics import calibrate_threshold, classification_metrics
 from rvf.step import TrainStep, build_train_step, cuda_graph_problems, set_capturable
 from rvf.utils import atomic_write_text, count_parameters, device_name, predict_logits, resolve_mixed_precision
 
-__all__ = ["RunDirError", "Splits", "load_splits", "build_ema", "build_mixup", "build_optimizer", "build_scheduler",
-           "evaluate", "train_one_epoch", "train"]
+__all__ = ["RunDirError", "Splits", "all_or_none", "load_splits", "build_ema", "build_mixup", "build_optimizer",
+           "build_scheduler", "evaluate", "train_one_epoch", "train"]
 
 log = logging.getLogger(__name__)
 
@@ -494,6 +495,9 @@ def prepare_output_dir(out: Path, resume: bool, overwrite: bool) -> bool:
     holds_run = run_exists(out)
     if resume and not holds_run:
         raise RunDirError(f"--resume {out}: no run there to resume (no config.yaml)")
+    if resume and latest_state(out) is None:
+        aside = f" (the run it was replacing is in {out / REPLACED_DIR})" if (out / REPLACED_DIR).is_dir() else ""
+        raise RunDirError(f"--resume {out}: no complete saved state under {out / STATE_DIR}{aside}")
     if holds_run and not (resume or overwrite):
         raise RunDirError(f"output dir {out} already holds a run; pass --resume {out} to continue it "
                           f"or --overwrite to replace it")
@@ -640,6 +644,72 @@ def save_run_state(accelerator, out: Path, epoch: int, run: dict) -> None:
     accelerator.wait_for_everyone()
 
 
+# ----------------------------------------------------------------------------- processes
+
+@contextmanager
+def all_or_none(accelerator, main_first: bool = False):
+    """Stop every process if the block raises in any of them, with one error to print.
+
+    A process that leaves on an error of its own strands the others at the next barrier or
+    collective until it is gone; each then dies on a gloo/NCCL "connection closed" traceback
+    of its own (or on the launcher's SIGTERM), after the one line that says what was wrong.
+    Here the processes compare notes at the end of the block (one `gather_object`) and all
+    raise: the main process its own error or, if it had none, the first other process's (by
+    rank, its traceback attached as a note); the others their own, or that same first one,
+    marked `reported_elsewhere` for the caller to print nothing. The main process logs any
+    other error a process hit, so what one process saw alone is never lost.
+
+    Args:
+        accelerator: the run's Accelerator; with one process the block runs as it would bare.
+        main_first: the main process runs the block first (it decodes the cache the others then
+            map), and the others do not start it if it failed there.
+    """
+    if accelerator.num_processes == 1:
+        yield
+        return
+    main = accelerator.is_main_process
+    if main_first and not main:
+        _raise_if_any(accelerator, None)  # pairs with the main process's first call below
+    error = None
+    try:
+        yield
+    except Exception as e:  # anything: a bug stops the others as surely as a typo does
+        error = e
+    if main_first and main:
+        _raise_if_any(accelerator, error)
+    _raise_if_any(accelerator, error)
+
+
+def _raise_if_any(accelerator, error: Exception | None) -> None:
+    """Gather each process's error (or None) and raise on every process if any was one (see `all_or_none`)."""
+    import pickle
+    import traceback
+
+    from accelerate.utils import gather_object
+
+    sent = error
+    if error is not None:
+        try:  # the others must be able to rebuild it, or the gather fails in them alone
+            sent = pickle.loads(pickle.dumps(error))
+        except Exception:
+            sent = RuntimeError(f"{type(error).__name__}: {error}")
+        if not accelerator.is_main_process:  # where a bug was, for the main process's traceback
+            sent.add_note(f"raised in process {accelerator.process_index}:\n"
+                          + "".join(traceback.format_exception(error)).rstrip())
+    errors = gather_object([sent])  # [rank 0's, rank 1's, ...]
+    failed = [(rank, e) for rank, e in enumerate(errors) if e is not None]
+    if not failed:
+        return
+    first = failed[0][1]
+    if accelerator.is_main_process:
+        for rank, e in failed:
+            if str(e) != str(first):
+                log.error("process %d stopped too: %s", rank, e)
+    else:
+        (error if error is not None else first).reported_elsewhere = True
+    raise error if error is not None else first
+
+
 # ----------------------------------------------------------------------------- the loop
 
 def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> dict:
@@ -702,47 +772,54 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> di
                     "several only with --multi_gpu on GPUs, or through MPI (--mpirun_hostfile) on CPUs; "
                     "for CPU processes on one machine: ACCELERATE_USE_CPU=1 torchrun --nproc_per_node N "
                     "scripts/train.py ...")
+    # Every check of the folder, the settings and the model, before any decoding. The main
+    # process alone checks the folder; all_or_none stops the others with it when it fails.
     replace = False
-    if accelerator.is_main_process:
-        replace = prepare_output_dir(out, resume, overwrite)
-        if resume:
-            check_resume_config(out, cfg)
-    accelerator.wait_for_everyone()
-    # Seed before building the model so the seed also fixes the initial weights.
-    set_seed(cfg.seed)
+    with all_or_none(accelerator):
+        if accelerator.is_main_process:
+            replace = prepare_output_dir(out, resume, overwrite)
+            if resume:
+                check_resume_config(out, cfg)
+        if cfg.device_data and not cfg.cache:
+            raise ConfigError("device_data: true needs cache: true (the device holds the decoded uint8 split)")
+        if cfg.skip_bad and not cfg.cache and accelerator.num_processes > 1:
+            # Each process would drop its own bad files, and their batches stop lining up.
+            raise ConfigError("skip_bad with cache: false runs in one process only; with the cache (the default) "
+                              "unreadable images are dropped once, before the split is shared out")
+        if accelerator.gradient_accumulation_steps > 1:
+            # The loop steps the optimizer every batch; Accelerate would still divide each loss.
+            raise ConfigError(f"gradient accumulation ({accelerator.gradient_accumulation_steps} steps, from the "
+                              "Accelerate config) is not supported: raise batch_size, or add processes")
+        # Seed before building the model so the seed also fixes the initial weights.
+        set_seed(cfg.seed)
 
-    # 1) model, and the input pipeline it declares
-    model_args = {"num_classes": len(CLASSES), **cfg.model_args}
-    try:
-        model = create_model(cfg.model, pretrained=cfg.pretrained, pretrained_file=cfg.pretrained_file, **model_args)
-    except (RuntimeError, TypeError, OSError) as e:  # no weights to be had, an unknown model_args key
-        raise ConfigError(f"model {cfg.model!r} (model_args {cfg.model_args}, pretrained {cfg.pretrained}, "
-                          f"pretrained_file {cfg.pretrained_file}): {e}") from e
-    if accelerator.num_processes > 1:
-        # Same weights everywhere, but each process its own augmentation draws (flips, mixing).
-        set_seed(cfg.seed, device_specific=True)
-    data_cfg = resolve_data_config(model, image_size=cfg.image_size, interpolation=cfg.interpolation)
-    input_size = (3, data_cfg.image_size, data_cfg.image_size)
-    check_input_size(model, cfg.model, data_cfg.image_size, cfg.crop_size)
-    if cfg.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    # Teachers are checked (size, holdout slice) here, before any decoding.
-    teachers = load_teachers(cfg, data_cfg, CLASSES, accelerator.device, channels_last=cfg.channels_last)
+        # 1) model, and the input pipeline it declares
+        model_args = {"num_classes": len(CLASSES), **cfg.model_args}
+        try:
+            model = create_model(cfg.model, pretrained=cfg.pretrained, pretrained_file=cfg.pretrained_file,
+                                 **model_args)
+        except (RuntimeError, TypeError, OSError) as e:  # no weights to be had, an unknown model_args key
+            raise ConfigError(f"model {cfg.model!r} (model_args {cfg.model_args}, pretrained {cfg.pretrained}, "
+                              f"pretrained_file {cfg.pretrained_file}): {e}") from e
+        if accelerator.num_processes > 1:
+            # Same weights everywhere, but each process its own augmentation draws (flips, mixing).
+            set_seed(cfg.seed, device_specific=True)
+        data_cfg = resolve_data_config(model, image_size=cfg.image_size, interpolation=cfg.interpolation)
+        input_size = (3, data_cfg.image_size, data_cfg.image_size)
+        check_input_size(model, cfg.model, data_cfg.image_size, cfg.crop_size)
+        if cfg.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        # Teachers are checked (size, holdout slice) here, before any decoding.
+        teachers = load_teachers(cfg, data_cfg, CLASSES, accelerator.device, channels_last=cfg.channels_last)
 
     # 2) data: the main process decodes the cache first, the others then map the same file
-    with accelerator.main_process_first():
+    with all_or_none(accelerator, main_first=True):
         splits = load_splits(cfg, data_cfg, progress=accelerator.is_local_main_process)
     eval_bs = cfg.eval_batch_size or 2 * cfg.batch_size
     # On a GPU (and on a CPU for a small split) the whole uint8 train split lives on the device
     # and batches are indexed there: no DataLoader, no per-step copy (rvf.data.device_loader).
     fit_bytes = splits.fit.nbytes if cfg.cache else 0  # no cache: a per-file Subset, never resident
     device_data = use_device_data(cfg.device_data, accelerator.device, fit_bytes, cache=cfg.cache)
-    if device_data and not cfg.cache:
-        raise ConfigError("device_data: true needs cache: true (the device holds the decoded uint8 split)")
-    if cfg.skip_bad and not cfg.cache and accelerator.num_processes > 1:
-        # Each process would drop its own bad files, and their batches stop lining up.
-        raise ConfigError("skip_bad with cache: false runs in one process only; with the cache (the default) "
-                          "unreadable images are dropped once, before the split is shared out")
     if device_data:
         train_loader = DeviceLoader(splits.fit, cfg.batch_size, accelerator.device, seed=cfg.seed,
                                     rank=accelerator.process_index, world_size=accelerator.num_processes)
@@ -790,10 +867,6 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> di
                                    mixed_precision=accelerator.mixed_precision, compile=cfg.compile,
                                    gradient_accumulation_steps=accelerator.gradient_accumulation_steps,
                                    variable_batches=cfg.skip_bad and not cfg.cache, sam=cfg.sam_rho > 0)
-    if accelerator.gradient_accumulation_steps > 1:
-        # The loop steps the optimizer every batch; Accelerate would still divide each loss.
-        raise ConfigError(f"gradient accumulation ({accelerator.gradient_accumulation_steps} steps, from the "
-                          "Accelerate config) is not supported: raise batch_size, or add processes")
     if cfg.cuda_graph and problems:
         raise ConfigError("cuda_graph: true, but a training step cannot be captured here: " + "; ".join(problems))
     use_graph = cfg.cuda_graph is not False and not problems
@@ -810,11 +883,7 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> di
     with ReplacedRun(out, project, replace=replace, main=accelerator.is_main_process) as replaced:
         accelerator.wait_for_everyone()
         if resume:
-            state = latest_state(out)
-            if state is None:
-                aside = (f" (the run it was replacing is in {out / REPLACED_DIR})"
-                         if (out / REPLACED_DIR).is_dir() else "")
-                raise RunDirError(f"--resume {out}: no complete saved state under {out / STATE_DIR}{aside}")
+            state = latest_state(out)  # there is one: prepare_output_dir checked
             accelerator.load_state(str(state))
             set_capturable(optimizer, graph_wanted)  # the saved run may have stepped with or without a graph
             # The optimizer comes back holding the saved run's last lr; take it from the schedule

@@ -102,6 +102,13 @@ def resolve_config(args):
     return cfg
 
 
+def report(e: Exception, *lines: str) -> None:
+    """Print the error's lines, unless another process prints them for this one (`rvf.train.all_or_none`)."""
+    if not getattr(e, "reported_elsewhere", False):
+        for line in lines or (f"error: {e}",):
+            print(line, file=sys.stderr)
+
+
 def main(args) -> int:
     import yaml
 
@@ -119,20 +126,24 @@ def main(args) -> int:
             return 0
         train(cfg, resume=args.resume is not None, overwrite=args.overwrite)
     except (ConfigError, DatasetError, BadImageError, RunDirError, CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        report(e)
         return 2
     except (DivergedError, DownloadError) as e:  # not the input's fault: 1, as download_data.py
-        print(f"error: {e}", file=sys.stderr)
+        report(e)
         return 1
     except ValueError as e:  # e.g. an unknown model name from the factory
-        print(f"error: {e}", file=sys.stderr)
+        report(e)
         return 2
     except OSError as e:  # disk full, permission denied: say which file
-        print(f"error: {e.strerror or e}" + (f" ({e.filename})" if e.filename else ""), file=sys.stderr)
+        lines = [f"error: {e.strerror or e}" + (f" ({e.filename})" if e.filename else "")]
         if e.filename and cfg is not None and cfg.resolved_output_dir().resolve() in Path(e.filename).resolve().parents:
-            print("(writes into the run folder are atomic: the best model and states saved before are intact)",
-                  file=sys.stderr)
+            lines.append("(writes into the run folder are atomic: the best model and states saved before are intact)")
+        report(e, *lines)
         return 1
+    except Exception as e:
+        if getattr(e, "reported_elsewhere", False):  # a bug another process hit: its traceback is printed there
+            return 1
+        raise
     return 0
 
 

@@ -902,6 +902,42 @@ def test_two_processes_on_the_dataloader_path_share_out_one_shuffle(data_dir, tm
     assert [h["lr"] for h in m["history"]] == pytest.approx([1e-3, 1e-5 + (1e-3 - 1e-5) / 2], rel=1e-9)
 
 
+@pytest.mark.slow
+def test_bad_input_stops_two_processes_with_one_message(data_dir, tmp_path):
+    # A check only the main process makes (a resume's batch size: the others used to die at the
+    # next barrier, on gloo's "Connection closed by peer" traceback), and one the main process
+    # meets first (a missing data folder, while the others wait to map its cache). Each process's
+    # stderr goes to its own file (--redirects 2), so the assertions say which process printed what.
+    import re
+
+    cfg = _cfg(data_dir, tmp_path, epochs=1)
+    train(cfg)
+    run = tmp_path / "run"
+    old = _contents(run)
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]  # a free port
+    for name, args, message in (
+            ("resume", ["--resume", str(run), "--epochs", "2", "--batch-size", "4"],
+             f"error: --resume {run}: batch_size 8 -> 4; the saved LR schedule counts"),
+            ("data", ["--output-dir", str(run), "--overwrite", "--data-dir", str(tmp_path / "nowhere"),
+                      "--image-size", "32", "--tracker", "none"],
+             f"error: dataset root {tmp_path / 'nowhere'} does not exist")):
+        logs = tmp_path / f"logs-{name}"
+        r = _run([*launch, "--log-dir", str(logs), "--redirects", "2", "scripts/train.py", *args],
+                 tmp_path, timeout=120, ACCELERATE_USE_CPU="1")
+        stderr = {int(f.parent.name): f.read_text() for f in logs.glob("*/attempt_0/*/stderr.log")}
+        assert sorted(stderr) == [0, 1], r.stderr[-3000:]
+        # The main process says what is wrong, once; the other stops without a word or a traceback.
+        errors = [line for line in stderr[0].splitlines() if line.startswith("error:")]
+        assert len(errors) == 1 and errors[0].startswith(message), stderr
+        assert "Traceback" not in stderr[0] and "Traceback" not in stderr[1] and "error:" not in stderr[1], stderr
+        # torch.distributed.run exits 1 whenever a process fails (its own ChildFailedError
+        # traceback and summary, not ours); the summary lists each process's status: 2, or
+        # SIGTERM (-15) for one it stopped as it was leaving on its own.
+        codes = re.findall(r"exitcode\s*:\s*(-?\d+)", r.stderr)
+        assert r.returncode == 1 and "2" in codes and set(codes) <= {"2", "-15"}, r.stderr[-3000:]
+        assert _contents(run) == old  # neither the resume nor the overwrite touched the run
+
+
 @pytest.mark.skipif(not SHARED_MINI.is_dir(), reason=f"{SHARED_MINI} not present (rvf10k-mini ships with CI only)")
 def test_lenet_learns_rvf10k_mini(tmp_path):
     m = train(TrainConfig(model="lenet", data_dir=str(SHARED_MINI), output_dir=str(tmp_path / "run"),
