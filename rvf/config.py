@@ -120,7 +120,8 @@ class TrainConfig:
     device_data: Optional[bool] = None
     # torch threads per training process on a CPU. None: OMP_NUM_THREADS where it asks for more
     # than 1, else the process's share of the physical cores (`accelerate launch` and torchrun
-    # set OMP_NUM_THREADS=1 when not told otherwise: one core of 2 trained, 1.7x slower).
+    # set OMP_NUM_THREADS=1 when not told otherwise: one core of 2 trained, 1.6x slower;
+    # on cores another job keeps busy, 1 can be faster: benchmarks/cpu_threads.sh).
     cpu_threads: Optional[int] = None
     fused_optimizer: bool = True  # torch's fused optimizer kernel where there is one (adam, adamw, sgd...)
     # Record each training step (forward, backward, optimizer) once as a CUDA graph and replay it:

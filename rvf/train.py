@@ -148,7 +148,7 @@ def cpu_threads(requested: int | None, num_processes: int) -> tuple[int, str | N
     `requested` (the `cpu_threads` key) wins. Otherwise OMP_NUM_THREADS does, unless it is unset
     or 1: `accelerate launch` sets 1 when it was not given `--num_cpu_threads_per_process`, and
     torchrun sets 1 for several processes, so a plain `accelerate launch scripts/train.py` left
-    every core but one idle (an AlexNet+BN step at 64 px: 1.7x slower on 2 cores). Then each
+    every core but one idle (AlexNet+BN at 64 px trained 1.6x slower on 2 cores). Then each
     process takes its share of the physical cores it may run on.
     """
     if requested:
