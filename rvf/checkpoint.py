@@ -26,11 +26,12 @@ from safetensors.torch import save_file
 from rvf.data.transforms import INTERPOLATIONS, DataConfig
 from rvf.utils import atomic_path, atomic_write_text, json_text
 
-__all__ = ["CheckpointError", "WEIGHTS_NAME", "META_NAME", "check_threshold", "save_pretrained", "load_pretrained",
-           "read_meta"]
+__all__ = ["CheckpointError", "WEIGHTS_NAME", "META_NAME", "ENSEMBLE_MANIFEST", "check_threshold", "save_pretrained",
+           "load_pretrained", "read_meta"]
 
 WEIGHTS_NAME = "model.safetensors"
 META_NAME = "model.json"
+ENSEMBLE_MANIFEST = "ensemble.json"  # an ensemble folder's (rvf.ensemble): here, where loading it is decided
 ALLOW_PICKLE_HELP = ("load weights from a .pt/.pth/.ckpt/.bin state dict when the folder has no "
                      "model.safetensors (read with torch.load(weights_only=True)); off by default "
                      "because unpickling a file can run code")

@@ -29,11 +29,12 @@ from pathlib import Path
 
 import numpy as np
 
+from rvf.checkpoint import ENSEMBLE_MANIFEST
 from rvf.metrics import FAKE, calibrate_threshold, classification_metrics, predicted_labels
 
 __all__ = ["MANIFEST", "EnsembleError", "evaluate_ensemble", "read_manifest", "sub_ensembles", "write_manifest"]
 
-MANIFEST = "ensemble.json"
+MANIFEST = ENSEMBLE_MANIFEST
 MANIFEST_KIND = "rvf-ensemble"
 
 
@@ -80,7 +81,7 @@ def evaluate_ensemble(checkpoints: list[str | Path], data_dir: str | Path, outpu
     from rvf import reports
     from rvf.checkpoint import CheckpointError, load_pretrained, meta_threshold, read_meta
     from rvf.data import build_eval_transform, collate_batch
-    from rvf.train import evaluate, load_splits
+    from rvf.train import evaluate, load_splits, use_cpu_threads
     from rvf.utils import device_name
 
     checkpoints = [Path(c) for c in checkpoints]
@@ -98,6 +99,7 @@ def evaluate_ensemble(checkpoints: list[str | Path], data_dir: str | Path, outpu
                 f"({_describe_slice(first[1])}): the members must share it (train seeds of an ensemble with the same "
                 f"split_seed)")
     accelerator = Accelerator()
+    use_cpu_threads(accelerator)  # under `accelerate launch`, more than the one thread it exports
     if output_dir is not None and accelerator.is_main_process:
         Path(output_dir).mkdir(parents=True, exist_ok=True)  # now, not after scoring every member
     members, holdout_p, valid_p, labels = [], [], [], {}

@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from rvf.checkpoint import load_pretrained, meta_threshold
+from rvf.checkpoint import ENSEMBLE_MANIFEST, load_pretrained, meta_threshold
 from rvf.data.transforms import IMAGE_EXTENSIONS, BadImageError, DataConfig, build_eval_transform, open_rgb, to_uint8
 from rvf.framing import FramingReference
 from rvf.models import get_cam_layer
@@ -385,7 +385,8 @@ class Predictor(Detector):
         heat = F.interpolate(heat, size=(size, size), mode="bilinear", align_corners=False)[0, 0]
         overlay = show_cam_on_image(rgb, heat.clamp(0, 1).numpy(), use_rgb=True, image_weight=1 - alpha)
         buf = io.BytesIO()
-        Image.fromarray(overlay).save(buf, format="PNG", optimize=True)
+        # Fast zlib: `optimize=True` spent 29 ms of an overlay's ~33 compressing it, for files 8 % smaller.
+        Image.fromarray(overlay).save(buf, format="PNG", compress_level=1)
         return buf.getvalue()
 
 
@@ -492,9 +493,7 @@ class EnsemblePredictor(Detector):
 def load_predictor(directory: str | os.PathLike, device: str | torch.device = "cpu",
                    allow_pickle: bool = False) -> Predictor | EnsemblePredictor:
     """Load a run folder (`model.safetensors` + `model.json`) or an ensemble folder (`ensemble.json`)."""
-    from rvf.ensemble import MANIFEST
-
-    if (Path(directory) / MANIFEST).is_file():
+    if (Path(directory) / ENSEMBLE_MANIFEST).is_file():
         return EnsemblePredictor.from_directory(directory, device, allow_pickle)
     return Predictor.from_checkpoint(directory, device, allow_pickle)
 

@@ -52,8 +52,8 @@ from rvf.metrics import calibrate_threshold, classification_metrics
 from rvf.step import TrainStep, build_train_step, cuda_graph_problems, set_capturable
 from rvf.utils import atomic_write_text, count_parameters, device_name, predict_logits, resolve_mixed_precision
 
-__all__ = ["RunDirError", "Splits", "all_or_none", "load_splits", "build_ema", "build_mixup", "build_optimizer",
-           "build_scheduler", "evaluate", "train_one_epoch", "train"]
+__all__ = ["RunDirError", "Splits", "all_or_none", "cpu_threads", "use_cpu_threads", "load_splits", "build_ema",
+           "build_mixup", "build_optimizer", "build_scheduler", "evaluate", "train_one_epoch", "train"]
 
 log = logging.getLogger(__name__)
 
@@ -167,6 +167,16 @@ def cpu_threads(requested: int | None, num_processes: int) -> tuple[int, str | N
     note = (f"OMP_NUM_THREADS=1 (a launcher's default) overridden: {threads} threads for this process "
             "(set cpu_threads to choose)" if omp == "1" and threads > 1 else None)
     return threads, note
+
+
+def use_cpu_threads(accelerator, requested: int | None = None) -> tuple[str, str | None]:
+    """On a CPU, set this process's torch threads (`cpu_threads`); return the model line's
+    ", N threads" ("" elsewhere) and the note that an override was made, if one was."""
+    if accelerator.device.type != "cpu":
+        return "", None
+    threads, note = cpu_threads(requested, accelerator.num_processes)
+    torch.set_num_threads(threads)
+    return f", {threads} thread{'s' * (threads > 1)}", note
 
 
 # ----------------------------------------------------------------------------- optimisation
@@ -760,11 +770,7 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> di
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.seed,
                                                   non_blocking=torch.cuda.is_available()),
     )
-    threads_note, threads_text = None, ""
-    if accelerator.device.type == "cpu":
-        threads, threads_note = cpu_threads(cfg.cpu_threads, accelerator.num_processes)
-        torch.set_num_threads(threads)
-        threads_text = f", {threads} thread{'s' * (threads > 1)}"
+    threads_text, threads_note = use_cpu_threads(accelerator, cfg.cpu_threads)
     if accelerator.num_processes == 1 and "MASTER_ADDR" in os.environ and "WORLD_SIZE" not in os.environ:
         # `accelerate launch --num_processes N` without --multi_gpu (or with --cpu) exports the
         # rendezvous address for N processes but starts one, and says nothing.

@@ -143,6 +143,12 @@ def test_training_on_the_cpu_sets_its_threads(data_dir, tmp_path, monkeypatch):
         assert torch.get_num_threads() == m["cpu_threads"] == cpu_threads(None, 1)[0]
         m = train(_cfg(data_dir, tmp_path / "one", epochs=1, cpu_threads=1))
         assert torch.get_num_threads() == m["cpu_threads"] == 1
+        # evaluate.py (and ensemble.py) under the same launcher
+        from rvf.evaluate import evaluate_checkpoint
+
+        evaluate_checkpoint(tmp_path / "one" / "run", data_dir, cache_dir=str(tmp_path / "cache"),
+                            output_dir=tmp_path / "ev")
+        assert torch.get_num_threads() == cpu_threads(None, 1)[0]
     finally:
         torch.set_num_threads(before)
 

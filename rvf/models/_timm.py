@@ -8,7 +8,6 @@ ImageNet ones, ours are the seed's 64 px ones): a name must never switch between
 
 import difflib
 
-import timm
 from torch import nn
 
 __all__ = ["TIMM_PREFIX", "create_timm_model", "is_timm_model", "timm_close_matches"]
@@ -18,11 +17,15 @@ TIMM_PREFIX = "timm:"
 
 def is_timm_model(name: str) -> bool:
     """Return True if `name` (without the prefix, pretrained tag allowed) is a timm model."""
+    import timm
+
     return timm.is_model(name)
 
 
 def timm_close_matches(name: str, n: int = 3) -> list[str]:
     """Return up to `n` timm model names that look like `name` (for error messages)."""
+    import timm
+
     return difflib.get_close_matches(name, timm.list_models(), n=n, cutoff=0.7)
 
 
@@ -60,6 +63,8 @@ def create_timm_model(
         close = timm_close_matches(name)
         hint = f" Did you mean {', '.join(TIMM_PREFIX + c for c in close)}?" if close else ""
         raise ValueError(f"Unknown timm model {name!r}.{hint} See timm.list_models() for the names.")
+    import timm
+
     from_file = bool((kwargs.get("pretrained_cfg_overlay") or {}).get("file"))
     try:
         return timm.create_model(name, pretrained=pretrained, num_classes=num_classes, **kwargs)
