@@ -74,22 +74,28 @@ def main(args) -> int:
         print(f"error: cannot write there: {e.strerror or e} ({e.filename})", file=sys.stderr)
         return 2
     # A bar for runs longer than one batch, on a terminal only (None: tqdm checks for a TTY).
+    # Predicted a few batches at a time, each overlay written as it comes: holding a folder's
+    # PNGs until the end grew the process by ~100 KB an image (3,000 faces: 987 -> 1,287 MB).
+    chunk = 8 * args.batch_size  # whole batches, so every image is scored in the batch it always was
+    rows, used_names, n_results = [], set(), 0
     with tqdm(total=len(files), unit="img", disable=True if len(files) <= args.batch_size else None,
               file=sys.stderr) as bar:
-        results = predictor.predict_sources([str(f) for f in files], batch_size=args.batch_size,
-                                            gradcam=gradcam_dir is not None, progress=bar.update)
-
-    rows, used_names = [], set()
-    for r in results:
-        if not r.ok:
-            print(f"skipped: {r.error}", file=sys.stderr)
-            continue
-        rows.append({"path": r.name, "label": r.label, "p_fake": f"{r.p_fake:.6f}", "p_real": f"{r.p_real:.6f}"})
-        if r.framing is not None:
-            rows[-1]["framing"] = "ok" if r.framing["ok"] else f"off: {r.framing['note']}"
-        if r.gradcam_png is not None:
-            rows[-1]["gradcam"] = _unique_name(Path(r.name).stem, used_names)
-            (gradcam_dir / rows[-1]["gradcam"]).write_bytes(r.gradcam_png)
+        for start in range(0, len(files), chunk):
+            results = predictor.predict_sources([str(f) for f in files[start:start + chunk]],
+                                                batch_size=args.batch_size, gradcam=gradcam_dir is not None,
+                                                progress=bar.update)
+            n_results += len(results)
+            for r in results:
+                if not r.ok:
+                    print(f"skipped: {r.error}", file=sys.stderr)
+                    continue
+                rows.append({"path": r.name, "label": r.label, "p_fake": f"{r.p_fake:.6f}",
+                             "p_real": f"{r.p_real:.6f}"})
+                if r.framing is not None:
+                    rows[-1]["framing"] = "ok" if r.framing["ok"] else f"off: {r.framing['note']}"
+                if r.gradcam_png is not None:
+                    rows[-1]["gradcam"] = _unique_name(Path(r.name).stem, used_names)
+                    (gradcam_dir / rows[-1]["gradcam"]).write_bytes(r.gradcam_png)
 
     if rows:
         fields = (["path", "label", "p_fake", "p_real"] + (["gradcam"] if gradcam_dir is not None else [])
@@ -99,10 +105,10 @@ def main(args) -> int:
                 _write_csv(f, fields, rows)
         else:
             _write_csv(sys.stdout, fields, rows)
-    n_bad = len(results) - len(rows)
+    n_bad = n_results - len(rows)
     n_fake = sum(row["label"] == "fake" for row in rows)
     n_off = sum(row.get("framing", "ok") != "ok" for row in rows)
-    print(f"predicted {len(rows)} of {len(results)} images ({n_fake} fake, {len(rows) - n_fake} real)"
+    print(f"predicted {len(rows)} of {n_results} images ({n_fake} fake, {len(rows) - n_fake} real)"
           + (f"; {n_bad} could not be read" if n_bad else "")
           + (f"; {n_off} framed unlike the training faces (see the framing column)" if n_off else "")
           + (f"; wrote {args.output}" if args.output and rows else ""), file=sys.stderr)

@@ -164,6 +164,24 @@ def test_cli_gradcam_dir(checkpoint, tmp_path):
         assert img.size == (256, 256)
 
 
+def test_cli_folder_larger_than_one_chunk(checkpoint, mixed_folder, tmp_path):
+    # --batch-size 1: predicted and written 8 images at a time, so this folder takes several
+    # chunks, with unreadable files among them. Every row, overlay and skip must still be there,
+    # with the probabilities of one big batch.
+    args = ("--checkpoint", checkpoint, mixed_folder)
+    code, _, err = run_cli(*args, "--batch-size", "1", "--gradcam-dir", tmp_path / "cams",
+                           "--output", tmp_path / "a.csv")
+    assert code == 0
+    code, _, err_whole = run_cli(*args, "--batch-size", "256", "--output", tmp_path / "b.csv")
+    rows, whole = read_csv(tmp_path / "a.csv"), read_csv(tmp_path / "b.csv")
+    assert len(rows) > 8 and [r["path"] for r in rows] == [r["path"] for r in whole]
+    for r, w in zip(rows, whole):
+        assert float(r["p_fake"]) == pytest.approx(float(w["p_fake"]), abs=2e-6)
+    assert sorted(p.name for p in (tmp_path / "cams").iterdir()) == sorted(r["gradcam"] for r in rows)
+    assert err.count("skipped:") == err_whole.count("skipped:") > 0
+    assert f"predicted {len(rows)} of {len(rows) + err.count('skipped:')} images" in err
+
+
 def test_app_cli_and_direct_model_agree(checkpoint, client, face_paths, tmp_path):
     """The same file gets the same P(fake) from the web app, the CLI and the model itself."""
     model, _, data_cfg = load_pretrained(checkpoint)
