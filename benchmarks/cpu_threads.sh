@@ -10,18 +10,21 @@
 # Prints, and writes to OUT_FILE (default benchmarks/results/cpu_threads-cpu.txt), one line a
 # run (img/s of each epoch, training seconds) and the mean ratio of training seconds.
 set -euo pipefail
-cd "$(dirname "$0")/.."
-root=${1:?usage: bash benchmarks/cpu_threads.sh ROOT [OUT_FILE] [ROUNDS] [EPOCHS]}
-out_file=${2:-benchmarks/results/cpu_threads-cpu.txt}
+root=$(realpath "${1:?usage: bash benchmarks/cpu_threads.sh ROOT [OUT_FILE] [ROUNDS] [EPOCHS]}")
+out_file=$(realpath -m "${2:-$(dirname "$0")/results/cpu_threads-cpu.txt}")  # both from where it was run
 rounds=${3:-3}
 epochs=${4:-2}
-python=${PYTHON:-$(command -v python3)}
-[ -x .venv/bin/python ] && python=${PYTHON:-.venv/bin/python}
+repo=$(cd "$(dirname "$0")/.." && pwd)
+python=${PYTHON:-}
+[ -z "$python" ] && [ -x "$repo/.venv/bin/python" ] && python=$repo/.venv/bin/python
+python=$(command -v "${python:-python3}") || { echo "no python found: set PYTHON" >&2; exit 1; }
+python=$(cd "$(dirname "$python")" && pwd)/$(basename "$python")  # absolute, links kept (a venv's python is one)
+cd "$repo"
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 
 {
-  echo "# bash benchmarks/cpu_threads.sh ROOT $out_file $rounds $epochs"
+  echo "# bash benchmarks/cpu_threads.sh ROOT $(realpath --relative-to=. "$out_file") $rounds $epochs"
   echo "# $(date -u +%Y-%m-%d) | $("$python" -c 'from rvf.utils import device_name; print(device_name("cpu"))') | $(nproc) cores"
 } > "$work/result"
 for round in $(seq "$rounds"); do
@@ -29,7 +32,8 @@ for round in $(seq "$rounds"); do
     extra=()
     [ "$mode" = one ] && extra=(--set cpu_threads=1)
     run="$work/$mode-$round"
-    env -u OMP_NUM_THREADS WANDB_MODE=offline "$python" -m accelerate.commands.launch \
+    # --cpu: on a GPU machine too (the config file still has Accelerate export OMP_NUM_THREADS=1)
+    env -u OMP_NUM_THREADS WANDB_MODE=offline "$python" -m accelerate.commands.launch --cpu \
       --config_file accelerate_config.yaml scripts/train.py --config configs/alexnet_bn.yaml --data-dir "$root" \
       --output-dir "$run" --epochs "$epochs" --tracker none "${extra[@]}" > "$run.log" 2>&1 \
       || { tail -20 "$run.log"; exit 1; }

@@ -10,7 +10,8 @@
 set -euo pipefail
 old=$(cd "${1:?usage: see the header}" && pwd); new=$(cd "${2:?}" && pwd)
 run=$(cd "${3:?}" && pwd); image=$(realpath "${4:?}"); folder=$(realpath "${5:?}"); rounds=${6:-3}
-python=${PYTHON:-$(command -v python3)}
+python=$(command -v "${PYTHON:-python3}") || { echo "no python found: set PYTHON" >&2; exit 1; }
+python=$(cd "$(dirname "$python")" && pwd)/$(basename "$python")  # absolute (each run starts in its checkout), links kept
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 echo "# bash benchmarks/predict_ab.sh OLD NEW RUN IMAGE FOLDER $rounds | $(date -u +%Y-%m-%d) | $(nproc) cores"
@@ -21,7 +22,8 @@ timed() {  # label tree args...: wall seconds of predict.py in that checkout
   t0=$(date +%s.%N)
   (cd "$tree" && "$python" scripts/predict.py --checkpoint "$run" "$@" > "$work/log" 2>&1) || { cat "$work/log"; exit 1; }
   t1=$(date +%s.%N)
-  printf '%s %s: %.2f s\n' "$label" "$([ "$tree" = "$old" ] && echo old || echo new)" "$(echo "$t1 - $t0" | bc)"
+  printf '%s %s: %s s\n' "$label" "$([ "$tree" = "$old" ] && echo old || echo new)" \
+    "$(awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.2f", b - a }')"
 }
 for r in $(seq "$rounds"); do
   for tree in "$old" "$new"; do timed "one file, round $r," "$tree" "$image" --output "$work/one.csv"; done

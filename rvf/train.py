@@ -136,6 +136,9 @@ def _cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
+# Set by `accelerate launch` and by torchrun: under them an OMP_NUM_THREADS of 1 is the
+# launcher's default, not necessarily the user's wish (cpu_threads says that instead).
+_LAUNCHER_VARS = ("ACCELERATE_MIXED_PRECISION", "TORCHELASTIC_RUN_ID")
 # How torchrun (LOCAL_WORLD_SIZE) and MPI launchers (Accelerate's multi-CPU path) say how many
 # processes share this machine.
 _LOCAL_SIZE_VARS = ("LOCAL_WORLD_SIZE", "MPI_LOCALNRANKS", "OMPI_COMM_WORLD_LOCAL_SIZE", "MV2_COMM_WORLD_LOCAL_SIZE")
@@ -145,16 +148,18 @@ def cpu_threads(requested: int | None, num_processes: int) -> tuple[int, str | N
     """torch's intra-op threads for one training process on the CPU, and a note when rvf chose
     them over OMP_NUM_THREADS.
 
-    `requested` (the `cpu_threads` key) wins. Otherwise OMP_NUM_THREADS does, unless it is unset
-    or 1: `accelerate launch` sets 1 when it was not given `--num_cpu_threads_per_process`, and
-    torchrun sets 1 for several processes, so a plain `accelerate launch scripts/train.py` left
-    every core but one idle (AlexNet+BN at 64 px trained 1.6x slower on 2 cores). Then each
+    `requested` (the `cpu_threads` key) wins. Otherwise OMP_NUM_THREADS does, unless it is unset,
+    not a count, or 1 under a launcher: `accelerate launch` with a config file sets 1 when it was
+    given neither `--num_cpu_threads_per_process` nor an OMP_NUM_THREADS of the user's, and
+    torchrun sets 1 for several processes, so `accelerate launch --config_file ... scripts/train.py`
+    left every core but one idle (AlexNet+BN at 64 px trained 1.6x slower on 2 cores). Then each
     process takes its share of the physical cores it may run on.
     """
     if requested:
         return requested, None
     omp = os.environ.get("OMP_NUM_THREADS", "").strip()
-    if omp not in ("", "1"):
+    launched = any(var in os.environ for var in _LAUNCHER_VARS)
+    if (omp.isdigit() and int(omp) > 1) or (omp == "1" and not launched):
         return torch.get_num_threads(), None  # asked for: torch read it at start-up
     local = next((int(v) for k in _LOCAL_SIZE_VARS if (v := os.environ.get(k, "")).isdigit() and int(v) > 0),
                  num_processes)
@@ -704,8 +709,11 @@ def _raise_if_any(accelerator, error: Exception | None) -> None:
         except Exception:
             sent = RuntimeError(f"{type(error).__name__}: {error}")
         if not accelerator.is_main_process:  # where a bug was, for the main process's traceback
-            sent.add_note(f"raised in process {accelerator.process_index}:\n"
-                          + "".join(traceback.format_exception(error)).rstrip())
+            note = f"raised in process {accelerator.process_index}:\n" + "".join(
+                traceback.format_exception(type(error), error, error.__traceback__)).rstrip()
+            # add_note is Python 3.11's; on 3.10 its AttributeError, raised before the gather,
+            # would strand the main process there (the very hang this avoids).
+            sent.__notes__ = [*getattr(sent, "__notes__", []), note]
     errors = gather_object([sent])  # [rank 0's, rank 1's, ...]
     failed = [(rank, e) for rank, e in enumerate(errors) if e is not None]
     if not failed:
@@ -771,7 +779,8 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> di
                                                   non_blocking=torch.cuda.is_available()),
     )
     threads_text, threads_note = use_cpu_threads(accelerator, cfg.cpu_threads)
-    if accelerator.num_processes == 1 and "MASTER_ADDR" in os.environ and "WORLD_SIZE" not in os.environ:
+    if (accelerator.num_processes == 1 and "MASTER_ADDR" in os.environ and "WORLD_SIZE" not in os.environ
+            and "ACCELERATE_MIXED_PRECISION" in os.environ):  # under `accelerate launch`, not a cluster's env
         # `accelerate launch --num_processes N` without --multi_gpu (or with --cpu) exports the
         # rendezvous address for N processes but starts one, and says nothing.
         log.warning("the launcher asked for several processes but started one: `accelerate launch` starts "
@@ -796,6 +805,11 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> di
             # The loop steps the optimizer every batch; Accelerate would still divide each loss.
             raise ConfigError(f"gradient accumulation ({accelerator.gradient_accumulation_steps} steps, from the "
                               "Accelerate config) is not supported: raise batch_size, or add processes")
+        if cfg.cuda_graph and (problems := cuda_graph_problems(
+                accelerator.device, cfg.optimizer, num_processes=accelerator.num_processes,
+                mixed_precision=accelerator.mixed_precision, compile=cfg.compile,
+                variable_batches=cfg.skip_bad and not cfg.cache, sam=cfg.sam_rho > 0)):
+            raise ConfigError("cuda_graph: true, but a training step cannot be captured here: " + "; ".join(problems))
         # Seed before building the model so the seed also fixes the initial weights.
         set_seed(cfg.seed)
 
@@ -873,8 +887,9 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> di
                                    mixed_precision=accelerator.mixed_precision, compile=cfg.compile,
                                    gradient_accumulation_steps=accelerator.gradient_accumulation_steps,
                                    variable_batches=cfg.skip_bad and not cfg.cache, sam=cfg.sam_rho > 0)
-    if cfg.cuda_graph and problems:
-        raise ConfigError("cuda_graph: true, but a training step cannot be captured here: " + "; ".join(problems))
+    with all_or_none(accelerator):  # the built optimizer's own flags: the same in every process
+        if cfg.cuda_graph and problems:
+            raise ConfigError("cuda_graph: true, but a training step cannot be captured here: " + "; ".join(problems))
     use_graph = cfg.cuda_graph is not False and not problems
     # `cuda_graph: null` (wherever it can) trains on eagerly if the capture fails; `true` stops there.
     graph_kwargs = {"strict": cfg.cuda_graph is True} if use_graph else {}

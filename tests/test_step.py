@@ -126,6 +126,7 @@ def test_cuda_graph_true_off_cuda_is_one_clear_config_error(tmp_path):
         pytest.skip("this machine has CUDA: the graph is allowed here")
     with pytest.raises(ConfigError, match=r"cuda_graph: true.*CUDA device"):
         train(cfg)
+    assert not (tmp_path / "cache").exists()  # refused before any image was decoded
     # None means "wherever it can be": on a CPU the run trains eagerly and says so.
     metrics = train(cfg.replace(cuda_graph=None), overwrite=True)
     assert metrics["cuda_graph"] is False and metrics["valid"]["n"] == 16

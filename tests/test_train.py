@@ -116,9 +116,11 @@ def test_cpu_threads_take_the_cores_a_launcher_left_idle(monkeypatch):
     monkeypatch.setattr(rt, "_cores", lambda: 8)
     monkeypatch.setattr(rt.os, "cpu_count", lambda: 8)
     monkeypatch.setattr(psutil, "cpu_count", lambda logical=True: 8)
-    for var in rt._LOCAL_SIZE_VARS:
+    for var in (*rt._LOCAL_SIZE_VARS, *rt._LAUNCHER_VARS):
         monkeypatch.delenv(var, raising=False)
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # what `accelerate launch` exports when not told
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert cpu_threads(None, 1) == (torch.get_num_threads(), None)  # no launcher: the user's own 1
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job")  # under torchrun (or accelerate launch): its default
     threads, note = cpu_threads(None, 1)
     assert threads == 8 and "OMP_NUM_THREADS=1" in note and "cpu_threads" in note
     assert cpu_threads(None, 2)[0] == 4  # two processes share the machine
@@ -130,6 +132,8 @@ def test_cpu_threads_take_the_cores_a_launcher_left_idle(monkeypatch):
     assert cpu_threads(3, 1) == (3, None)  # the key wins
     monkeypatch.setenv("OMP_NUM_THREADS", "3")  # asked for: torch read it at start-up
     assert cpu_threads(None, 1) == (torch.get_num_threads(), None)
+    monkeypatch.setenv("OMP_NUM_THREADS", "abc")  # libgomp ignores it: not a count to follow
+    assert cpu_threads(None, 2) == (2, None)
     monkeypatch.delenv("OMP_NUM_THREADS")  # torch's own default: no note
     assert cpu_threads(None, 1) == (4, None)
 
@@ -137,6 +141,7 @@ def test_cpu_threads_take_the_cores_a_launcher_left_idle(monkeypatch):
 def test_training_on_the_cpu_sets_its_threads(data_dir, tmp_path, monkeypatch):
     before = torch.get_num_threads()
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job")  # as a launcher leaves them
     try:
         torch.set_num_threads(1)
         m = train(_cfg(data_dir, tmp_path / "auto", epochs=1))
@@ -167,6 +172,7 @@ def test_accelerate_launch_says_it_started_one_process_of_two(data_dir, tmp_path
     assert "asked for several processes but started one" in r.stderr and "torchrun" in r.stderr
     assert json.loads((out / "metrics.json").read_text())["num_processes"] == 1
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job")  # the launcher's 1, as in the child
     threads = cpu_threads(None, 1)[0]
     assert f"x 1, {threads} thread{'s' * (threads > 1)} |" in r.stdout
 
@@ -936,6 +942,7 @@ def test_bad_input_stops_two_processes_with_one_message(data_dir, tmp_path):
         errors = [line for line in stderr[0].splitlines() if line.startswith("error:")]
         assert len(errors) == 1 and errors[0].startswith(message), stderr
         assert "Traceback" not in stderr[0] and "Traceback" not in stderr[1] and "error:" not in stderr[1], stderr
+        assert not any("terminate called" in text for text in stderr.values()), stderr  # a torn-down gloo thread
         # torch.distributed.run exits 1 whenever a process fails (its own ChildFailedError
         # traceback and summary, not ours); the summary lists each process's status: 2, or
         # SIGTERM (-15) for one it stopped as it was leaving on its own.
