@@ -228,6 +228,12 @@ def wants_cuda_graph(cfg: TrainConfig, device, num_processes: int, precision: st
         variable_batches=cfg.skip_bad and not cfg.cache, sam=cfg.sam_rho > 0)
 
 
+def refuse_cuda_graph(problems: list[str]) -> None:
+    """`cuda_graph: true` is a demand: any reason a step cannot be captured here is an error."""
+    if problems:
+        raise ConfigError("cuda_graph: true, but a training step cannot be captured here: " + "; ".join(problems))
+
+
 def build_mixup(cfg: TrainConfig, num_classes: int):
     """timm's `Mixup` for `cfg.mixup` / `cfg.cutmix` (one lambda per batch), or None when both are 0."""
     for key in ("mixup", "cutmix"):
@@ -805,11 +811,11 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> di
             # The loop steps the optimizer every batch; Accelerate would still divide each loss.
             raise ConfigError(f"gradient accumulation ({accelerator.gradient_accumulation_steps} steps, from the "
                               "Accelerate config) is not supported: raise batch_size, or add processes")
-        if cfg.cuda_graph and (problems := cuda_graph_problems(
+        if cfg.cuda_graph:  # by the optimizer's name; its built flags are checked below
+            refuse_cuda_graph(cuda_graph_problems(
                 accelerator.device, cfg.optimizer, num_processes=accelerator.num_processes,
                 mixed_precision=accelerator.mixed_precision, compile=cfg.compile,
-                variable_batches=cfg.skip_bad and not cfg.cache, sam=cfg.sam_rho > 0)):
-            raise ConfigError("cuda_graph: true, but a training step cannot be captured here: " + "; ".join(problems))
+                variable_batches=cfg.skip_bad and not cfg.cache, sam=cfg.sam_rho > 0))
         # Seed before building the model so the seed also fixes the initial weights.
         set_seed(cfg.seed)
 
@@ -888,8 +894,8 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> di
                                    gradient_accumulation_steps=accelerator.gradient_accumulation_steps,
                                    variable_batches=cfg.skip_bad and not cfg.cache, sam=cfg.sam_rho > 0)
     with all_or_none(accelerator):  # the built optimizer's own flags: the same in every process
-        if cfg.cuda_graph and problems:
-            raise ConfigError("cuda_graph: true, but a training step cannot be captured here: " + "; ".join(problems))
+        if cfg.cuda_graph:
+            refuse_cuda_graph(problems)
     use_graph = cfg.cuda_graph is not False and not problems
     # `cuda_graph: null` (wherever it can) trains on eagerly if the capture fails; `true` stops there.
     graph_kwargs = {"strict": cfg.cuda_graph is True} if use_graph else {}
