@@ -11,7 +11,8 @@ import math
 from pathlib import Path
 from typing import Callable
 
-__all__ = ["non_negative_int", "positive_int", "port", "positive_float", "float_in", "output_file", "output_dir"]
+__all__ = ["non_negative_int", "positive_int", "port", "positive_float", "float_in", "output_file", "output_dir",
+           "add_cpu_threads"]
 
 
 def _whole_number(text: str, least: int, most: int | None = None) -> int:
@@ -85,3 +86,11 @@ def output_dir(text: str) -> Path:
     if path.exists() and not path.is_dir():
         raise argparse.ArgumentTypeError(f"{path} is a file; give a folder to write into")
     return path
+
+
+def add_cpu_threads(parser: argparse.ArgumentParser) -> None:
+    """--cpu-threads, for the scripts run under `accelerate launch` (whose OMP_NUM_THREADS=1 rvf overrides)."""
+    parser.add_argument("--cpu-threads", type=positive_int, metavar="N",
+                        help="torch threads per process on a CPU (default: this process's share of the physical "
+                             "cores, or OMP_NUM_THREADS when you set it; the 1 accelerate launch exports is not "
+                             "followed)")

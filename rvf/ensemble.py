@@ -66,8 +66,12 @@ def _describe_slice(cfg) -> str:
 
 
 def evaluate_ensemble(checkpoints: list[str | Path], data_dir: str | Path, output_dir: str | Path | None = None,
-                      batch_size: int = 128, cache_dir: str | os.PathLike | None = None) -> dict:
+                      batch_size: int = 128, cache_dir: str | os.PathLike | None = None,
+                      cpu_threads: int | None = None) -> dict:
     """Score `checkpoints` (run folders) one by one on holdout and valid, then their mean.
+
+    `cpu_threads`: torch threads per process on a CPU (default: as training's `cpu_threads` key
+    chooses them).
 
     Returns:
         {"members": [{checkpoint, model, holdout, valid}...], "holdout": ..., "valid": ...,
@@ -99,7 +103,7 @@ def evaluate_ensemble(checkpoints: list[str | Path], data_dir: str | Path, outpu
                 f"({_describe_slice(first[1])}): the members must share it (train seeds of an ensemble with the same "
                 f"split_seed)")
     accelerator = Accelerator()
-    use_cpu_threads(accelerator)  # under `accelerate launch`, more than the one thread it exports
+    use_cpu_threads(accelerator, cpu_threads)  # under `accelerate launch`, more than the one thread it exports
     if output_dir is not None and accelerator.is_main_process:
         Path(output_dir).mkdir(parents=True, exist_ok=True)  # now, not after scoring every member
     members, holdout_p, valid_p, labels = [], [], [], {}

@@ -16,11 +16,12 @@ __all__ = ["evaluate_checkpoint"]
 def evaluate_checkpoint(checkpoint: str | Path, data_dir: str | Path, split: str = "valid",
                         output_dir: str | Path | None = None, batch_size: int = 128,
                         cache_dir: str | None = None, skip_bad: bool = False,
-                        tta_hflip: bool | None = None) -> dict:
+                        tta_hflip: bool | None = None, cpu_threads: int | None = None) -> dict:
     """Run a checkpoint over `split` on every process Accelerate gives us.
 
     `tta_hflip` (image and mirror, logits averaged) defaults to what the model was trained
-    and calibrated with (`model.json`).
+    and calibrated with (`model.json`). `cpu_threads`: torch threads per process on a CPU
+    (default: as training's `cpu_threads` key chooses them).
 
     The images go through the same decode cache and eval transform as training, so the
     numbers match the run's own `metrics.json` for the same split.
@@ -37,7 +38,7 @@ def evaluate_checkpoint(checkpoint: str | Path, data_dir: str | Path, split: str
     from rvf.utils import device_name
 
     accelerator = Accelerator()
-    use_cpu_threads(accelerator)  # under `accelerate launch`, more than the one thread it exports
+    use_cpu_threads(accelerator, cpu_threads)  # under `accelerate launch`, more than the one thread it exports
     checkpoint = Path(checkpoint)
     output_dir = Path(output_dir) if output_dir else checkpoint / f"eval-{split}"
     model, meta, data_cfg = load_pretrained(checkpoint)

@@ -23,7 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from rvf.cli import output_dir, positive_int  # noqa: E402
+from rvf.cli import add_cpu_threads, output_dir, positive_int  # noqa: E402
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
@@ -36,6 +36,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=positive_int, default=128, help="per process (default: 128)")
     parser.add_argument("--cache-dir", type=output_dir,
                         help="decode cache folder (default $RVF_CACHE_DIR or ~/.cache/rvf)")
+    add_cpu_threads(parser)
     return parser
 
 
@@ -47,7 +48,8 @@ def main(args) -> int:
     from rvf.ensemble import EnsembleError, evaluate_ensemble
 
     try:
-        m = evaluate_ensemble(args.checkpoints, args.data_dir, args.output_dir, args.batch_size, args.cache_dir)
+        m = evaluate_ensemble(args.checkpoints, args.data_dir, args.output_dir, args.batch_size, args.cache_dir,
+                              args.cpu_threads)
     except (CheckpointError, ConfigError, DatasetError, BadImageError, EnsembleError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

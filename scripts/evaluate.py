@@ -14,7 +14,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from rvf.cli import output_dir, positive_int  # noqa: E402
+from rvf.cli import add_cpu_threads, output_dir, positive_int  # noqa: E402
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
@@ -34,6 +34,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser.add_argument("--tta-hflip", action=argparse.BooleanOptionalAction, default=None,
                         help="also score each image's mirror and average the logits "
                              "(default: as the model was trained, see its model.json)")
+    add_cpu_threads(parser)
     return parser
 
 
@@ -45,7 +46,8 @@ def main(args) -> int:
 
     try:
         evaluate_checkpoint(args.checkpoint, args.data_dir, args.split, args.output_dir,
-                            args.batch_size, args.cache_dir, args.skip_bad, args.tta_hflip)
+                            args.batch_size, args.cache_dir, args.skip_bad, args.tta_hflip,
+                            args.cpu_threads)
     except (CheckpointError, DatasetError, BadImageError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

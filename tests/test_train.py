@@ -154,6 +154,18 @@ def test_training_on_the_cpu_sets_its_threads(data_dir, tmp_path, monkeypatch):
         evaluate_checkpoint(tmp_path / "one" / "run", data_dir, cache_dir=str(tmp_path / "cache"),
                             output_dir=tmp_path / "ev")
         assert torch.get_num_threads() == cpu_threads(None, 1)[0]
+        # --cpu-threads wins there, as the key does in training
+        evaluate_checkpoint(tmp_path / "one" / "run", data_dir, cache_dir=str(tmp_path / "cache"),
+                            output_dir=tmp_path / "ev3", cpu_threads=3)
+        assert torch.get_num_threads() == 3
+        from rvf.ensemble import evaluate_ensemble
+
+        evaluate_ensemble([tmp_path / "auto" / "run", tmp_path / "one" / "run"], data_dir,
+                          cache_dir=str(tmp_path / "cache"))
+        assert torch.get_num_threads() == cpu_threads(None, 1)[0]
+        evaluate_ensemble([tmp_path / "auto" / "run", tmp_path / "one" / "run"], data_dir,
+                          cache_dir=str(tmp_path / "cache"), cpu_threads=3)
+        assert torch.get_num_threads() == 3
     finally:
         torch.set_num_threads(before)
 
