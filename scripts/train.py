@@ -105,8 +105,26 @@ def resolve_config(args):
 def report(e: Exception, *lines: str) -> None:
     """Print the error's lines, unless another process prints them for this one (`rvf.train.all_or_none`)."""
     if not getattr(e, "reported_elsewhere", False):
-        for line in lines or (f"error: {e}",):
+        for line in lines or (f"error: {message(e)}",):
             print(line, file=sys.stderr)
+
+
+def message(e: Exception) -> str:
+    """The error's own message, without the worker's traceback a DataLoader re-raise carries in it."""
+    text = str(e)
+    if text.startswith(f"Caught {type(e).__name__} in DataLoader worker"):
+        # It ends in the worker's "rvf.data.transforms.BadImageError: <the message>".
+        text = text.rpartition(f"{type(e).__name__}: ")[2].strip()
+    return text
+
+
+def peer_failed(e: Exception) -> bool:
+    """Whether `e` is gloo's report that another process of the run left mid-collective."""
+    import torch.distributed as dist
+
+    return (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+            and isinstance(e, RuntimeError)  # torch.distributed.DistBackendError is one too
+            and any(s in str(e) for s in ("Connection closed by peer", "Connection reset by peer")))
 
 
 def main(args) -> int:
@@ -142,6 +160,14 @@ def main(args) -> int:
         return 1
     except Exception as e:
         if getattr(e, "reported_elsewhere", False):  # a bug another process hit: its traceback is printed there
+            return 1
+        if peer_failed(e):
+            # Another process stopped on its own error mid-training (a file only it decoded):
+            # that error is the one to read, not this collective's traceback.
+            import torch.distributed as dist
+
+            print(f"error: process {dist.get_rank()} stopped: another process failed (see its error, "
+                  "or its exit code in the launcher's summary)", file=sys.stderr)
             return 1
         raise
     finally:

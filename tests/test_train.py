@@ -963,6 +963,47 @@ def test_bad_input_stops_two_processes_with_one_message(data_dir, tmp_path):
         assert _contents(run) == old  # neither the resume nor the overwrite touched the run
 
 
+@pytest.mark.slow
+def test_a_bad_image_mid_training_stops_two_processes_with_one_message(tmp_path):
+    # `cache: false` decodes each file when a batch draws it, so a corrupt one fails in the one
+    # process that draws it, mid-epoch, while the other waits for it in the gradient all-reduce
+    # (which used to end in gloo's "Connection closed by peer" traceback). `holdout: 0`: 24 images,
+    # 2 processes x 3 batches of 4, so each file is drawn once, by one process, in epoch 1.
+    import io
+    import re
+
+    from synth import face
+
+    data = make_folder_dataset(tmp_path / "data", n=12, size=32)
+    buf = io.BytesIO()
+    face(0, 32).save(buf, "JPEG")
+    jpeg = buf.getvalue()
+    bad = data / "train" / "fake" / "00004.jpg"
+    bad.write_bytes(jpeg[:jpeg.index(b"\xff\xda") + 20])  # a whole header, the scan cut short: fails at decode
+    logs = tmp_path / "logs"
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]  # a free port
+    r = _run([*launch, "--log-dir", str(logs), "--redirects", "2", "scripts/train.py", "--data-dir", str(data),
+              "--output-dir", str(tmp_path / "run"), "--epochs", "1", "--image-size", "32", "--batch-size", "4",
+              "--tracker", "none", "--set", "cache=false", "--set", "holdout=0"],
+             tmp_path, timeout=120, ACCELERATE_USE_CPU="1")
+    stderr = {int(f.parent.name): f.read_text() for f in logs.glob("*/attempt_0/*/stderr.log")}
+    assert sorted(stderr) == [0, 1], r.stderr[-3000:]
+    errors = {rank: re.findall(r"error: [^\r\n]*", text) for rank, text in stderr.items()}  # after a tqdm bar
+    # One process names the file, without the DataLoader worker's traceback around the message;
+    # the other says at most that it stopped for it (or was stopped first by the launcher's SIGTERM).
+    named = [(rank, e) for rank, lines in errors.items() for e in lines if bad.name in e]
+    assert len(named) == 1 and named[0][1].startswith(f"error: {bad}: cannot decode image"), stderr
+    other = 1 - named[0][0]
+    assert errors[named[0][0]] == [named[0][1]], stderr
+    assert errors[other] in ([], [f"error: process {other} stopped: another process failed (see its error, or "
+                                  "its exit code in the launcher's summary)"]), stderr
+    assert not any("Traceback" in text or "terminate called" in text for text in (*stderr.values(), r.stdout)), stderr
+    # The launcher's summary (after its own ChildFailedError traceback): 2 for the bad file; 1, or
+    # its SIGTERM (-15), for the other process.
+    codes = re.findall(r"exitcode\s*:\s*(-?\d+)", r.stderr)
+    assert r.returncode == 1 and "2" in codes and set(codes) <= {"2", "1", "-15"}, r.stderr[-3000:]
+
+
 @pytest.mark.skipif(not SHARED_MINI.is_dir(), reason=f"{SHARED_MINI} not present (rvf10k-mini ships with CI only)")
 def test_lenet_learns_rvf10k_mini(tmp_path):
     m = train(TrainConfig(model="lenet", data_dir=str(SHARED_MINI), output_dir=str(tmp_path / "run"),
