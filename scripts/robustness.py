@@ -55,7 +55,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser.add_argument("--split", default="valid", choices=["train", "valid", "test"], help="default: valid")
     parser.add_argument("--output-dir", type=output_dir, help="default CHECKPOINT/robustness-SPLIT")
     parser.add_argument("--limit", type=at_least_two, help="a stratified subset of this many images (default: all)")
-    parser.add_argument("--batch-size", type=positive_int, default=128, help="images per forward pass (default: 128)")
+    parser.add_argument("--batch-size", type=positive_int, default=128,
+                        help="images per forward pass, a face under each condition counted once: "
+                             "128 = 16 faces x 8 conditions (default: 128)")
     parser.add_argument("--num-workers", type=non_negative_int,
                         help="decoding processes; 0 decodes in this one (default: cores, at most 8)")
     parser.add_argument("--device", default="auto", help="cpu, cuda or auto (default: auto, a GPU when there is one)")

@@ -173,3 +173,25 @@ def test_an_unreadable_image_is_named_or_left_out(tmp_path):
     assert r.returncode == 2 and "no readable image in the valid split" in r.stderr and "Traceback" not in r.stderr
     r = subprocess.run(cmd[:-3] + ["--device", "tpu"], capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and "unknown device 'tpu': use cpu, cuda or auto" in r.stderr
+
+
+def test_one_pass_over_the_faces_scores_each_condition_as_a_pass_of_its_own(tmp_path):
+    # Each face is decoded once and degraded every way, and the model sees the conditions of a
+    # few faces side by side: each row must still be what that condition alone gives, whatever
+    # the batch (1 face a batch; 2 and a short last one; all at once).
+    from conftest import make_checkpoint
+
+    from rvf.robustness import evaluate_robustness
+
+    checkpoint = make_checkpoint(tmp_path / "ckpt")
+    data = make_folder_dataset(tmp_path / "data", n=5, size=48, splits=("valid",))
+    conditions = [Perturbation.parse(t) for t in ("jpeg:50", "clean", "noise:30")]
+    alone = [evaluate_robustness(checkpoint, data, output_dir=tmp_path / "alone", num_workers=0,
+                                 perturbations=[p], progress=False)["rows"][0] for p in conditions]
+    assert len({r["roc_auc"] for r in alone}) > 1  # the conditions score differently: a mix-up would show
+    for batch_size in (1, 7, 128):
+        rows = evaluate_robustness(checkpoint, data, output_dir=tmp_path / "all", num_workers=0, batch_size=batch_size,
+                                   perturbations=conditions, progress=False)["rows"]
+        for row, one in zip(rows, alone, strict=True):
+            for key in ("perturbation", "accuracy", "roc_auc", "average_precision", "recall"):
+                assert row[key] == pytest.approx(one[key]), (batch_size, key)

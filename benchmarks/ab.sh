@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Wall time of one rvf script in two checkouts (e.g. before and after a change), alternated so
+# both see the same machine, then whether the two wrote the same files.
+#
+#   bash benchmarks/ab.sh OLD_CHECKOUT NEW_CHECKOUT ROUNDS SCRIPT [ARGS...]
+#
+# An argument @OUT becomes a fresh folder for each run (kept from each checkout's last round and
+# compared at the end); paths in ARGS are taken from where this is run. e.g.
+#   git worktree add /tmp/old HEAD~1
+#   bash benchmarks/ab.sh /tmp/old . 3 scripts/robustness.py --checkpoint runs/alexnet_bn \
+#       --data-dir ROOT --output-dir @OUT
+# Run it on an otherwise idle machine: two threads sharing two cores with anything else time that.
+set -euo pipefail
+old=$(cd "${1:?usage: see the header}" && pwd); new=$(cd "${2:?}" && pwd); rounds=${3:?}; script=${4:?}
+shift 4
+python=$(command -v "${PYTHON:-python3}") || { echo "no python found: set PYTHON" >&2; exit 1; }
+python=$(cd "$(dirname "$python")" && pwd)/$(basename "$python")  # absolute (each run starts in its checkout), links kept
+args=()
+for a in "$@"; do  # paths that exist here become absolute, as each run starts in its checkout
+  if [ "$a" != @OUT ] && [ -e "$a" ]; then args+=("$(realpath "$a")"); else args+=("$a"); fi
+done
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+echo "# bash benchmarks/ab.sh OLD NEW $rounds $script $* | $(date -u +%Y-%m-%d) | $(nproc) cores" \
+     "| $(lscpu | sed -n 's/^Model name: *//p' | head -1)"
+echo "# old: $(git -C "$old" rev-parse --short HEAD) | new: $(git -C "$new" rev-parse --short HEAD)$(git -C "$new" diff --quiet || echo ' + changes')"
+for r in $(seq "$rounds"); do
+  for name in old new; do
+    tree=$([ "$name" = old ] && echo "$old" || echo "$new")
+    rm -rf "${work:?}/$name"
+    run=("${args[@]/#@OUT/$work/$name}")
+    t0=$(date +%s.%N)
+    (cd "$tree" && "$python" "$script" "${run[@]}" > "$work/log" 2>&1) || { cat "$work/log"; exit 1; }
+    t1=$(date +%s.%N)
+    printf 'round %s, %s: %s s\n' "$r" "$name" "$(awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.2f", b - a }')"
+  done
+done
+if [ -d "$work/old" ]; then
+  diff -rq "$work/old" "$work/new" > /dev/null && echo "outputs: identical" || { echo "outputs: DIFFERENT"; diff -rq "$work/old" "$work/new" || true; }
+fi
