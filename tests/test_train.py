@@ -963,6 +963,29 @@ def test_bad_input_stops_two_processes_with_one_message(data_dir, tmp_path):
         assert _contents(run) == old  # neither the resume nor the overwrite touched the run
 
 
+def test_a_loader_workers_error_is_reported_by_its_own_message():
+    # The DataLoader re-raises a worker's error with the worker's whole traceback in its message;
+    # the user needs the one line that names the file.
+    import importlib.util
+
+    from torch._utils import ExceptionWrapper
+
+    from rvf.data import BadImageError
+
+    spec = importlib.util.spec_from_file_location("train_script", Path(__file__).parents[1] / "scripts/train.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    try:
+        raise BadImageError("faces/00004.jpg: cannot decode image (image file is truncated)")
+    except BadImageError:
+        wrapped = ExceptionWrapper(where="in DataLoader worker process 1")  # what a worker sends back
+    with pytest.raises(BadImageError) as e:
+        wrapped.reraise()
+    assert "Traceback" in str(e.value)
+    assert script.message(e.value) == "faces/00004.jpg: cannot decode image (image file is truncated)"
+    assert script.message(BadImageError("a.jpg: empty")) == "a.jpg: empty"  # raised in the main process
+
+
 @pytest.mark.slow
 def test_a_bad_image_mid_training_stops_two_processes_with_one_message(tmp_path):
     # `cache: false` decodes each file when a batch draws it, so a corrupt one fails in the one
