@@ -360,40 +360,40 @@ def train_one_epoch(model, loader, transform, train_step: TrainStep, scheduler, 
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.long)
     seen = 0
-    bar = tqdm(total=len(loader), desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch", leave=False,
-               disable=not accelerator.is_local_main_process, dynamic_ncols=True)
     shown = _AsyncStats(device)
     lr = scheduler.get_last_lr()[0]
     t0 = time.perf_counter()
-    for i, (images, labels) in enumerate(loader):
-        if not len(labels):  # skip_bad without the cache: every image of this batch was unreadable
-            continue
-        x = transform(images)  # uint8 (B, 3, H, W) -> augmented, normalised float
-        targets = labels
-        if mixup is not None:
-            x, targets = mix_batch(mixup, x, labels)  # (B, num_classes) soft targets, smoothing included
-        if cfg.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        if teachers is not None:
-            with accelerator.autocast():
-                teacher_probs = teachers(x)
-            targets = distill_targets(targets, teacher_probs, cfg.distill_weight, teacher_probs.shape[1],
-                                      smoothing=cfg.label_smoothing)
-        loss, logits = train_step(x, targets)  # forward, loss, backward, (clip), optimizer step
-        lr = scheduler.get_last_lr()[0]  # what this step used; after `scheduler.step()` it is the next one's
-        scheduler.step()
-        step += 1
-        if ema is not None:
-            ema.update(accelerator.unwrap_model(model), step=step)
-        loss_sum += loss * len(labels)
-        correct += (logits.argmax(1) == labels).sum()
-        seen += len(labels)
-        bar.update()
-        if (i + 1) % cfg.log_every == 0 and not bar.disable:
-            if (last := shown.update(loss_sum, correct, seen)) is not None:
-                bar.set_postfix(loss=f"{last[0] / last[2]:.4f}", acc=f"{last[1] / last[2]:.3f}",
-                                img_s=f"{seen * accelerator.num_processes / (time.perf_counter() - t0):.0f}")
-    bar.close()
+    # `with`: an error mid-epoch (a file that will not decode) clears the bar before its message prints
+    with tqdm(total=len(loader), desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch", leave=False,
+              disable=not accelerator.is_local_main_process, dynamic_ncols=True) as bar:
+        for i, (images, labels) in enumerate(loader):
+            if not len(labels):  # skip_bad without the cache: every image of this batch was unreadable
+                continue
+            x = transform(images)  # uint8 (B, 3, H, W) -> augmented, normalised float
+            targets = labels
+            if mixup is not None:
+                x, targets = mix_batch(mixup, x, labels)  # (B, num_classes) soft targets, smoothing included
+            if cfg.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            if teachers is not None:
+                with accelerator.autocast():
+                    teacher_probs = teachers(x)
+                targets = distill_targets(targets, teacher_probs, cfg.distill_weight, teacher_probs.shape[1],
+                                          smoothing=cfg.label_smoothing)
+            loss, logits = train_step(x, targets)  # forward, loss, backward, (clip), optimizer step
+            lr = scheduler.get_last_lr()[0]  # what this step used; after `scheduler.step()` it is the next one's
+            scheduler.step()
+            step += 1
+            if ema is not None:
+                ema.update(accelerator.unwrap_model(model), step=step)
+            loss_sum += loss * len(labels)
+            correct += (logits.argmax(1) == labels).sum()
+            seen += len(labels)
+            bar.update()
+            if (i + 1) % cfg.log_every == 0 and not bar.disable:
+                if (last := shown.update(loss_sum, correct, seen)) is not None:
+                    bar.set_postfix(loss=f"{last[0] / last[2]:.4f}", acc=f"{last[1] / last[2]:.3f}",
+                                    img_s=f"{seen * accelerator.num_processes / (time.perf_counter() - t0):.0f}")
     totals = accelerator.reduce(torch.stack([loss_sum, correct.to(loss_sum.dtype),
                                              torch.tensor(float(seen), device=device)]), "sum")
     loss_t, correct_t, n = totals.tolist()  # waits for the device: the epoch's work is done, not just queued

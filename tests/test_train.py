@@ -963,6 +963,27 @@ def test_bad_input_stops_two_processes_with_one_message(data_dir, tmp_path):
         assert _contents(run) == old  # neither the resume nor the overwrite touched the run
 
 
+def test_an_error_mid_epoch_closes_the_progress_bar(tmp_path):
+    # A bar left open keeps its line: the error's message was printed onto the end of it.
+    import io
+
+    from synth import face
+    from tqdm.auto import tqdm
+
+    from rvf.data import BadImageError
+
+    data = make_folder_dataset(tmp_path / "data", n=6, size=32)
+    buf = io.BytesIO()
+    face(0, 32).save(buf, "JPEG")
+    bad = data / "train" / "fake" / "00001.jpg"
+    bad.write_bytes(buf.getvalue()[:buf.getvalue().index(b"\xff\xda") + 20])  # decodes only half-way
+    with pytest.raises(BadImageError, match="00001.jpg") as e:
+        train(_cfg(data, tmp_path, cache=False, num_workers=0, holdout=0))
+    # While the traceback (as the user's terminal sees it) still holds the epoch's frame:
+    assert e.value.__traceback__ is not None
+    assert not [bar for bar in tqdm._instances if bar.desc.startswith("epoch")]
+
+
 def test_a_loader_workers_error_is_reported_by_its_own_message():
     # The DataLoader re-raises a worker's error with the worker's whole traceback in its message;
     # the user needs the one line that names the file.
