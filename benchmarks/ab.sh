@@ -13,7 +13,10 @@
 set -euo pipefail
 old=$(cd "${1:?usage: see the header}" && pwd); new=$(cd "${2:?}" && pwd); rounds=${3:?}; script=${4:?}
 shift 4
-python=$(command -v "${PYTHON:-python3}") || { echo "no python found: set PYTHON" >&2; exit 1; }
+[[ $rounds =~ ^[1-9][0-9]*$ ]] || { echo "ROUNDS must be a whole number of at least 1, got '$rounds'" >&2; exit 2; }
+python=${PYTHON:-}
+[ -z "$python" ] && [ -x "$new/.venv/bin/python" ] && python=$new/.venv/bin/python  # the README's set-up
+python=$(command -v "${python:-python3}") || { echo "no python found: set PYTHON" >&2; exit 1; }
 python=$(cd "$(dirname "$python")" && pwd)/$(basename "$python")  # absolute (each run starts in its checkout), links kept
 args=()
 for a in "$@"; do  # paths that exist here become absolute, as each run starts in its checkout

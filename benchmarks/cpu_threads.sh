@@ -13,6 +13,7 @@ set -euo pipefail
 root=$(realpath "${1:?usage: bash benchmarks/cpu_threads.sh ROOT [OUT_FILE] [ROUNDS] [EPOCHS]}")
 out_file=$(realpath -m "${2:-$(dirname "$0")/results/cpu_threads-cpu.txt}")  # both from where it was run
 rounds=${3:-3}
+[[ $rounds =~ ^[1-9][0-9]*$ ]] || { echo "ROUNDS must be a whole number of at least 1, got '$rounds'" >&2; exit 2; }
 epochs=${4:-2}
 repo=$(cd "$(dirname "$0")/.." && pwd)
 python=${PYTHON:-}

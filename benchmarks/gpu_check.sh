@@ -29,6 +29,10 @@ MP=${MP:-bf16}
 ZOO_MODES=${ZOO_MODES:-auto}
 PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1 WANDB_MODE=disabled RVF_CACHE_DIR=${RVF_CACHE_DIR:-/tmp/rvf-cache}
+if [ "$DEVICE" = cuda ] && ! "$PY" -c 'import sys, torch; sys.exit(not torch.cuda.is_available())'; then
+  echo "no CUDA GPU here (or no torch for $PY): the check is for a GPU; on a CPU scale it down as the header says" >&2
+  exit 2
+fi
 mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd)
 DATA=/tmp/rvf-synthetic
 WORK=/tmp/rvf-gpu-check  # everything large stays here; only small text comes back

@@ -85,7 +85,7 @@ def evaluate_ensemble(checkpoints: list[str | Path], data_dir: str | Path, outpu
     from rvf import reports
     from rvf.checkpoint import CheckpointError, load_pretrained, meta_threshold, read_meta
     from rvf.data import build_eval_transform, collate_batch
-    from rvf.train import evaluate, load_splits, use_cpu_threads
+    from rvf.train import evaluate, load_splits, refuse_lone_processes, use_cpu_threads
     from rvf.utils import device_name
 
     checkpoints = [Path(c) for c in checkpoints]
@@ -103,7 +103,10 @@ def evaluate_ensemble(checkpoints: list[str | Path], data_dir: str | Path, outpu
                 f"({_describe_slice(first[1])}): the members must share it (train seeds of an ensemble with the same "
                 f"split_seed)")
     accelerator = Accelerator()
-    use_cpu_threads(accelerator, cpu_threads)  # under `accelerate launch`, more than the one thread it exports
+    refuse_lone_processes(accelerator, "scripts/ensemble.py")
+    _, note = use_cpu_threads(accelerator, cpu_threads)  # under `accelerate launch`, more than its one thread
+    if note:
+        accelerator.print(note)
     if output_dir is not None and accelerator.is_main_process:
         Path(output_dir).mkdir(parents=True, exist_ok=True)  # now, not after scoring every member
     members, holdout_p, valid_p, labels = [], [], [], {}

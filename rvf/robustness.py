@@ -242,7 +242,7 @@ def evaluate_robustness(checkpoint, data_dir, split: str = "valid", output_dir=N
     lines = [f"# Robustness of `{meta['model_name']}` on {split} ({result['n']} images"
              + (f"; {len(skipped)} unreadable, left out" if skipped else "") + ")", "",
              f"| perturbation | accuracy % | change (points) | {' / '.join(CLASSES)} called right % "
-             f"| at threshold {threshold:.4f} % | ROC AUC | AP |"
+             f"| accuracy % at threshold {threshold:.4f} | ROC AUC | AP |"
              + (" framing off % | accuracy % where framing ok |" if framing is not None else ""),
              "|---|---|---|---|---|---|---|" + ("---|---|" if framing is not None else "")]
     for r in rows:

@@ -52,8 +52,9 @@ from rvf.metrics import calibrate_threshold, classification_metrics
 from rvf.step import TrainStep, build_train_step, cuda_graph_problems, set_capturable
 from rvf.utils import atomic_write_text, count_parameters, device_name, predict_logits, resolve_mixed_precision
 
-__all__ = ["RunDirError", "Splits", "all_or_none", "cpu_threads", "use_cpu_threads", "load_splits", "build_ema",
-           "build_mixup", "build_optimizer", "build_scheduler", "evaluate", "train_one_epoch", "train"]
+__all__ = ["RunDirError", "Splits", "all_or_none", "cpu_threads", "use_cpu_threads", "refuse_lone_processes",
+           "load_splits", "build_ema", "build_mixup", "build_optimizer", "build_scheduler", "evaluate",
+           "train_one_epoch", "train"]
 
 log = logging.getLogger(__name__)
 
@@ -169,8 +170,10 @@ def cpu_threads(requested: int | None, num_processes: int) -> tuple[int, str | N
 
         cores = max(1, cores * psutil.cpu_count(logical=False) // (os.cpu_count() or cores))  # hyperthreads: 1 a core
     threads = max(1, cores // local)
+    # A 1 from --num_cpu_threads_per_process 1 reads the same as the launcher's own: say how to keep it.
     note = (f"OMP_NUM_THREADS=1 (a launcher's default) overridden: {threads} threads for this process "
-            "(set cpu_threads to choose)" if omp == "1" and threads > 1 else None)
+            "(to choose: cpu_threads in training, --cpu-threads in evaluate.py and ensemble.py)"
+            if omp == "1" and threads > 1 else None)
     return threads, note
 
 
@@ -182,6 +185,25 @@ def use_cpu_threads(accelerator, requested: int | None = None) -> tuple[str, str
     threads, note = cpu_threads(requested, accelerator.num_processes)
     torch.set_num_threads(threads)
     return f", {threads} thread{'s' * (threads > 1)}", note
+
+
+def refuse_lone_processes(accelerator, script: str = "scripts/train.py") -> None:
+    """Stop when a launcher started several processes that Accelerate runs each on its own.
+
+    `accelerate launch --multi_gpu` on a machine without GPUs, or torchrun without
+    ACCELERATE_USE_CPU=1, starts WORLD_SIZE processes that each fall back to one process's run:
+    N copies of the same run writing into one folder, with no word said. The first process
+    says why; the others leave quietly (`reported_elsewhere`).
+    """
+    world = os.environ.get("WORLD_SIZE", "")
+    if accelerator.num_processes > 1 or not world.isdigit() or int(world) < 2:
+        return
+    e = ConfigError(f"{world} processes were started (WORLD_SIZE={world}) but Accelerate runs each on its own "
+                    f"({'no GPU for them' if accelerator.device.type == 'cpu' else 'no process group'}), so they "
+                    f"would do the same work {world} times into one folder; for CPU processes on one machine: "
+                    f"ACCELERATE_USE_CPU=1 torchrun --nproc_per_node {world} {script} ... (--multi_gpu needs GPUs)")
+    e.reported_elsewhere = os.environ.get("RANK", "0") != "0"
+    raise e
 
 
 # ----------------------------------------------------------------------------- optimisation
@@ -784,6 +806,7 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> di
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.seed,
                                                   non_blocking=torch.cuda.is_available()),
     )
+    refuse_lone_processes(accelerator)
     threads_text, threads_note = use_cpu_threads(accelerator, cfg.cpu_threads)
     if (accelerator.num_processes == 1 and "MASTER_ADDR" in os.environ and "WORLD_SIZE" not in os.environ
             and "ACCELERATE_MIXED_PRECISION" in os.environ):  # under `accelerate launch`, not a cluster's env

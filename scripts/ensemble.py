@@ -51,7 +51,8 @@ def main(args) -> int:
         m = evaluate_ensemble(args.checkpoints, args.data_dir, args.output_dir, args.batch_size, args.cache_dir,
                               args.cpu_threads)
     except (CheckpointError, ConfigError, DatasetError, BadImageError, EnsembleError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        if not getattr(e, "reported_elsewhere", False):  # another process prints it (rvf.train)
+            print(f"error: {e}", file=sys.stderr)
         return 2
     except OSError as e:
         print(f"error: {e.strerror or e} ({e.filename})", file=sys.stderr)

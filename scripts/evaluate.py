@@ -41,6 +41,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
 def main(args) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     from rvf.checkpoint import CheckpointError
+    from rvf.config import ConfigError
     from rvf.data import BadImageError, DatasetError
     from rvf.evaluate import evaluate_checkpoint
 
@@ -48,8 +49,9 @@ def main(args) -> int:
         evaluate_checkpoint(args.checkpoint, args.data_dir, args.split, args.output_dir,
                             args.batch_size, args.cache_dir, args.skip_bad, args.tta_hflip,
                             args.cpu_threads)
-    except (CheckpointError, DatasetError, BadImageError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (CheckpointError, ConfigError, DatasetError, BadImageError) as e:
+        if not getattr(e, "reported_elsewhere", False):  # another process prints it (rvf.train)
+            print(f"error: {e}", file=sys.stderr)
         return 2
     except OSError as e:
         print(f"error: {e.strerror or e} ({e.filename})", file=sys.stderr)

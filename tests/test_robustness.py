@@ -57,7 +57,7 @@ def test_robustness_script_clean_row_matches_evaluate(tmp_path, tta_hflip):
     assert result["rows"][0]["roc_auc"] == pytest.approx(ev["roc_auc"])
     # which way the verdicts went: each class's recall, as evaluate.py's report has it
     assert result["rows"][0]["recall"] == pytest.approx({c: ev["per_class"][c]["recall"] for c in ("fake", "real")})
-    assert "| fake / real called right % | at threshold 0.5000 % |" in table
+    assert "| fake / real called right % | accuracy % at threshold 0.5000 |" in table
     clean = result["rows"][0]["accuracy"]
     assert len({row["accuracy"] for row in result["rows"]}) > 1  # these weights' accuracy moves: a sign would show
     for row in result["rows"]:

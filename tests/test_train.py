@@ -189,6 +189,27 @@ def test_accelerate_launch_says_it_started_one_process_of_two(data_dir, tmp_path
     assert f"x 1, {threads} thread{'s' * (threads > 1)} |" in r.stdout
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="with a GPU, two processes are a real DDP run")
+def test_processes_accelerate_runs_each_on_its_own_are_refused(data_dir, tmp_path, monkeypatch):
+    # torchrun without ACCELERATE_USE_CPU=1 (or `accelerate launch --multi_gpu` with no GPU) starts
+    # two processes that each ran the whole job alone, into one folder: refused, said once.
+    r = _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+              "scripts/train.py", "--data-dir", str(data_dir), "--output-dir", str(tmp_path / "run"),
+              "--epochs", "1", "--image-size", "32", "--tracker", "none"], tmp_path, timeout=120)
+    lines = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "WORLD_SIZE=2" in lines[0] and "ACCELERATE_USE_CPU=1 torchrun" in lines[0], r.stderr
+    assert not (tmp_path / "run").exists()
+    # evaluate.py and ensemble.py go through the same check
+    from rvf.config import ConfigError
+    from rvf.evaluate import evaluate_checkpoint
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    with pytest.raises(ConfigError, match="WORLD_SIZE=2.*scripts/evaluate.py") as e:
+        evaluate_checkpoint(tmp_path / "no-run", data_dir)
+    assert e.value.reported_elsewhere  # rank 0 says it
+
+
 def test_trains_with_only_what_the_gpu_image_has(data_dir, tmp_path, monkeypatch):
     """The GPU machines have torch, timm, accelerate, sklearn and matplotlib, but no torchinfo,
     torchview, wandb, Flask or grad-cam: a run must still finish and write its reports."""

@@ -36,6 +36,8 @@ from rvf.utils import atomic_write_text
 __all__ = ["DecodedImages", "build_cache", "cache_key", "collate_batch", "default_cache_dir"]
 
 log = logging.getLogger(__name__)
+# The cache serves training (a config key) and evaluate.py (a flag): name both ways out.
+SKIP_HINT = " (to leave unreadable images out: --set skip_bad=true in training, --skip-bad in evaluate.py)"
 
 CACHE_VERSION = 1  # bump when load_image's pixels change
 
@@ -198,7 +200,7 @@ def build_cache(samples: Sequence[tuple[str, int]], image_size: int, *, interpol
             results = pool.imap_unordered(_decode_chunk, chunks)
         for n, chunk_bad in results:
             if chunk_bad and not skip_bad:
-                raise BadImageError(chunk_bad[0][1] + " (set skip_bad to skip unreadable images)")
+                raise BadImageError(chunk_bad[0][1] + SKIP_HINT)
             bad += chunk_bad
             bar.update(n)
     except BaseException:
@@ -258,7 +260,7 @@ def _remove_abandoned(npy: Path) -> None:
 
 def _wrap(images, samples, bad, skip_bad) -> DecodedImages:
     if bad and not skip_bad:
-        raise BadImageError(bad[0][1] + " (set skip_bad to skip unreadable images)")
+        raise BadImageError(bad[0][1] + SKIP_HINT)
     if bad:
         log.warning("skipped %d unreadable image(s), e.g. %s", len(bad), bad[0][1])
     bad_idx = {i for i, _ in bad}
