@@ -4,9 +4,10 @@
 
 Training writes framing.safetensors itself (from the faces it fitted on, holdout slice left
 out); this adds one to a run trained before it did, or refits one from the whole split,
-holdout slice included. It measures the faces at the checkpoint's own size and filter (read from rvf's decoded cache, so a split cached by training decodes
-nothing), then writes CHECKPOINT/framing.safetensors and prints the limits. From then on the
-web app, scripts/predict.py and scripts/robustness.py report, for each face, whether it sits
+holdout slice included. It measures the faces at the checkpoint's own size and filter (read
+from rvf's decoded cache, so a split cached by training decodes nothing), then writes
+CHECKPOINT/framing.safetensors and prints the limits. From then on the web app,
+scripts/predict.py and scripts/robustness.py report, for each face, whether it sits
 where the training faces sat (see rvf/framing.py).
 """
 
