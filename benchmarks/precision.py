@@ -23,6 +23,7 @@ import time  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from rvf.cli import positive_int  # noqa: E402
 from rvf.models import create_model, list_models  # noqa: E402
 from rvf.utils import device_name, has_native_bf16  # noqa: E402
 
@@ -32,10 +33,11 @@ FEW_STEPS = {"vgg16", "vgg16_bn", "resnet50", "inception_v1"}
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="fp32 vs bf16 autocast per training step.", add_help=add_help)
-    parser.add_argument("--models", nargs="+", default=list_models())
-    parser.add_argument("--image-size", type=int, default=64)
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--steps", type=int, default=8, help="timed steps per round (3 for the big models)")
+    parser.add_argument("--models", nargs="+", default=list_models(), metavar="NAME",
+                        help="rvf model names or timm:NAME (default: every rvf model)")
+    parser.add_argument("--image-size", type=positive_int, default=64)
+    parser.add_argument("--batch-size", type=positive_int, default=64)
+    parser.add_argument("--steps", type=positive_int, default=8, help="timed steps per round (3 for the big models)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/precision-cpu.json"))
     return parser
@@ -89,4 +91,11 @@ def main(args) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(get_args_parser().parse_args()))
+    parser = get_args_parser()
+    args = parser.parse_args()
+    for name in set(args.models) - set(list_models()):  # before any timing: a typo in the last name costs nothing
+        try:
+            create_model(name)
+        except (ValueError, RuntimeError) as e:
+            parser.error(f"--models {name}: {e}")
+    sys.exit(main(args))

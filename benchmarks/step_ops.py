@@ -55,11 +55,15 @@ def main(argv=None) -> int:
     parser.add_argument("--configs", nargs="+", default=SEED_CONFIGS, help="training configs (YAML)")
     parser.add_argument("--out", type=Path, help="also write {config: ops} as JSON here")
     args = parser.parse_args(argv)
-    from rvf.config import load_config
+    from rvf.config import ConfigError, load_config
 
+    try:  # every config before any counting
+        configs = {path: load_config(path) for path in args.configs}
+    except ConfigError as e:
+        parser.error(str(e))
     counts = {}
-    for path in args.configs:
-        counts[Path(path).stem] = n = count_step_ops(load_config(path))
+    for path, cfg in configs.items():
+        counts[Path(path).stem] = n = count_step_ops(cfg)
         print(f"{Path(path).stem:>14}: {n:5d} ATen ops per training step", flush=True)
     if args.out:
         args.out.write_text(json.dumps(counts, indent=2))

@@ -28,6 +28,8 @@ parser.add_argument("--files", type=int, default=1, help="copies of the image in
 parser.add_argument("--max-request-megapixels", type=float, default=None,
                     help="the app's per-request pixel budget (default: the app's own, 160)")
 args = parser.parse_args()
+if not (Path(args.checkpoint) / "model.json").is_file() and not (Path(args.checkpoint) / "ensemble.json").is_file():
+    parser.error(f"--checkpoint {args.checkpoint}: no model.json (or ensemble.json) there: not a run folder")
 ckpt, side, gradcam = args.checkpoint, args.side, args.gradcam
 sys.path.append(str(Path(__file__).resolve().parents[1]))  # after PYTHONPATH: another checkout can be measured
 from rvf.web import create_app  # noqa: E402

@@ -198,3 +198,14 @@ def test_api_latency_writes_its_table_with_the_command(tmp_path):
     text = out.read_text()
     assert text.startswith("`python benchmarks/api_latency.py --models lenet --n 3")
     assert "| model | input | p50 ms |" in text and "| lenet | 64 px |" in text
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["benchmarks/precision.py", "--models", "lenet", "nope"], "--models nope: Unknown model 'nope'"),
+    (["benchmarks/precision.py", "--steps", "0"], "argument --steps: must be at least 1"),
+    (["benchmarks/step_ops.py", "--configs", "configs/nope.yaml"], "configs/nope.yaml does not exist"),
+    (["benchmarks/upload_cost.py", "--checkpoint", "no/such/run"], "no/such/run: no model.json"),
+], ids=["precision-model", "precision-steps", "step_ops-config", "upload_cost-checkpoint"])
+def test_benchmark_tools_name_bad_input_in_one_line(argv, says):
+    r = subprocess.run([sys.executable, *argv], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert r.returncode == 2 and says in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
