@@ -15,8 +15,10 @@ whether more members of the same kind would still pay.
 
 With an output folder it also writes `ensemble.json`, the manifest that lets the web app and
 `scripts/predict.py` serve the ensemble like one checkpoint (`rvf.inference.load_predictor`):
-the members' run folders (relative to the manifest, so a tree of runs can move), the
-calibrated threshold and the valid-split figures.
+the members' run folders (relative to the manifest, so a tree of runs can move), the sha256
+of each member's `model.safetensors` as it was scored, the calibrated threshold and the
+valid-split figures. Loading refuses a member whose weights have changed since
+(`check_member_weights`): the threshold and figures describe the weights that were scored.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import itertools
 import json
 import math
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +35,8 @@ import numpy as np
 from rvf.checkpoint import ENSEMBLE_MANIFEST
 from rvf.metrics import FAKE, calibrate_threshold, classification_metrics, predicted_labels
 
-__all__ = ["MANIFEST", "EnsembleError", "evaluate_ensemble", "read_manifest", "sub_ensembles", "write_manifest"]
+__all__ = ["MANIFEST", "EnsembleError", "check_member_weights", "evaluate_ensemble", "read_manifest", "sub_ensembles",
+           "write_manifest"]
 
 MANIFEST = ENSEMBLE_MANIFEST
 MANIFEST_KIND = "rvf-ensemble"
@@ -83,7 +87,7 @@ def evaluate_ensemble(checkpoints: list[str | Path], data_dir: str | Path, outpu
     from torch.utils.data import DataLoader
 
     from rvf import reports
-    from rvf.checkpoint import CheckpointError, load_pretrained, meta_threshold, read_meta
+    from rvf.checkpoint import CheckpointError, load_pretrained, meta_threshold, read_meta, weights_sha256
     from rvf.data import build_eval_transform, collate_batch
     from rvf.train import evaluate, load_splits, refuse_lone_processes, use_cpu_threads
     from rvf.utils import device_name
@@ -109,8 +113,9 @@ def evaluate_ensemble(checkpoints: list[str | Path], data_dir: str | Path, outpu
         accelerator.print(note)
     if output_dir is not None and accelerator.is_main_process:
         Path(output_dir).mkdir(parents=True, exist_ok=True)  # now, not after scoring every member
-    members, holdout_p, valid_p, labels = [], [], [], {}
+    members, holdout_p, valid_p, labels, digests = [], [], [], {}, []
     for checkpoint, cfg in zip(checkpoints, configs):
+        digests.append(weights_sha256(checkpoint))  # the file about to be scored, for the manifest
         model, meta, data_cfg = load_pretrained(checkpoint)
         with accelerator.main_process_first():
             splits = load_splits(cfg, data_cfg, progress=accelerator.is_local_main_process)
@@ -160,7 +165,7 @@ def evaluate_ensemble(checkpoints: list[str | Path], data_dir: str | Path, outpu
         reports.write_evaluation_reports(out, labels["valid"], valid, metrics["valid"], f"ensemble: {names}",
                                          calibrated=holdout is not None)
         reports.write_json(out / "metrics.json", metrics)
-        write_manifest(out, checkpoints, threshold, metrics["valid"])
+        write_manifest(out, checkpoints, threshold, metrics["valid"], digests)
         columns = [labels["valid"], valid[:, 0]] + [p[:, 0] for p in valid_p]
         header = ",".join(["label", "p_fake"] + [f"p_fake_{i}" for i in range(len(valid_p))])
         np.savetxt(out / "probabilities.csv", np.column_stack(columns), delimiter=",", header=header, comments="",
@@ -220,16 +225,25 @@ def sub_ensembles(labels, member_probs: list[np.ndarray], max_subsets: int = 200
     return {"sizes": sizes, "limit": limit}
 
 
-def write_manifest(directory: str | Path, checkpoints: list[str | Path], threshold: float, valid: dict) -> Path:
-    """Write `directory/ensemble.json`: member run folders, threshold and valid accuracy / ROC AUC."""
+def write_manifest(directory: str | Path, checkpoints: list[str | Path], threshold: float, valid: dict,
+                   digests: list[str] | None = None) -> Path:
+    """Write `directory/ensemble.json`: member run folders, their weights' sha256, threshold and valid figures.
+
+    `digests`: each member's `weights_sha256` when it was scored (default: hashed now).
+    """
+    from rvf.checkpoint import weights_sha256
+
     directory = Path(directory)
+    if digests is None:
+        digests = [weights_sha256(c) for c in checkpoints]
     members = []
     for c in map(Path, checkpoints):
         try:  # relative, so the runs and the ensemble can move together
             members.append(Path(os.path.relpath(c.resolve(), directory.resolve())).as_posix())
         except ValueError:  # another drive (Windows): nothing to be relative to
             members.append(str(c.resolve()))
-    manifest = {"kind": MANIFEST_KIND, "members": members, "threshold": float(threshold),
+    manifest = {"kind": MANIFEST_KIND, "members": members, "weights_sha256": dict(zip(members, digests, strict=True)),
+                "threshold": float(threshold),
                 "valid": {k: valid.get(k)
                           for k in ("accuracy", "accuracy_at_threshold", "roc_auc", "average_precision")}}
     from rvf.reports import write_json
@@ -241,6 +255,9 @@ def write_manifest(directory: str | Path, checkpoints: list[str | Path], thresho
 
 def read_manifest(directory: str | Path) -> dict:
     """Read and check `directory/ensemble.json`; member paths come back resolved.
+
+    "weights_sha256" comes back as one digest per member, or None for a manifest written before
+    ensembles recorded them (loaded as before, unchecked, as `model.json` without `weights_id` is).
 
     Raises:
         CheckpointError: naming the manifest and the key at fault.
@@ -263,4 +280,43 @@ def read_manifest(directory: str | Path) -> dict:
     valid = manifest.get("valid") or {}
     if not isinstance(valid, dict):
         raise CheckpointError(f"{path}: \"valid\" must be an object, got {valid!r}")
-    return {"members": [(path.parent / m).resolve() for m in members], "threshold": float(threshold), "valid": valid}
+    digests = manifest.get("weights_sha256")
+    if digests is not None:
+        if (not isinstance(digests, dict) or set(digests) != set(members)
+                or not all(isinstance(d, str) and re.fullmatch("[0-9a-f]{64}", d) for d in digests.values())):
+            raise CheckpointError(f"{path}: \"weights_sha256\" must give one sha256 (64 hex digits) per member, "
+                                  f"keyed as in \"members\"")
+        digests = [digests[m] for m in members]
+    return {"members": [(path.parent / m).resolve() for m in members], "weights_sha256": digests,
+            "threshold": float(threshold), "valid": valid}
+
+
+def check_member_weights(directory: str | Path, manifest: dict) -> None:
+    """Refuse a member whose `model.safetensors` is not the file the ensemble scored.
+
+    A member retrained or resumed since (its best epoch replaced) would otherwise be served at the
+    ensemble's old threshold, beside the old figures.
+
+    Args:
+        directory: the ensemble folder, named in the message.
+        manifest: as `read_manifest` returns it; without "weights_sha256" nothing is checked.
+
+    Raises:
+        CheckpointError: naming the manifest and the member, saying how to rebuild.
+    """
+    from rvf.checkpoint import WEIGHTS_NAME, CheckpointError, weights_sha256
+
+    if manifest["weights_sha256"] is None:
+        return
+    path = Path(directory) / MANIFEST
+    for member, scored in zip(manifest["members"], manifest["weights_sha256"], strict=True):
+        try:
+            now = weights_sha256(member)
+        except OSError as e:
+            raise CheckpointError(f"{path} lists member {member}: cannot read its {WEIGHTS_NAME} "
+                                  f"({e.strerror or e})") from e
+        if now != scored:
+            raise CheckpointError(
+                f"{path} lists member {member}, whose {WEIGHTS_NAME} has changed since the ensemble was built "
+                f"(sha256 {now[:12]}..., scored {scored[:12]}...): the ensemble's threshold and figures are for the "
+                f"old weights; re-run scripts/ensemble.py with the same --checkpoints")

@@ -422,10 +422,11 @@ class EnsemblePredictor(Detector):
         """Load the members listed in `directory/ensemble.json` (see `rvf.ensemble`).
 
         Raises:
-            CheckpointError: naming the manifest, or the member's file, at fault.
+            CheckpointError: naming the manifest, or the member's file, at fault; also for a member
+                whose weights changed after the ensemble was built.
         """
         from rvf.checkpoint import CheckpointError
-        from rvf.ensemble import MANIFEST, read_manifest
+        from rvf.ensemble import MANIFEST, check_member_weights, read_manifest
 
         manifest = read_manifest(directory)
         device = resolve_device(device)
@@ -435,6 +436,8 @@ class EnsemblePredictor(Detector):
                 members.append(Predictor.from_checkpoint(m, device, allow_pickle))
             except CheckpointError as e:
                 raise CheckpointError(f"{Path(directory) / MANIFEST} lists member {m}: {e}") from e
+        # Hashed after loading: a file replaced in between fails the check instead of passing it.
+        check_member_weights(directory, manifest)
         ensemble = cls(members, manifest["threshold"], manifest["valid"])
         ensemble.run = Path(directory).resolve().name
         return ensemble

@@ -215,11 +215,13 @@ def run_load(server: Server, path: str, body: bytes, ctype: str, n: int, concurr
 def check_checkpoint(directory: Path) -> None:
     """Raise ValueError (`CheckpointError`) naming what is wrong with a run or ensemble folder."""
     from rvf.checkpoint import read_meta
-    from rvf.ensemble import MANIFEST, read_manifest
+    from rvf.ensemble import MANIFEST, check_member_weights, read_manifest
 
     if (directory / MANIFEST).is_file():
-        for member in read_manifest(directory)["members"]:
+        manifest = read_manifest(directory)
+        for member in manifest["members"]:
             read_meta(member)
+        check_member_weights(directory, manifest)
     else:
         read_meta(directory)
 

@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 from synth import make_folder_dataset
 
-from rvf.checkpoint import CheckpointError
+from rvf.checkpoint import CheckpointError, load_pretrained, save_pretrained, weights_sha256
 from rvf.config import TrainConfig
 from rvf.data import RVF10K, holdout_split
 from rvf.ensemble import EnsembleError, evaluate_ensemble, sub_ensembles
@@ -237,6 +237,8 @@ def test_an_ensemble_folder_serves_like_one_checkpoint(runs, served):
     folder, m = served
     manifest = json.loads((folder / "ensemble.json").read_text())
     assert manifest["members"] == ["../lenet", "../alexnet"]  # relative: the tree can move
+    assert manifest["weights_sha256"] == {"../lenet": weights_sha256(tmp / "lenet"),
+                                          "../alexnet": weights_sha256(tmp / "alexnet")}
     ens = load_predictor(folder)
     assert isinstance(ens, EnsemblePredictor) and ens.threshold == m["threshold"]
     assert ens.model_name == "ensemble(lenet + alexnet)" and ens.image_size == 40
@@ -319,6 +321,8 @@ def test_web_app_and_predict_cli_take_an_ensemble_folder(runs, served):
     ('{"kind": "rvf-ensemble", "members": ["../lenet", "../alexnet"], "threshold": 1.5}', "probability in"),
     ('{"kind": "rvf-ensemble", "members": ["../lenet", "../gone"], "threshold": 0.5}',
      "ensemble.json lists member .*gone"),
+    ('{"kind": "rvf-ensemble", "members": ["../lenet", "../alexnet"], "weights_sha256": {"../lenet": "ab"}, '
+     '"threshold": 0.5}', "weights_sha256"),
 ])
 def test_a_bad_ensemble_manifest_is_named(runs, manifest, message):
     tmp, _, _ = runs
@@ -330,3 +334,40 @@ def test_a_bad_ensemble_manifest_is_named(runs, manifest, message):
     r = subprocess.run([sys.executable, "scripts/app.py", "--checkpoint", str(folder)],
                        capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert r.returncode == 2 and re.search(message, r.stderr) and "Traceback" not in r.stderr
+
+
+def test_an_ensemble_refuses_a_member_changed_after_it_was_built(runs, tmp_path):
+    """A member resumed since (a new best epoch) would be served at the ensemble's old threshold."""
+    import torch
+
+    from rvf.ensemble import write_manifest
+
+    tmp, data, _ = runs
+    for name in ("lenet", "alexnet"):  # copies: the module's runs stay as the other tests expect
+        shutil.copytree(tmp / name, tmp_path / name)
+    folder = tmp_path / "ens"
+    folder.mkdir()
+    write_manifest(folder, [tmp_path / "lenet", tmp_path / "alexnet"], 0.25, {"accuracy": 0.5})
+    assert load_predictor(folder).threshold == 0.25  # unchanged members load
+
+    # As `train.py --resume` replaces the best model: other weights, saved (with their own save id) by save_pretrained.
+    model, meta, _ = load_pretrained(tmp_path / "lenet")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.01)
+    save_pretrained(tmp_path / "lenet", model, meta)
+    message = (r"ensemble.json lists member \S*lenet, whose model.safetensors has changed since the ensemble was "
+               r"built .*re-run scripts/ensemble.py with the same --checkpoints")
+    with pytest.raises(CheckpointError, match=message):
+        load_predictor(folder)
+    r = subprocess.run([sys.executable, "scripts/predict.py", "--checkpoint", str(folder), str(data / "valid")],
+                       capture_output=True, text=True, cwd=ROOT, timeout=300)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and r.stdout == "" and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and re.search(message, lines[0])
+
+    # A manifest written before ensembles recorded their members' weights loads as it always did.
+    manifest = json.loads((folder / "ensemble.json").read_text())
+    del manifest["weights_sha256"]
+    (folder / "ensemble.json").write_text(json.dumps(manifest))
+    assert load_predictor(folder).threshold == 0.25
