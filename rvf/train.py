@@ -538,12 +538,28 @@ def prepare_output_dir(out: Path, resume: bool, overwrite: bool) -> bool:
     holds_run = run_exists(out)
     if resume and not holds_run:
         raise RunDirError(f"--resume {out}: no run there to resume (no config.yaml)")
-    if resume and latest_state(out) is None:
-        aside = f" (the run it was replacing is in {out / REPLACED_DIR})" if (out / REPLACED_DIR).is_dir() else ""
+    state = latest_state(out)
+    replaced = out / REPLACED_DIR if (out / REPLACED_DIR).is_dir() else None
+    aside = f" (the run it was replacing is in {replaced})" if replaced else ""
+    # A run that died in its first epoch leaves config.yaml (and tracker logs), nothing to lose.
+    # It is still refused rather than started over: a run still in its first epoch looks the
+    # same, and the refusal is all that keeps a second command from training into its folder.
+    unsaved = holds_run and state is None and not any((out / name).exists()
+                                                      for name in ("model.safetensors", "metrics.json"))
+    if resume and unsaved and (out / "config.yaml").is_file():
+        raise RunDirError(f"--resume {out}: the run there saved no epoch (it stopped in its first epoch, or is still "
+                          f"in it), so there is nothing to resume; to start it again, pass --config "
+                          f"{out / 'config.yaml'} --output-dir {out} --overwrite instead of --resume{aside}")
+    if resume and state is None:
         raise RunDirError(f"--resume {out}: no complete saved state under {out / STATE_DIR}{aside}")
+    if unsaved and not overwrite:
+        raise RunDirError(f"output dir {out} holds a run that saved no epoch (it stopped in its first epoch, or is "
+                          f"still in it); pass --overwrite to start it again"
+                          + (f" (the run it was replacing is in {replaced}; --overwrite deletes it once the new "
+                             "run saves an epoch)" if replaced else ""))
     if holds_run and not (resume or overwrite):
-        raise RunDirError(f"output dir {out} already holds a run; pass --resume {out} to continue it "
-                          f"or --overwrite to replace it")
+        resumable = f"pass --resume {out} to continue it or " if state is not None else "pass "
+        raise RunDirError(f"output dir {out} already holds a run; {resumable}--overwrite to replace it")
     return holds_run and not resume
 
 

@@ -8,8 +8,10 @@ Each config runs as its own `scripts/train.py` process (so memory is returned be
 models), under `--launcher` if given, e.g. --launcher "accelerate launch --multi_gpu".
 Runs go to OUTPUT_ROOT/<config name>; all of them share one W&B group so they line up
 side by side. leaderboard.md and leaderboard.png land in OUTPUT_ROOT. A config whose run
-folder already holds a run is refused before anything trains, unless --skip-done (finished
-runs are kept) or --overwrite (they are trained again). A config with `pretrained: true`
+folder already holds a run is refused before anything trains: --skip-done keeps the finished
+ones (with metrics.json) and --overwrite trains the rest again (without --skip-done, all of
+them). The zoo never resumes a run that stopped early; `scripts/train.py --resume RUN_DIR`
+does, if it saved an epoch. A config with `pretrained: true`
 (configs/efficientnet_b0_imagenet.yaml) has its weights downloaded before the first run
 trains, so a machine without network learns it at once.
 """
@@ -38,9 +40,12 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser.add_argument("--launcher", default="", help='prefix command, e.g. "accelerate launch --multi_gpu"')
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override passed to every run")
-    parser.add_argument("--skip-done", action="store_true", help="skip configs whose run has metrics.json")
+    parser.add_argument("--skip-done", action="store_true",
+                        help="skip configs whose run finished (has metrics.json); an unfinished run is still "
+                             "refused unless --overwrite")
     parser.add_argument("--overwrite", action="store_true",
-                        help="train again configs whose run folder already holds a run (default: refuse them)")
+                        help="train again configs whose run folder already holds a run, finished or not (with "
+                             "--skip-done: the unfinished ones only; default: refuse them)")
     parser.add_argument("--leaderboard-only", action="store_true", help="only rebuild the leaderboard")
     return parser
 
@@ -88,11 +93,18 @@ def main(args) -> int:
     stems = [cfg.stem for cfg in configs]
     problems += [f"two configs are named {s}.yaml: their runs would share {args.output_root / s}"
                  for s in sorted({s for s in stems if stems.count(s) > 1})]
-    taken = [str(args.output_root / cfg.stem) for cfg in configs
+    taken = [args.output_root / cfg.stem for cfg in configs
              if run_exists(args.output_root / cfg.stem) and not done(cfg)]
-    if taken and not args.overwrite:
-        problems.append(f"these run folders already hold runs: {', '.join(taken)}; pass --skip-done to keep "
-                        f"the finished ones, or --overwrite to train them again")
+    finished = [str(out) for out in taken if (out / "metrics.json").is_file()]  # only without --skip-done
+    unfinished = [str(out) for out in taken if not (out / "metrics.json").is_file()]
+    if finished and not args.overwrite:
+        problems.append(f"these run folders hold finished runs: {', '.join(finished)}; pass --skip-done to keep "
+                        f"them, or --overwrite to train them again")
+    if unfinished and not args.overwrite:
+        # --skip-done cannot help here: what it keeps is a finished run.
+        problems.append(f"these run folders hold runs that did not finish (no metrics.json; stopped, or still "
+                        f"training): {', '.join(unfinished)}; pass --overwrite to train them again (or first "
+                        f"finish one that saved an epoch with scripts/train.py --resume RUN_DIR)")
     try:
         launcher = shlex.split(args.launcher)
     except ValueError as e:  # an unbalanced quote

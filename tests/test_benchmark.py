@@ -156,13 +156,25 @@ def test_zoo_refuses_finished_runs_unless_told(tmp_path):
     from synth import make_folder_dataset
 
     data = make_folder_dataset(tmp_path / "d", n=4, size=32)
-    (tmp_path / "zoo" / "lenet").mkdir(parents=True)
-    (tmp_path / "zoo" / "lenet" / "config.yaml").write_text("model: lenet\n")  # a run trained before
+    zoo = tmp_path / "zoo"
+    for name in ("lenet", "lenet_best"):
+        (zoo / name).mkdir(parents=True)
+        (zoo / name / "config.yaml").write_text("model: lenet\n")  # a run trained before...
+    (zoo / "lenet" / "metrics.json").write_text("{}")  # ...to the end; lenet_best stopped early
     base = [sys.executable, "scripts/train_zoo.py", "--configs", str(ROOT / "configs" / "lenet.yaml"),
-            "--output-root", str(tmp_path / "zoo")]
+            str(ROOT / "configs" / "lenet_best.yaml"), "--output-root", str(zoo)]
+    finished = f"error: these run folders hold finished runs: {zoo / 'lenet'}; pass --skip-done to keep them, or " \
+               "--overwrite to train them again\n"
+    unfinished = (f"error: these run folders hold runs that did not finish (no metrics.json; stopped, or still "
+                  f"training): {zoo / 'lenet_best'}; pass --overwrite to train them again (or first finish one that "
+                  f"saved an epoch with scripts/train.py --resume RUN_DIR)\n")
     r = subprocess.run(base + ["--data-dir", str(data)], capture_output=True, text=True, timeout=120, cwd=ROOT)
-    assert r.returncode == 2 and "already hold runs" in r.stderr and "--overwrite" in r.stderr
-    assert (tmp_path / "zoo" / "lenet" / "config.yaml").read_text() == "model: lenet\n"  # untouched
+    assert r.returncode == 2 and r.stderr == finished + unfinished, r.stderr[-2000:]
+    # --skip-done keeps the finished one and is never asked for again; the unfinished one still needs --overwrite.
+    r = subprocess.run(base + ["--data-dir", str(data), "--skip-done"], capture_output=True, text=True, timeout=120,
+                       cwd=ROOT)
+    assert r.returncode == 2 and r.stderr == unfinished, r.stderr[-2000:]
+    assert all((zoo / name / "config.yaml").read_text() == "model: lenet\n" for name in ("lenet", "lenet_best"))
     for extra, message in ((["--data-dir", str(tmp_path / "nope"), "--overwrite"], "does not exist"),
                            (["--data-dir", str(data), "--overwrite", "--launcher", "nosuchcmd --x"],
                             "no command 'nosuchcmd' on PATH"),

@@ -491,6 +491,47 @@ def test_a_run_that_fails_to_start_leaves_no_folder_behind(tmp_path):
     assert not (tmp_path / "runs").exists()
 
 
+def test_a_run_that_died_in_its_first_epoch_is_refused_naming_overwrite(tmp_path):
+    # A corrupt image mid-epoch leaves config.yaml and nothing to lose. The same command again is
+    # still refused (a run still in its first epoch looks just the same), but by a message that
+    # names the one flag that starts it again; --resume's names a command that does.
+    import io
+    import re
+
+    from synth import face
+
+    from rvf.data import BadImageError
+
+    data = make_folder_dataset(tmp_path / "data", n=6, size=32)
+    bad = data / "train" / "fake" / "00001.jpg"
+    good = bad.read_bytes()
+    buf = io.BytesIO()
+    face(0, 32).save(buf, "JPEG")
+    jpeg = buf.getvalue()
+    bad.write_bytes(jpeg[:jpeg.index(b"\xff\xda") + 20])  # fails at decode, mid-epoch without the cache
+    cfg = _cfg(data, tmp_path, epochs=1, cache=False, num_workers=0, holdout=0)
+    with pytest.raises(BadImageError):
+        train(cfg)
+    run = tmp_path / "run"
+    assert [p.name for p in run.iterdir()] == ["config.yaml"]
+    bad.write_bytes(good)
+    with pytest.raises(RunDirError, match=f"^output dir {re.escape(str(run))} holds a run that saved no epoch \\(it "
+                                          "stopped in its first epoch, or is still in it\\); pass --overwrite to "
+                                          "start it again$"):
+        train(cfg)
+    r = _run([sys.executable, "scripts/train.py", "--resume", str(run)], tmp_path)
+    command = f"--config {run / 'config.yaml'} --output-dir {run} --overwrite"
+    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1] == (
+        f"error: --resume {run}: the run there saved no epoch (it stopped in its first epoch, or is still in it), "
+        f"so there is nothing to resume; to start it again, pass {command} instead of --resume"), r.stderr[-2000:]
+    r = _run([sys.executable, "scripts/train.py", *command.split()], tmp_path)  # the command it names
+    assert r.returncode == 0 and latest_state(run) is not None and (run / "metrics.json").is_file(), r.stderr[-2000:]
+    # A run with no saved state left to resume is not told to pass --resume.
+    shutil.rmtree(run / "checkpoints")
+    with pytest.raises(RunDirError, match="already holds a run; pass --overwrite to replace it$"):
+        train(cfg)
+
+
 def _contents(run: Path) -> dict:
     return {str(p.relative_to(run)): p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()}
 
@@ -533,7 +574,8 @@ def test_an_overwrite_killed_before_its_first_epoch_leaves_the_old_run_for_the_n
     old = _contents(run)
     rvf_train.ReplacedRun(run, "rvf", replace=True)
     (run / "config.yaml").write_bytes(old["config.yaml"])
-    with pytest.raises(RunDirError, match="already holds a run"):
+    with pytest.raises(RunDirError, match="saved no epoch .*--overwrite to start it again \\(the run it was replacing "
+                                          "is in .*\\.replaced; --overwrite deletes it once the new run saves"):
         train(cfg)
     with pytest.raises(RunDirError, match="the run it was replacing is in .*\\.replaced"):
         train(cfg, resume=True)
