@@ -89,7 +89,7 @@ def evaluate_ensemble(checkpoints: list[str | Path], data_dir: str | Path, outpu
     from rvf import reports
     from rvf.checkpoint import CheckpointError, load_pretrained, meta_threshold, read_meta, weights_sha256
     from rvf.data import build_eval_transform, collate_batch
-    from rvf.train import evaluate, load_splits, refuse_lone_processes, use_cpu_threads
+    from rvf.train import check_launch, evaluate, load_splits, use_cpu_threads
     from rvf.utils import device_name
 
     checkpoints = [Path(c) for c in checkpoints]
@@ -107,7 +107,7 @@ def evaluate_ensemble(checkpoints: list[str | Path], data_dir: str | Path, outpu
                 f"({_describe_slice(first[1])}): the members must share it (train seeds of an ensemble with the same "
                 f"split_seed)")
     accelerator = Accelerator()
-    refuse_lone_processes(accelerator, "scripts/ensemble.py")
+    check_launch(accelerator, "scripts/ensemble.py")
     _, note = use_cpu_threads(accelerator, cpu_threads)  # under `accelerate launch`, more than its one thread
     if note:
         accelerator.print(note)

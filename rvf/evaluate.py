@@ -34,11 +34,11 @@ def evaluate_checkpoint(checkpoint: str | Path, data_dir: str | Path, split: str
 
     from rvf import reports
     from rvf.data import collate_batch
-    from rvf.train import evaluate, refuse_lone_processes, use_cpu_threads
+    from rvf.train import check_launch, evaluate, use_cpu_threads
     from rvf.utils import device_name
 
     accelerator = Accelerator()
-    refuse_lone_processes(accelerator, "scripts/evaluate.py")
+    check_launch(accelerator, "scripts/evaluate.py")
     _, note = use_cpu_threads(accelerator, cpu_threads)  # under `accelerate launch`, more than its one thread
     if note:
         accelerator.print(note)

@@ -52,7 +52,7 @@ from rvf.metrics import calibrate_threshold, classification_metrics
 from rvf.step import TrainStep, build_train_step, cuda_graph_problems, set_capturable
 from rvf.utils import atomic_write_text, count_parameters, device_name, predict_logits, resolve_mixed_precision
 
-__all__ = ["RunDirError", "Splits", "all_or_none", "cpu_threads", "use_cpu_threads", "refuse_lone_processes",
+__all__ = ["RunDirError", "Splits", "all_or_none", "cpu_threads", "use_cpu_threads", "check_launch",
            "load_splits", "build_ema", "build_mixup", "build_optimizer", "build_scheduler", "evaluate",
            "train_one_epoch", "train"]
 
@@ -187,16 +187,25 @@ def use_cpu_threads(accelerator, requested: int | None = None) -> tuple[str, str
     return f", {threads} thread{'s' * (threads > 1)}", note
 
 
-def refuse_lone_processes(accelerator, script: str = "scripts/train.py") -> None:
-    """Stop when a launcher started several processes that Accelerate runs each on its own.
+def check_launch(accelerator, script: str = "scripts/train.py") -> None:
+    """Say when a launcher asked for several processes and Accelerate runs one: two ways.
 
-    `accelerate launch --multi_gpu` on a machine without GPUs, or torchrun without
-    ACCELERATE_USE_CPU=1, starts WORLD_SIZE processes that each fall back to one process's run:
-    N copies of the same run writing into one folder, with no word said. The first process
-    says why; the others leave quietly (`reported_elsewhere`).
+    - `accelerate launch --num_processes N` without --multi_gpu (or with --cpu) exports the
+      rendezvous address for N processes but starts one, and says nothing: a warning.
+    - `accelerate launch --multi_gpu` on a machine without GPUs, or torchrun without
+      ACCELERATE_USE_CPU=1, starts WORLD_SIZE processes that each fall back to one process's
+      run: N copies of the same work writing into one folder. A `ConfigError`, said by the
+      first process; the others leave quietly (`reported_elsewhere`).
     """
+    if accelerator.num_processes > 1:
+        return
     world = os.environ.get("WORLD_SIZE", "")
-    if accelerator.num_processes > 1 or not world.isdigit() or int(world) < 2:
+    if not world and "MASTER_ADDR" in os.environ and "ACCELERATE_MIXED_PRECISION" in os.environ:
+        # (under `accelerate launch`, not a cluster's environment)
+        log.warning("the launcher asked for several processes but started one: `accelerate launch` starts "
+                    "several only with --multi_gpu on GPUs, or through MPI (--mpirun_hostfile) on CPUs; "
+                    f"for CPU processes on one machine: ACCELERATE_USE_CPU=1 torchrun --nproc_per_node N {script} ...")
+    if not world.isdigit() or int(world) < 2:
         return
     e = ConfigError(f"{world} processes were started (WORLD_SIZE={world}) but Accelerate runs each on its own "
                     f"({'no GPU for them' if accelerator.device.type == 'cpu' else 'no process group'}), so they "
@@ -822,16 +831,8 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> di
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.seed,
                                                   non_blocking=torch.cuda.is_available()),
     )
-    refuse_lone_processes(accelerator)
+    check_launch(accelerator)
     threads_text, threads_note = use_cpu_threads(accelerator, cfg.cpu_threads)
-    if (accelerator.num_processes == 1 and "MASTER_ADDR" in os.environ and "WORLD_SIZE" not in os.environ
-            and "ACCELERATE_MIXED_PRECISION" in os.environ):  # under `accelerate launch`, not a cluster's env
-        # `accelerate launch --num_processes N` without --multi_gpu (or with --cpu) exports the
-        # rendezvous address for N processes but starts one, and says nothing.
-        log.warning("the launcher asked for several processes but started one: `accelerate launch` starts "
-                    "several only with --multi_gpu on GPUs, or through MPI (--mpirun_hostfile) on CPUs; "
-                    "for CPU processes on one machine: ACCELERATE_USE_CPU=1 torchrun --nproc_per_node N "
-                    "scripts/train.py ...")
     # Every check of the folder, the settings and the model, before any decoding. The main
     # process alone checks the folder; all_or_none stops the others with it when it fails.
     replace = False
