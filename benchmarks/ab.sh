@@ -13,11 +13,9 @@
 set -euo pipefail
 old=$(cd "${1:?usage: see the header}" && pwd); new=$(cd "${2:?}" && pwd); rounds=${3:?}; script=${4:?}
 shift 4
-[[ $rounds =~ ^[1-9][0-9]*$ ]] || { echo "ROUNDS must be a whole number of at least 1, got '$rounds'" >&2; exit 2; }
-python=${PYTHON:-}
-[ -z "$python" ] && [ -x "$new/.venv/bin/python" ] && python=$new/.venv/bin/python  # the README's set-up
-python=$(command -v "${python:-python3}") || { echo "no python found: set PYTHON" >&2; exit 1; }
-python=$(cd "$(dirname "$python")" && pwd)/$(basename "$python")  # absolute (each run starts in its checkout), links kept
+source "$(dirname "$0")/_lib.sh"
+check_rounds "$rounds"
+python=$(find_python "$new") || exit 1
 args=()
 for a in "$@"; do  # paths that exist here become absolute, as each run starts in its checkout
   if [ "$a" != @OUT ] && [ -e "$a" ]; then args+=("$(realpath "$a")"); else args+=("$a"); fi
@@ -26,7 +24,7 @@ work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 echo "# bash benchmarks/ab.sh OLD NEW $rounds $script $* | $(date -u +%Y-%m-%d) | $(nproc) cores" \
      "| $(lscpu | sed -n 's/^Model name: *//p' | head -1)"
-echo "# old: $(git -C "$old" rev-parse --short HEAD) | new: $(git -C "$new" rev-parse --short HEAD)$(git -C "$new" diff --quiet || echo ' + changes')"
+commits "$old" "$new"
 for r in $(seq "$rounds"); do
   for name in old new; do
     tree=$([ "$name" = old ] && echo "$old" || echo "$new")
@@ -34,8 +32,7 @@ for r in $(seq "$rounds"); do
     run=("${args[@]/#@OUT/$work/$name}")
     t0=$(date +%s.%N)
     (cd "$tree" && "$python" "$script" "${run[@]}" > "$work/log" 2>&1) || { cat "$work/log"; exit 1; }
-    t1=$(date +%s.%N)
-    printf 'round %s, %s: %s s\n' "$r" "$name" "$(awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.2f", b - a }')"
+    printf 'round %s, %s: %s s\n' "$r" "$name" "$(seconds_since "$t0")"
   done
 done
 if [ -d "$work/old" ]; then

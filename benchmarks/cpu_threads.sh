@@ -11,15 +11,14 @@
 # run (img/s of each epoch, training seconds) and the mean ratio of training seconds.
 set -euo pipefail
 root=$(realpath "${1:?usage: bash benchmarks/cpu_threads.sh ROOT [OUT_FILE] [ROUNDS] [EPOCHS]}")
+[ -d "$root" ] || { echo "ROOT $root is not a folder (rvf10k in Kaggle's layout)" >&2; exit 2; }
 out_file=$(realpath -m "${2:-$(dirname "$0")/results/cpu_threads-cpu.txt}")  # both from where it was run
 rounds=${3:-3}
-[[ $rounds =~ ^[1-9][0-9]*$ ]] || { echo "ROUNDS must be a whole number of at least 1, got '$rounds'" >&2; exit 2; }
+source "$(dirname "$0")/_lib.sh"
+check_rounds "$rounds"
 epochs=${4:-2}
 repo=$(cd "$(dirname "$0")/.." && pwd)
-python=${PYTHON:-}
-[ -z "$python" ] && [ -x "$repo/.venv/bin/python" ] && python=$repo/.venv/bin/python
-python=$(command -v "${python:-python3}") || { echo "no python found: set PYTHON" >&2; exit 1; }
-python=$(cd "$(dirname "$python")" && pwd)/$(basename "$python")  # absolute, links kept (a venv's python is one)
+python=$(find_python "$repo") || exit 1
 cd "$repo"
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT

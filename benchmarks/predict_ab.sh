@@ -10,23 +10,19 @@
 set -euo pipefail
 old=$(cd "${1:?usage: see the header}" && pwd); new=$(cd "${2:?}" && pwd)
 run=$(cd "${3:?}" && pwd); image=$(realpath "${4:?}"); folder=$(realpath "${5:?}"); rounds=${6:-3}
-[[ $rounds =~ ^[1-9][0-9]*$ ]] || { echo "ROUNDS must be a whole number of at least 1, got '$rounds'" >&2; exit 2; }
-python=${PYTHON:-}
-[ -z "$python" ] && [ -x "$new/.venv/bin/python" ] && python=$new/.venv/bin/python  # the README's set-up
-python=$(command -v "${python:-python3}") || { echo "no python found: set PYTHON" >&2; exit 1; }
-python=$(cd "$(dirname "$python")" && pwd)/$(basename "$python")  # absolute (each run starts in its checkout), links kept
+source "$(dirname "$0")/_lib.sh"
+check_rounds "$rounds"
+python=$(find_python "$new") || exit 1
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 echo "# bash benchmarks/predict_ab.sh OLD NEW RUN IMAGE FOLDER $rounds | $(date -u +%Y-%m-%d) | $(nproc) cores"
-echo "# old: $(git -C "$old" rev-parse --short HEAD) | new: $(git -C "$new" rev-parse --short HEAD)$(git -C "$new" diff --quiet || echo ' + changes')"
+commits "$old" "$new"
 timed() {  # label tree args...: wall seconds of predict.py in that checkout
   local label=$1 tree=$2; shift 2
-  local t0 t1
+  local t0
   t0=$(date +%s.%N)
   (cd "$tree" && "$python" scripts/predict.py --checkpoint "$run" "$@" > "$work/log" 2>&1) || { cat "$work/log"; exit 1; }
-  t1=$(date +%s.%N)
-  printf '%s %s: %s s\n' "$label" "$([ "$tree" = "$old" ] && echo old || echo new)" \
-    "$(awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.2f", b - a }')"
+  printf '%s %s: %s s\n' "$label" "$([ "$tree" = "$old" ] && echo old || echo new)" "$(seconds_since "$t0")"
 }
 for r in $(seq "$rounds"); do
   for tree in "$old" "$new"; do timed "one file, round $r," "$tree" "$image" --output "$work/one.csv"; done

@@ -157,7 +157,11 @@ def cpu_threads(requested: int | None, num_processes: int) -> tuple[int, str | N
     process takes its share of the physical cores it may run on.
     """
     if requested:
-        return requested, None
+        # Followed (the user asked), but said: more threads than cores time-slice and slow every step.
+        if requested <= (cores := _cores()):
+            return requested, None
+        return requested, (f"{requested} CPU threads asked for, more than the {cores} core{'s' * (cores > 1)} this "
+                           "process may run on: they will take turns on them, and each step slows")
     omp = os.environ.get("OMP_NUM_THREADS", "").strip()
     launched = any(var in os.environ for var in _LAUNCHER_VARS)
     if (omp.isdigit() and int(omp) > 1) or (omp == "1" and not launched):

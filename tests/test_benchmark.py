@@ -221,3 +221,30 @@ def test_api_latency_writes_its_table_with_the_command(tmp_path):
 def test_benchmark_tools_name_bad_input_in_one_line(argv, says):
     r = subprocess.run([sys.executable, *argv], capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert r.returncode == 2 and says in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
+
+
+def test_ab_times_two_checkouts_and_compares_their_outputs(tmp_path):
+    # Two tiny "checkouts": the same script, writing the same or a different file into @OUT.
+    for name, text in (("old", "same"), ("new", "same"), ("changed", "other")):
+        tree = tmp_path / name
+        tree.mkdir()
+        (tree / "s.py").write_text(f"import pathlib, sys\nout = pathlib.Path(sys.argv[1]); out.mkdir()\n"
+                                   f"(out / 'r.txt').write_text({text!r})\n")
+        subprocess.run(["git", "init", "-q"], cwd=tree, check=True)
+        subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "s", "--allow-empty"],
+                       cwd=tree, check=True)
+    env = {**os.environ, "PYTHON": sys.executable}
+
+    def ab(new, rounds="2"):
+        return subprocess.run(["bash", str(ROOT / "benchmarks/ab.sh"), str(tmp_path / "old"), str(tmp_path / new),
+                               rounds, "s.py", "@OUT"], capture_output=True, text=True, timeout=120, env=env)
+
+    r = ab("new")
+    assert r.returncode == 0, r.stderr
+    assert [line.split(":")[0] for line in r.stdout.splitlines() if line.startswith("round")] == \
+        ["round 1, old", "round 1, new", "round 2, old", "round 2, new"]
+    assert "# old: " in r.stdout and "+ changes" in r.stdout  # s.py is not committed
+    assert r.stdout.rstrip().endswith("outputs: identical")
+    assert "outputs: DIFFERENT" in ab("changed").stdout
+    r = ab("new", rounds="0")
+    assert r.returncode == 2 and "ROUNDS must be a whole number" in r.stderr

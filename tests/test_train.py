@@ -130,6 +130,8 @@ def test_cpu_threads_take_the_cores_a_launcher_left_idle(monkeypatch):
     monkeypatch.setattr(psutil, "cpu_count", lambda logical=True: 8 if logical else 4)
     assert cpu_threads(None, 1)[0] == 4  # one thread per physical core, not per hyperthread
     assert cpu_threads(3, 1) == (3, None)  # the key wins
+    threads, note = cpu_threads(64, 1)  # followed, and said: more threads than cores
+    assert threads == 64 and "64 CPU threads" in note and "8 cores" in note
     monkeypatch.setenv("OMP_NUM_THREADS", "3")  # asked for: torch read it at start-up
     assert cpu_threads(None, 1) == (torch.get_num_threads(), None)
     monkeypatch.setenv("OMP_NUM_THREADS", "abc")  # libgomp ignores it: not a count to follow
