@@ -28,6 +28,7 @@ from rvf.data import (
     collate_batch,
     holdout_split,
     load_image,
+    open_rgb,
     resolve_data_config,
 )
 from rvf.data.cache import cache_key
@@ -221,6 +222,33 @@ def test_bad_images_raise_naming_the_file(tmp_path):
     for name in _bad_files(tmp_path):
         with pytest.raises(BadImageError, match=name):
             load_image(tmp_path / name, 32)
+
+
+def test_damaged_metadata_or_data_is_the_files_fault_not_a_crash(tmp_path, monkeypatch):
+    import struct
+
+    from PIL import ImageFile
+
+    # EXIF that asks for a rotation and stores XResolution (a rational) as text: Pillow's
+    # exif_transpose raised TypeError. The pixels are sound: the face is kept as stored.
+    entries = (struct.pack("<HHI4s", 0x0112, 3, 1, struct.pack("<HH", 6, 0))
+               + struct.pack("<HHI4s", 0x011A, 2, 4, b"abc\0"))
+    exif = b"Exif\0\0II*\0" + struct.pack("<I", 8) + struct.pack("<H", 2) + entries + struct.pack("<I", 0)
+    pixels = np.random.default_rng(0).integers(0, 256, (24, 40, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, "PNG", exif=exif)
+    img = open_rgb(buf.getvalue())
+    assert img.size == (40, 24) and np.array_equal(np.asarray(img), pixels)
+    # Damaged data can raise struct.error, TypeError or OverflowError from a decoder (found by
+    # fuzzing): a BadImageError naming the file, so skip_bad and the app's per-file errors hold.
+    (tmp_path / "face.png").write_bytes(buf.getvalue())
+
+    def damaged(self):
+        raise struct.error("unpack requires a buffer of 4 bytes")
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", damaged)
+    with pytest.raises(BadImageError, match=r"face\.png: cannot decode image \(error: unpack"):
+        open_rgb(tmp_path / "face.png")
 
 
 def test_bad_images_fail_the_cache_or_are_skipped(tmp_path, caplog):

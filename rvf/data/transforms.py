@@ -155,7 +155,10 @@ def open_rgb(src: str | os.PathLike | BinaryIO | bytes, max_pixels: int | None =
                 raise BadImageError(f"{name}: {img.width}x{img.height} px is too small to judge "
                                     f"(at least {min_side} px a side)")
             img.load()  # force the full decode now: truncation only shows up here
-            img = ImageOps.exif_transpose(img) or img
+            try:
+                img = ImageOps.exif_transpose(img) or img
+            except Exception:  # a tag of the wrong type: TypeError, struct.error...
+                pass  # broken EXIF, sound pixels: keep the face as stored rather than lose it
             return _to_rgb(img)
     except BadImageError:
         raise
@@ -163,8 +166,12 @@ def open_rgb(src: str | os.PathLike | BinaryIO | bytes, max_pixels: int | None =
         raise BadImageError(f"{name}: image is too large to decode safely ({e})") from e
     except UnidentifiedImageError as e:
         raise BadImageError(f"{name}: not a readable image (empty, or not JPEG, PNG, WebP, GIF, BMP or TIFF)") from e
-    except (OSError, SyntaxError, ValueError) as e:  # truncated, corrupt data, bad header
-        raise BadImageError(f"{name}: cannot decode image ({e})") from e
+    except MemoryError:
+        raise
+    except Exception as e:  # truncated, corrupt data, bad header
+        # Beyond OSError/SyntaxError/ValueError, Pillow's decoders let struct.error, TypeError and
+        # OverflowError out of damaged files (found by fuzzing); each is this file's fault, not ours.
+        raise BadImageError(f"{name}: cannot decode image ({type(e).__name__}: {e})") from e
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
