@@ -617,3 +617,17 @@ def test_rvf10k_mini_counts_and_labels(tmp_path):
         assert all(Path(p).parent.name == ds.classes[y] for p, y in ds.samples)
     cached = build_cache(RVF10K(SHARED_MINI, "valid").samples, 64, cache_dir=tmp_path, progress=False)
     assert cached.images.shape == (400, 3, 64, 64)
+
+
+def test_a_decode_pool_that_cannot_start_says_why(tmp_path, monkeypatch):
+    import rvf.data.cache as cache
+
+    class NoPool:
+        def Pool(self, *args, **kwargs):
+            raise OSError(24, "Too many open files")
+
+    monkeypatch.setattr(cache.mp, "get_context", lambda *args: NoPool())
+    root = make_folder_dataset(tmp_path / "d", n=2, splits=("train",))
+    with pytest.raises(OSError, match="Too many open files"):  # was: UnboundLocalError for the pool
+        build_cache(RVF10K(root, "train").samples, 16, cache_dir=tmp_path / "c", num_workers=2, progress=False)
+    assert not [p for p in (tmp_path / "c").rglob("*") if p.is_file()]  # no half-written cache left behind

@@ -189,9 +189,9 @@ def build_cache(samples: Sequence[tuple[str, int]], image_size: int, *, interpol
     init_args = (str(tmp), shape, list(samples), image_size, interpolation)
     bar = tqdm(total=len(samples), desc=f"decoding {name} at {image_size}px", unit="img",
                disable=not progress, dynamic_ncols=True)
+    pool, threads = None, torch.get_num_threads()
     try:
         if workers == 1:
-            threads = torch.get_num_threads()
             _init_worker(*init_args)  # sets this process to one thread, restored below
             results = map(_decode_chunk, chunks)
         else:
@@ -208,11 +208,10 @@ def build_cache(samples: Sequence[tuple[str, int]], image_size: int, *, interpol
         raise
     finally:
         bar.close()
-        if workers > 1:
+        if pool is not None:  # None also when it failed to start: that error, not this one, is raised
             pool.terminate()
             pool.join()
-        else:
-            torch.set_num_threads(threads)
+        torch.set_num_threads(threads)  # as it was (one decoding process sets it to one)
         _W.clear()
     os.replace(tmp, npy)
     seconds = time.perf_counter() - t0
