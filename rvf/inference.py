@@ -22,6 +22,7 @@ Usage:
 
 from __future__ import annotations
 
+import functools
 import io
 import math
 import os
@@ -236,6 +237,8 @@ class Predictor(Detector):
         self.threshold = meta_threshold(meta)
         # Chosen once per model, never guessed per request.
         self.cam_layer = get_cam_layer(self.model)
+        # timm's Swin, MambaOut...: their stages hand on (B, H, W, C), which Grad-CAM would read as (B, C, H, W).
+        self._cam_channels_last = getattr(self.model, "output_fmt", None) == "NHWC"
         # One forward at a time: torch already spreads one pass over every core, and Grad-CAM's
         # hooks on the shared model would otherwise record another thread's activations.
         self._lock = threading.Lock()
@@ -360,7 +363,7 @@ class Predictor(Detector):
         x = self.transform(images.to(self.device))  # (B, 3, S, S) float
         with self._lock, torch.enable_grad():
             cam = GradCAM(self.model, target_layers=[self.cam_layer],
-                          reshape_transform=_tokens_to_grid)
+                          reshape_transform=functools.partial(_to_grid, channels_last=self._cam_channels_last))
             try:
                 maps = cam(x, targets=[ClassifierOutputTarget(int(t)) for t in targets])  # (B, S, S)
             finally:
@@ -511,11 +514,15 @@ def _is_empty(src) -> bool:
     return False
 
 
-def _tokens_to_grid(t: torch.Tensor) -> torch.Tensor:
-    """Reshape ViT-style tokens (B, N, C) to a (B, C, h, w) map, dropping class/prefix tokens.
+def _to_grid(t: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
+    """The (B, C, h, w) map Grad-CAM weighs, from a cam layer's output.
 
-    Convolutional maps (B, C, h, w) pass through unchanged.
+    ViT-style tokens (B, N, C) are reshaped to a square grid, dropping class/prefix tokens;
+    a (B, h, w, C) map (`channels_last`, timm's NHWC models) is permuted; a (B, C, h, w) map
+    passes through unchanged.
     """
+    if t.dim() == 4 and channels_last:
+        return t.permute(0, 3, 1, 2)
     if t.dim() != 3:
         return t
     side = math.isqrt(t.shape[1])

@@ -7,6 +7,7 @@ import threading
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import BAD_IMAGES, VALID_IMAGES, good_jpeg, image_bytes, make_checkpoint
 from PIL import Image
 
@@ -193,6 +194,29 @@ def test_gradcam_every_model(name):
     assert cams.shape == (1, s, s) and cams.dtype == np.float32
     assert np.isfinite(cams).all() and cams.min() >= 0 and cams.max() <= 1 + 1e-6
     assert all(param.grad is None for param in model.parameters())  # no grads left behind
+
+
+@pytest.mark.parametrize("name", ["timm:test_convnext", "timm:test_mambaout"])  # NCHW, NHWC stages
+def test_gradcam_weighs_the_channels_of_any_layout(name):
+    # Grad-CAM by hand: weights = mean gradient per channel, map = ReLU(sum of weighted channels).
+    torch.manual_seed(0)
+    model = create_model(name)
+    data_cfg = resolve_data_config(model, image_size=64)
+    p = Predictor(model, {"model_name": name, "classes": ["fake", "real"]}, data_cfg)
+    images = torch.randint(0, 256, (1, 3, 64, 64), dtype=torch.uint8)
+    seen = {}
+    hook = p.cam_layer.register_forward_hook(lambda mod, inp, out: seen.update(out=out))
+    logit = model(p.transform(images))[0, 0]  # the fake logit
+    hook.remove()
+    out = seen["out"]
+    (grad,) = torch.autograd.grad(logit, out)
+    channel_dim = 3 if getattr(model, "output_fmt", None) == "NHWC" else 1
+    weights = grad.mean(dim=tuple(d for d in (1, 2, 3) if d != channel_dim), keepdim=True)
+    expected = torch.relu((weights * out).sum(channel_dim)).detach()[0]  # (h, w)
+    cam = torch.from_numpy(p.gradcam(images, targets=[0])[0])  # (64, 64)
+    coarse = F.adaptive_avg_pool2d(cam[None, None], expected.shape)[0, 0]
+    corr = np.corrcoef(coarse.flatten().numpy(), expected.flatten().numpy())[0, 1]
+    assert corr > 0.9, f"{name}: Grad-CAM map uncorrelated with the hand-computed one ({corr:.2f})"
 
 
 def test_gradcam_explains_verdict_by_default(predictor, face_paths):
