@@ -103,17 +103,18 @@ def load_splits(cfg: TrainConfig, data_cfg, progress: bool = True) -> Splits:
     train_samples = [train_ds.samples[i] for i in _stratified_subset(train_ds.targets, cfg.subset, split_seed)]
     valid_samples = [valid_ds.samples[i] for i in _stratified_subset(valid_ds.targets, cfg.subset, split_seed)]
     size, interp = data_cfg.image_size, data_cfg.interpolation
+    # Drawn on the file list, before any decoding: with skip_bad the slice is then the same
+    # images (less the unreadable ones) with or without the cache, which ensembles rely on.
+    fit_idx, hold_idx = holdout_split([t for _, t in train_samples], cfg.holdout, split_seed)
     if cfg.cache:
         kw = dict(interpolation=interp, cache_dir=cfg.cache_dir, skip_bad=cfg.skip_bad, progress=progress)
         train_all = build_cache(train_samples, size, name="train", **kw)
         valid = build_cache(valid_samples, size, name="valid", **kw)
-        fit_idx, hold_idx = holdout_split(train_all.targets, cfg.holdout, split_seed)
-        fit, holdout = train_all.subset(fit_idx), train_all.subset(hold_idx)
+        fit, holdout = train_all.of_samples(fit_idx), train_all.of_samples(hold_idx)
     else:  # decode per step: for data that does not fit on disk/in memory as uint8
         to_uint8 = ToUint8(size, interp)
         train_ds.samples, valid_ds.samples = train_samples, valid_samples
         train_ds.transform = valid_ds.transform = to_uint8
-        fit_idx, hold_idx = holdout_split([t for _, t in train_samples], cfg.holdout, split_seed)
         fit = torch.utils.data.Subset(train_ds, fit_idx.tolist())
         holdout = torch.utils.data.Subset(train_ds, hold_idx.tolist())
         valid = valid_ds

@@ -372,6 +372,31 @@ def test_split_seed_fixes_the_holdout_slice_across_seeds(data_dir, tmp_path):
     assert holdout(seed=1, split_seed=5) == holdout(seed=2, split_seed=5) == holdout(seed=5)
 
 
+def test_the_holdout_slice_is_the_same_images_with_or_without_the_cache(tmp_path):
+    from rvf.data import resolve_data_config
+    from rvf.models import create_model
+    from rvf.train import load_splits
+
+    root = make_folder_dataset(tmp_path / "d", n=12)
+    bad = [root / "train/fake/empty.jpg", root / "train/real/text.jpg", root / "train/real/zzz.jpg"]
+    bad[0].write_bytes(b"")
+    bad[1].write_text("not an image")
+    bad[2].write_bytes(b"\xff\xd8\xff")
+    data_cfg = resolve_data_config(create_model("lenet"), image_size=16)
+
+    def splits(cache):
+        return load_splits(_cfg(root, tmp_path, cache=cache, skip_bad=True, split_seed=3), data_cfg, progress=False)
+
+    cached, per_file = splits(True), splits(False)
+    unreadable = {str(p) for p in bad}
+    for part in ("fit", "holdout"):
+        decoded = [p for p, _ in getattr(cached, part).samples]
+        listed = getattr(per_file, part)
+        listed = [listed.dataset.samples[i][0] for i in listed.indices]  # its unreadable ones drop per batch
+        assert decoded == [p for p in listed if p not in unreadable], part
+    assert set(decoded).isdisjoint(unreadable) and len(cached.fit) + len(cached.holdout) == 27 - 3
+
+
 @pytest.mark.parametrize("device_data", [False, True], ids=["dataloader", "device_data"])
 def test_resume_is_exact(data_dir, tmp_path, device_data):
     full = train(_cfg(data_dir, tmp_path / "a", epochs=3, hflip=0.5, device_data=device_data))

@@ -91,6 +91,14 @@ class DecodedImages(Dataset):
         """Return a view on some of this split's images (e.g. the holdout slice)."""
         return DecodedImages(self.images, self.all_targets, self.all_paths, self.indices[np.asarray(positions)])
 
+    def of_samples(self, positions: Sequence[int]) -> "DecodedImages":
+        """Return a view on these of the samples the split was decoded from (positions in that
+        list, not in this view), less any skipped as unreadable: a slice drawn on the sample
+        list picks the same images whether they were decoded up front or per step."""
+        positions = np.asarray(positions, dtype=np.int64)
+        return DecodedImages(self.images, self.all_targets, self.all_paths,
+                             positions[np.isin(positions, self.indices)])
+
     def __len__(self) -> int:
         return len(self.indices)
 
