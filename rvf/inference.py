@@ -210,6 +210,15 @@ class Detector:
     def _predict_chunk(self, chunk: list, gradcam: bool) -> list[Prediction]:
         raise NotImplementedError
 
+    def _score(self, out: list[Prediction], good: list[int], p_fake: Sequence[float]) -> None:
+        """Attach each good image's P(fake) and verdict; a score that is not a number becomes that
+        image's error (a NaN would read as "real" and is not valid JSON)."""
+        for i, p in zip(good, p_fake, strict=True):
+            if math.isfinite(p):
+                out[i].p_fake, out[i].p_real, out[i].label = p, 1.0 - p, self.verdict(p)
+            else:
+                out[i].error = f"{out[i].name}: the model's score is {p} (its forward pass overflowed on this image)"
+
 
 class Predictor(Detector):
     """A model loaded once with its preprocessing, threshold and Grad-CAM layer.
@@ -325,22 +334,22 @@ class Predictor(Detector):
         if not good:
             return out
         batch = torch.stack([decoded[i][self.view] for i in good])  # (B, 3, S, S) uint8
-        p_fake = self.predict_batch(batch).tolist()
-        for i, p in zip(good, p_fake, strict=True):
-            out[i].p_fake, out[i].p_real, out[i].label = p, 1.0 - p, self.verdict(p)
+        self._score(out, good, self.predict_batch(batch).tolist())
         self._check_framing(out, good, batch)
         if gradcam:
-            targets = [self.classes.index(out[i].label) for i in good]
+            targets = [self.classes.index(out[i].label) if out[i].ok else 0 for i in good]
             cams = self.gradcam(batch, targets)  # (B, S, S)
             for i, cam in zip(good, cams, strict=True):
-                out[i].gradcam_png = self.overlay_png(decoded[i][self.overlay_view], cam)
+                if out[i].ok:
+                    out[i].gradcam_png = self.overlay_png(decoded[i][self.overlay_view], cam)
         return out
 
     def _check_framing(self, out: list[Prediction], good: list[int], batch: torch.Tensor) -> None:
         """Attach each good image's framing check (the model's own view of it) to its prediction."""
         if self.framing is not None:
             for i, f in zip(good, self.framing.check(batch), strict=True):
-                out[i].framing = f.to_dict()
+                if out[i].ok:
+                    out[i].framing = f.to_dict()
 
     # --- Grad-CAM ---
 
@@ -479,12 +488,11 @@ class EnsemblePredictor(Detector):
             return out
         batches = [torch.stack([decoded[i][m.view] for i in good]) for m in self.members]  # (B, 3, S_m, S_m) each
         p_fake = torch.stack([m.predict_batch(b) for m, b in zip(self.members, batches)]).mean(0)  # (B,)
-        for i, p in zip(good, p_fake.tolist(), strict=True):
-            out[i].p_fake, out[i].p_real, out[i].label = p, 1.0 - p, self.verdict(p)
+        self._score(out, good, p_fake.tolist())
         if self._framed is not None:
             self._framed._check_framing(out, good, batches[self.members.index(self._framed)])
         if gradcam:
-            targets = [self._largest.classes.index(out[i].label) for i in good]
+            targets = [self._largest.classes.index(out[i].label) if out[i].ok else 0 for i in good]
             size = self.image_size
             cams = torch.stack([
                 F.interpolate(torch.from_numpy(m.gradcam(b, targets))[:, None], size=(size, size),
@@ -492,7 +500,8 @@ class EnsemblePredictor(Detector):
                 for m, b in zip(self.members, batches)
             ]).mean(0)  # (B, S, S), the members' maps each in [0, 1]
             for i, cam in zip(good, cams.numpy(), strict=True):
-                out[i].gradcam_png = self._largest.overlay_png(decoded[i][self._largest.overlay_view], cam)
+                if out[i].ok:
+                    out[i].gradcam_png = self._largest.overlay_png(decoded[i][self._largest.overlay_view], cam)
         return out
 
 

@@ -219,6 +219,15 @@ def test_gradcam_weighs_the_channels_of_any_layout(name):
     assert corr > 0.9, f"{name}: Grad-CAM map uncorrelated with the hand-computed one ({corr:.2f})"
 
 
+def test_a_score_that_is_not_a_number_is_that_images_error(predictor, face_paths, monkeypatch):
+    real = predictor.predict_batch
+    monkeypatch.setattr(predictor, "predict_batch", lambda b: torch.cat([torch.tensor([float("nan")]), real(b[1:])]))
+    bad, good = predictor.predict_sources([str(p) for p in face_paths[:2]], gradcam=True)
+    assert not bad.ok and "score is nan" in bad.error and bad.label is None and bad.gradcam_png is None
+    assert good.ok and good.gradcam_png is not None
+    json.dumps([bad.to_dict(), good.to_dict()], allow_nan=False)  # a bare NaN is not JSON
+
+
 def test_gradcam_explains_verdict_by_default(predictor, face_paths):
     batch = torch.stack([predictor.load(p) for p in face_paths])
     labels = [predictor.verdict(p) for p in predictor.predict_batch(batch).tolist()]

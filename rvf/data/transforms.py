@@ -166,7 +166,7 @@ def open_rgb(src: str | os.PathLike | BinaryIO | bytes, max_pixels: int | None =
         raise BadImageError(f"{name}: image is too large to decode safely ({e})") from e
     except UnidentifiedImageError as e:
         raise BadImageError(f"{name}: not a readable image (empty, or not JPEG, PNG, WebP, GIF, BMP or TIFF)") from e
-    except MemoryError:
+    except (MemoryError, Warning):  # a warning made an error by the caller's filter is the caller's to word
         raise
     except Exception as e:  # truncated, corrupt data, bad header
         # Beyond OSError/SyntaxError/ValueError, Pillow's decoders let struct.error, TypeError and
