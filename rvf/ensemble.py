@@ -88,7 +88,7 @@ def evaluate_ensemble(checkpoints: list[str | Path], data_dir: str | Path, outpu
 
     from rvf import reports
     from rvf.checkpoint import CheckpointError, load_pretrained, meta_threshold, read_meta, weights_sha256
-    from rvf.data import build_eval_transform, collate_batch
+    from rvf.data import RVF10K, build_eval_transform, check_same_train, collate_batch
     from rvf.train import check_launch, evaluate, load_splits, use_cpu_threads
     from rvf.utils import device_name
 
@@ -106,6 +106,12 @@ def evaluate_ensemble(checkpoints: list[str | Path], data_dir: str | Path, outpu
                 f"{checkpoint} held out another slice of train ({_describe_slice(cfg)}) than {first[0]} "
                 f"({_describe_slice(first[1])}): the members must share it (train seeds of an ensemble with the same "
                 f"split_seed)")
+    # ... drawn from the same list of train images: same settings on other data draw other images.
+    train_files = RVF10K(data_dir, "train").file_list_id()
+    for checkpoint in checkpoints:
+        meta = read_meta(checkpoint)
+        check_same_train(str(checkpoint), meta.get("train_files"), train_files, data_dir,
+                         meta.get("config", {}).get("data_dir"))
     accelerator = Accelerator()
     check_launch(accelerator, "scripts/ensemble.py")
     _, note = use_cpu_threads(accelerator, cpu_threads)  # under `accelerate launch`, more than its one thread

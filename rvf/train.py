@@ -21,6 +21,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -31,7 +32,7 @@ from tqdm.auto import tqdm
 
 import rvf
 from rvf import CLASSES
-from rvf.checkpoint import save_pretrained
+from rvf.checkpoint import read_meta, save_pretrained
 from rvf.config import ConfigError, TrainConfig
 from rvf.data import (
     RVF10K,
@@ -40,6 +41,7 @@ from rvf.data import (
     build_cache,
     build_eval_transform,
     build_train_transform,
+    check_same_train,
     collate_batch,
     holdout_split,
     resolve_data_config,
@@ -83,14 +85,19 @@ class Splits:
     valid: torch.utils.data.Dataset  # Kaggle's valid split: evaluated, never selected on
     root: Path = None
     counts: dict = field(default_factory=dict)
+    train_files: dict = field(default_factory=dict)  # RVF10K.file_list_id of train, before any subset
 
 
 def _stratified_subset(targets, n: int | None, seed: int) -> np.ndarray:
     return stratified_sample(targets, n, seed) if n else np.arange(len(targets))
 
 
-def load_splits(cfg: TrainConfig, data_cfg, progress: bool = True) -> Splits:
-    """Find the data, decode it once (or index it per file) and cut the holdout slice."""
+def load_splits(cfg: TrainConfig, data_cfg, progress: bool = True, same_train_as: Sequence[tuple] = ()) -> Splits:
+    """Find the data, decode it once (or index it per file) and cut the holdout slice.
+
+    `same_train_as`: (what, its `train_files`, its data_dir) of runs whose holdout slice this one
+    must share (the run resumed, teachers), checked against the train list before any decoding.
+    """
     if cfg.data_dir is None:
         from rvf.data.download import download_rvf10k
 
@@ -99,6 +106,9 @@ def load_splits(cfg: TrainConfig, data_cfg, progress: bool = True) -> Splits:
     else:
         root = Path(cfg.data_dir)
     train_ds, valid_ds = RVF10K(root, "train", skip_bad=cfg.skip_bad), RVF10K(root, "valid", skip_bad=cfg.skip_bad)
+    train_files = train_ds.file_list_id()
+    for what, trained, trained_root in same_train_as:
+        check_same_train(what, trained, train_files, root, trained_root)
     split_seed = cfg.resolved_split_seed
     train_samples = [train_ds.samples[i] for i in _stratified_subset(train_ds.targets, cfg.subset, split_seed)]
     valid_samples = [valid_ds.samples[i] for i in _stratified_subset(valid_ds.targets, cfg.subset, split_seed)]
@@ -119,7 +129,7 @@ def load_splits(cfg: TrainConfig, data_cfg, progress: bool = True) -> Splits:
         holdout = torch.utils.data.Subset(train_ds, hold_idx.tolist())
         valid = valid_ds
     counts = {"fit": len(fit), "holdout": len(holdout), "valid": len(valid)}
-    return Splits(fit, holdout, valid, Path(root), counts)
+    return Splits(fit, holdout, valid, Path(root), counts, train_files)
 
 
 def _loader(dataset, batch_size: int, cfg: TrainConfig, train: bool, num_processes: int = 1) -> DataLoader:
@@ -883,9 +893,16 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> di
         # Teachers are checked (size, holdout slice) here, before any decoding.
         teachers = load_teachers(cfg, data_cfg, CLASSES, accelerator.device, channels_last=cfg.channels_last)
 
-    # 2) data: the main process decodes the cache first, the others then map the same file
+    # 2) data: the main process decodes the cache first, the others then map the same file.
+    # A resumed run and the teachers must have drawn their holdout slice from the same train list.
+    same_train_as = []
+    teachers_share = cfg.holdout and cfg.teachers  # no holdout slice: nothing a teacher could leak into
+    for folder, what in [(out, f"--resume {out}")] * resume + [(t, f"teacher {t}") for t in teachers_share or ()]:
+        if (Path(folder) / "model.json").is_file():  # (checked, or about to be, with a clearer message)
+            meta = read_meta(folder)
+            same_train_as.append((what, meta.get("train_files"), meta.get("config", {}).get("data_dir")))
     with all_or_none(accelerator, main_first=True):
-        splits = load_splits(cfg, data_cfg, progress=accelerator.is_local_main_process)
+        splits = load_splits(cfg, data_cfg, progress=accelerator.is_local_main_process, same_train_as=same_train_as)
     eval_bs = cfg.eval_batch_size or 2 * cfg.batch_size
     # On a GPU (and on a CPU for a small split) the whole uint8 train split lives on the device
     # and batches are indexed there: no DataLoader, no per-step copy (rvf.data.device_loader).
@@ -1024,7 +1041,7 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> di
                     save_pretrained(out, eval_net, {
                         "model_name": cfg.model, "model_args": model_args, "data_config": data_cfg.to_dict(),
                         "classes": list(CLASSES), "threshold": threshold, "tta_hflip": cfg.tta_hflip,
-                        "epoch": epoch + 1,
+                        "epoch": epoch + 1, "train_files": splits.train_files,
                         "metrics": {"holdout": hold}, "config": cfg.to_dict(), "rvf_version": rvf.__version__})
             accelerator.print(
                 f"epoch {epoch + 1:3d}/{cfg.epochs} | train loss {stats['loss']:.4f} acc {stats['accuracy']:.4f} | "

@@ -631,3 +631,17 @@ def test_a_decode_pool_that_cannot_start_says_why(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="Too many open files"):  # was: UnboundLocalError for the pool
         build_cache(RVF10K(root, "train").samples, 16, cache_dir=tmp_path / "c", num_workers=2, progress=False)
     assert not [p for p in (tmp_path / "c").rglob("*") if p.is_file()]  # no half-written cache left behind
+
+
+
+def test_a_splits_file_list_id_names_its_images_not_where_they_are(tmp_path):
+    import shutil
+
+    root = make_kaggle_dataset(tmp_path / "a", n=4)
+    first = RVF10K(root, "train").file_list_id()
+    assert first["files"] == 8
+    shutil.copytree(root, tmp_path / "b")
+    assert RVF10K(tmp_path / "b", "train").file_list_id() == first  # moved: the same list
+    csv_path = tmp_path / "b/train.csv"
+    csv_path.write_text("".join(csv_path.read_text().splitlines(keepends=True)[:-1]))  # one image fewer
+    assert RVF10K(tmp_path / "b", "train").file_list_id()["sha256"] != first["sha256"]

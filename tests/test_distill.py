@@ -1,6 +1,7 @@
 """Knowledge distillation (rvf.distill): the blended target, the teachers' checks, train() end to end."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -9,7 +10,7 @@ from synth import make_folder_dataset
 
 from rvf.checkpoint import CheckpointError, load_pretrained
 from rvf.config import ConfigError, TrainConfig, load_config
-from rvf.data import DataConfig
+from rvf.data import DataConfig, DatasetError
 from rvf.distill import Teachers, _renormalise, distill_targets
 from rvf.train import train
 
@@ -129,3 +130,10 @@ def test_config_keys_are_checked(override, message):
     key, value = parse_override(override)
     with pytest.raises(ConfigError, match=message):
         load_config(overrides={key: value})
+
+
+def test_a_teacher_trained_on_other_data_is_refused_before_any_decoding(data_dir, teacher, tmp_path):
+    other = make_folder_dataset(tmp_path / "other", n=10, size=32)  # the same split settings draw other images
+    with pytest.raises(DatasetError, match=rf"teacher {re.escape(str(teacher))} trained on another list of train"):
+        train(_cfg(other, tmp_path / "run", teachers=[str(teacher)]))
+    assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").iterdir())

@@ -15,7 +15,7 @@ from synth import make_folder_dataset
 
 from rvf.checkpoint import CheckpointError, load_pretrained, save_pretrained, weights_sha256
 from rvf.config import TrainConfig
-from rvf.data import RVF10K, holdout_split
+from rvf.data import RVF10K, DatasetError, holdout_split
 from rvf.ensemble import EnsembleError, evaluate_ensemble, sub_ensembles
 from rvf.inference import EnsemblePredictor, Predictor, load_predictor
 from rvf.metrics import calibrate_threshold, classification_metrics
@@ -371,3 +371,16 @@ def test_an_ensemble_refuses_a_member_changed_after_it_was_built(runs, tmp_path)
     del manifest["weights_sha256"]
     (folder / "ensemble.json").write_text(json.dumps(manifest))
     assert load_predictor(folder).threshold == 0.25
+
+
+def test_members_must_have_trained_on_the_data_given(runs, tmp_path):
+    tmp, data, _ = runs
+    members = [tmp / "lenet", tmp / "lenet_s7_split42"]
+    other = make_folder_dataset(tmp_path / "other", n=10, size=48)  # same settings draw other images here
+    said = (r"lenet trained on another list of train images \(24 files, id \w+\) "
+            rf"than {re.escape(str(other))} holds \(20 files.*it trained on {re.escape(str(data))}")
+    with pytest.raises(DatasetError, match=said):
+        evaluate_ensemble(members, other, cache_dir=str(tmp / "cache"))
+    moved = tmp_path / "moved"
+    shutil.copytree(data, moved)  # the same images elsewhere: the same list
+    assert evaluate_ensemble(members, moved, cache_dir=str(tmp / "cache"))["holdout"]["n"] == 6

@@ -1146,3 +1146,18 @@ def test_lenet_learns_rvf10k_mini(tmp_path):
     # AVX512-BF16 CPU, 0.6725 and 0.739 in fp32 (README "Tests").
     assert m["valid"]["accuracy"] >= 0.60, m["valid"]
     assert m["valid"]["roc_auc"] >= 0.65
+
+
+def test_a_run_resumes_only_on_the_train_list_it_drew_its_slice_from(tmp_path):
+    from rvf.data import DatasetError
+
+    data = make_folder_dataset(tmp_path / "data", n=12)
+    first = train(_cfg(data, tmp_path, epochs=1))
+    meta = json.loads((tmp_path / "run/model.json").read_text())
+    assert meta["train_files"]["files"] == 24 and len(meta["train_files"]["sha256"]) == 64
+    other = make_folder_dataset(tmp_path / "other", n=10)
+    with pytest.raises(DatasetError, match=r"--resume .*run trained on another list of train images \(24 files"):
+        train(_cfg(other, tmp_path, epochs=2), resume=True)
+    shutil.move(data, tmp_path / "moved")  # the same images, moved: the same list
+    resumed = train(_cfg(tmp_path / "moved", tmp_path, epochs=2), resume=True)
+    assert resumed["history"][0] == first["history"][0] and len(resumed["history"]) == 2

@@ -14,6 +14,7 @@ Labels follow Kaggle and the seed: 0 = fake, 1 = real.
 from __future__ import annotations
 
 import csv
+import hashlib
 import logging
 import os
 from pathlib import Path
@@ -25,7 +26,7 @@ from torch.utils.data import Dataset
 from rvf import CLASSES
 from rvf.data.transforms import IMAGE_EXTENSIONS, BadImageError, open_rgb
 
-__all__ = ["DatasetError", "RVF10K", "holdout_split", "stratified_sample", "find_split_dir"]
+__all__ = ["DatasetError", "RVF10K", "holdout_split", "stratified_sample", "find_split_dir", "check_same_train"]
 
 log = logging.getLogger(__name__)
 
@@ -180,6 +181,18 @@ class RVF10K(Dataset):
             samples += [(str(p), label) for p in files]
         return samples
 
+    def file_list_id(self) -> dict:
+        """Which images this split lists, in its order: their count and the sha256 of their paths
+        (relative to the split's folder) and labels; not of their bytes, so a copy of the data
+        moved elsewhere keeps its id. The holdout slice is drawn on this list: two runs with the
+        same id, split seed and holdout held out the same images.
+        """
+        base = self.root / "rvf10k" / self.split if self.layout == "kaggle" else find_split_dir(self.root, self.split)
+        digest = hashlib.sha256()
+        for path, label in self.samples:
+            digest.update(f"{Path(os.path.relpath(path, base)).as_posix()}\t{label}\n".encode())
+        return {"files": len(self.samples), "sha256": digest.hexdigest()}
+
     def __len__(self) -> int:
         return len(self.samples)
 
@@ -215,6 +228,21 @@ def holdout_split(targets, fraction: float, seed: int) -> tuple[np.ndarray, np.n
                         "raise holdout, or set holdout: 0 to train on all of train")
     fit, held = train_test_split(idx, test_size=fraction, random_state=seed, stratify=targets)
     return np.sort(fit), np.sort(held)
+
+
+def check_same_train(what: str, trained: dict | None, current: dict, root, trained_root=None) -> None:
+    """Refuse `what` (a run, teacher or ensemble member) when it trained on another list of
+    train images (`RVF10K.file_list_id`, stored as `train_files` in its model.json) than
+    `root` holds: the holdout slice drawn here would be other images, and could hold some it
+    trained on. Runs saved before rvf recorded the list (`trained` None) are let through.
+    """
+    if trained is None or trained == current:
+        return
+    hint = f"; it trained on {trained_root}" if trained_root and str(trained_root) != str(root) else ""
+    raise DatasetError(
+        f"{what} trained on another list of train images ({trained['files']} files, id {trained['sha256'][:12]}) "
+        f"than {root} holds ({current['files']} files, id {current['sha256'][:12]}): the holdout slice drawn here "
+        f"would be other images, and could hold some it trained on. Pass the data it trained on{hint}")
 
 
 def _check_stratifiable(targets, n_part: int, what: str, fix: str) -> None:
