@@ -73,6 +73,11 @@ def _fmt(x, spec: str, scale: float = 1.0) -> str:
     return "-" if x is None else f"{scale * x:{spec}}"
 
 
+def _fmt_minutes(seconds: float) -> str:
+    # A test-sized run under a minute reads "0.0 min" otherwise.
+    return f"{seconds:.0f} s" if seconds < 60 else f"{seconds / 60:.1f} min"
+
+
 def _fmt_count(n) -> str:
     if n is None:
         return "-"
@@ -107,7 +112,7 @@ def write_leaderboard(rows: list[dict], out_dir: str | Path, title: str = "rvf10
             f"| {_fmt_count(r['macs'])} "
             f"| {100 * r['accuracy']:.2f} | {seed if seed is not None else '-'} | {_fmt(r['roc_auc'], '.4f')} "
             f"| {_fmt(r['ap'], '.4f')} "
-            f"| {r['best_epoch']}/{r['epochs']} | {r['train_seconds'] / 60:.1f} min | {r['device']} |")
+            f"| {r['best_epoch']}/{r['epochs']} | {_fmt_minutes(r['train_seconds'])} | {r['device']} |")
     md = out_dir / "leaderboard.md"
     atomic_write_text(md, "\n".join(lines) + "\n")
 
@@ -169,7 +174,7 @@ def readme_table(rows: list[dict]) -> str:
             f"| {_fmt(r['ap'], '.4f')} | {_fmt(r.get('eer'), '.3f')} "
             f"| {acc_t} "
             f"| {r['best_epoch']}/{r['epochs']} | {_fmt_count(r['params'])} | {machine}, torch {r.get('torch', '')} "
-            f"| {r['train_seconds'] / 60:.1f} min |")
+            f"| {_fmt_minutes(r['train_seconds'])} |")
     return "\n".join(lines) + "\n"
 
 

@@ -156,3 +156,9 @@ def test_leaderboard_columns_hold_what_their_headers_say(tmp_path):
     v = json.loads((RESULTS / "lenet" / "metrics.json").read_text())["valid"]
     # The accuracy at the argmax, not at the threshold (76.57 against 75.97 here); AUC, then AP.
     assert row[6:10] == [f"{100 * v['accuracy']:.2f}", "76.1", f"{v['roc_auc']:.4f}", f"{v['average_precision']:.4f}"]
+    assert header[11] == "train time" and row[11].endswith(" min")  # 2.7 minutes
+    run = json.loads((RESULTS / "lenet" / "metrics.json").read_text()) | {"train_seconds": 41.6}
+    (tmp_path / "short").mkdir()
+    (tmp_path / "short" / "metrics.json").write_text(json.dumps(run))
+    md = write_leaderboard(collect_runs([tmp_path / "short"]), tmp_path).read_text().splitlines()
+    assert md[6].split("|")[12].strip() == "42 s"  # not "0.7 min", and never "0.0 min"
