@@ -23,8 +23,10 @@ valid-split figures. Loading refuses a member whose weights have changed since
 
 from __future__ import annotations
 
+import csv
 import itertools
 import json
+import logging
 import math
 import os
 import re
@@ -35,11 +37,13 @@ import numpy as np
 from rvf.checkpoint import ENSEMBLE_MANIFEST
 from rvf.metrics import FAKE, calibrate_threshold, classification_metrics, predicted_labels
 
-__all__ = ["MANIFEST", "EnsembleError", "check_member_weights", "evaluate_ensemble", "read_manifest", "sub_ensembles",
-           "write_manifest"]
+__all__ = ["MANIFEST", "EnsembleError", "check_member_weights", "evaluate_ensemble", "member_names", "read_manifest",
+           "sub_ensembles", "write_manifest"]
 
 MANIFEST = ENSEMBLE_MANIFEST
 MANIFEST_KIND = "rvf-ensemble"
+
+log = logging.getLogger(__name__)
 
 
 class EnsembleError(ValueError):
@@ -81,7 +85,8 @@ def evaluate_ensemble(checkpoints: list[str | Path], data_dir: str | Path, outpu
         {"members": [{checkpoint, model, holdout, valid}...], "holdout": ..., "valid": ...,
         "threshold": ...} ("holdout" None where the members held nothing out), also written to
         `output_dir/metrics.json` with the valid split's reports and probabilities.csv (columns
-        label, p_fake, then one per member).
+        label, p_fake, path as evaluate.py writes them, then `p_fake:RUN` per member, RUN its folder's
+        name, with parent folders where two members share one).
     """
     from accelerate import Accelerator
     from torch.utils.data import DataLoader
@@ -90,7 +95,7 @@ def evaluate_ensemble(checkpoints: list[str | Path], data_dir: str | Path, outpu
     from rvf.checkpoint import CheckpointError, load_pretrained, meta_threshold, read_meta, weights_sha256
     from rvf.data import RVF10K, build_eval_transform, check_same_train, collate_batch
     from rvf.train import check_launch, evaluate, load_splits, use_cpu_threads
-    from rvf.utils import device_name
+    from rvf.utils import atomic_path, device_name
 
     checkpoints = [Path(c) for c in checkpoints]
     if len(checkpoints) < 2:
@@ -120,6 +125,7 @@ def evaluate_ensemble(checkpoints: list[str | Path], data_dir: str | Path, outpu
     if output_dir is not None and accelerator.is_main_process:
         Path(output_dir).mkdir(parents=True, exist_ok=True)  # now, not after scoring every member
     members, holdout_p, valid_p, labels, digests = [], [], [], {}, []
+    valid_paths = None
     for checkpoint, cfg in zip(checkpoints, configs):
         digests.append(weights_sha256(checkpoint))  # the file about to be scored, for the manifest
         model, meta, data_cfg = load_pretrained(checkpoint)
@@ -141,6 +147,11 @@ def evaluate_ensemble(checkpoints: list[str | Path], data_dir: str | Path, outpu
                 raise EnsembleError(f"{checkpoint} sees another {split} split than {first[0]} (different data?)")
             labels[split] = y
             store.append(probs)
+            # Rows follow the split's file list (gather_for_metrics keeps the order), less the
+            # unreadable files skip_bad dropped: only a member that decoded the split up front
+            # knows which those were.
+            if split == "valid" and valid_paths is None and len(dataset.samples) == len(y):
+                valid_paths = [path for path, _ in dataset.samples]
             try:
                 scored[split] = classification_metrics(y, probs, threshold=meta_threshold(meta), loss=loss)
             except ValueError as e:  # NaN or inf out of finite weights
@@ -172,12 +183,31 @@ def evaluate_ensemble(checkpoints: list[str | Path], data_dir: str | Path, outpu
                                          calibrated=holdout is not None)
         reports.write_json(out / "metrics.json", metrics)
         write_manifest(out, checkpoints, threshold, metrics["valid"], digests)
-        columns = [labels["valid"], valid[:, 0]] + [p[:, 0] for p in valid_p]
-        header = ",".join(["label", "p_fake"] + [f"p_fake_{i}" for i in range(len(valid_p))])
-        np.savetxt(out / "probabilities.csv", np.column_stack(columns), delimiter=",", header=header, comments="",
-                   fmt=["%d"] + ["%.9g"] * (len(columns) - 1))  # 9 digits: a float32 exactly
+        if valid_paths is None:
+            log.warning("probabilities.csv: no path for its rows: every member decoded the valid split per file and "
+                        "skipped unreadable images, so which rows are which file is not known")
+            valid_paths = [""] * len(labels["valid"])
+        # As evaluate.py's (label, p_fake, path), so the same tools read both, then each member's.
+        with atomic_path(out / "probabilities.csv") as tmp, open(tmp, "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["label", "p_fake", "path"] + [f"p_fake:{name}" for name in member_names(checkpoints)])
+            for row, (y, p, path) in enumerate(zip(labels["valid"], valid[:, 0], valid_paths, strict=True)):
+                writer.writerow([int(y), f"{p:.9g}", path]  # 9 digits: a float32 exactly, ties stay ties
+                                + [f"{m[row, 0]:.9g}" for m in valid_p])
     accelerator.end_training()
     return metrics
+
+
+def member_names(checkpoints: list[str | Path]) -> list[str]:
+    """Name each member by its run folder, with as many parent folders as tell apart two of the same name."""
+    parts = [Path(c).resolve().parts for c in checkpoints]  # distinct: evaluate_ensemble refuses a run twice
+    names = []
+    for p in parts:
+        k = 1
+        while any(q != p and q[-k:] == p[-k:] for q in parts):
+            k += 1
+        names.append(Path(*p[-k:]).as_posix())
+    return names
 
 
 def sub_ensembles(labels, member_probs: list[np.ndarray], max_subsets: int = 200, seed: int = 0) -> dict:

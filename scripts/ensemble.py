@@ -12,8 +12,8 @@ kept, and show "-" for holdout accuracy.
 Prints each member's and the ensemble's valid accuracy and ROC AUC, then every smaller
 ensemble of the same members by size and where a fit over the sizes says many more such
 members would go: whether another seed is still worth training. Writes metrics.json,
-classification_report.txt, confusion_matrix.png, roc.png and probabilities.csv (one column per
-member too) into OUT.
+classification_report.txt, confusion_matrix.png, roc.png and probabilities.csv (label, p_fake,
+path as evaluate.py writes them, then p_fake:RUN for each member) into OUT.
 """
 
 import argparse

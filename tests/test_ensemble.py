@@ -1,5 +1,6 @@
 """Ensembles of trained runs: the mean of the members' probabilities, calibrated on a shared holdout."""
 
+import csv
 import io
 import json
 import re
@@ -16,7 +17,7 @@ from synth import make_folder_dataset
 from rvf.checkpoint import CheckpointError, load_pretrained, save_pretrained, weights_sha256
 from rvf.config import TrainConfig
 from rvf.data import RVF10K, DatasetError, holdout_split
-from rvf.ensemble import EnsembleError, evaluate_ensemble, sub_ensembles
+from rvf.ensemble import EnsembleError, evaluate_ensemble, member_names, sub_ensembles
 from rvf.inference import EnsemblePredictor, Predictor, load_predictor
 from rvf.metrics import calibrate_threshold, classification_metrics
 from rvf.train import train
@@ -55,8 +56,13 @@ def test_ensemble_averages_members_and_calibrates_on_holdout(runs):
         assert member["valid"]["roc_auc"] == pytest.approx(metrics[name]["valid"]["roc_auc"])
         assert member["valid"]["accuracy"] == pytest.approx(metrics[name]["valid"]["accuracy"])
     assert [r["image_size"] for r in m["members"]] == [32, 40] and m["members"][1]["tta_hflip"] is True
-    table = np.loadtxt(tmp / "out" / "probabilities.csv", delimiter=",", skiprows=1)
-    assert table.shape == (24, 4)
+    # evaluate.py's columns (label, p_fake, path), then one per member named after its run.
+    with open(tmp / "out" / "probabilities.csv", newline="") as f:
+        rows = list(csv.reader(f))
+    assert rows[0] == ["label", "p_fake", "path", "p_fake:lenet", "p_fake:alexnet"] and len(rows) == 25
+    assert [r[2] for r in rows[1:]] == [path for path, _ in RVF10K(data, "valid").samples]
+    assert all(int(r[0]) == ("fake", "real").index(Path(r[2]).parent.name) for r in rows[1:])
+    table = np.array([[float(v) for v in r[:2] + r[3:]] for r in rows[1:]])
     np.testing.assert_allclose(table[:, 1], table[:, 2:].mean(1), atol=2e-6)  # mean P(fake)
     assert m["valid"]["n"] == 24 and m["holdout"]["n"] == 6 and 0 <= m["threshold"] <= 1
     assert m["valid"]["threshold"] == m["threshold"]
@@ -127,6 +133,12 @@ def test_sub_ensembles_sample_large_sizes_and_skip_the_fit_for_two():
     assert np.isnan(one_class["limit"]["roc_auc"]) and np.isfinite(one_class["limit"]["accuracy"])
 
 
+def test_members_sharing_a_folder_name_get_columns_told_apart(tmp_path):
+    # Run folders named alike (runs/a/best, runs/b/best) take as many parents as tell them apart.
+    runs = [tmp_path / name for name in ("zoo/a/best", "zoo/b/best", "lenet", "x/a/best")]
+    assert member_names(runs) == ["zoo/a/best", "b/best", "lenet", "x/a/best"]
+
+
 def test_members_must_share_the_holdout_slice(runs):
     tmp, data, metrics = runs
     with pytest.raises(EnsembleError, match=r"lenet_seed7 held out another slice of train \(split seed 7"):
@@ -171,7 +183,8 @@ def test_runs_trained_on_all_of_train_average_at_their_threshold(runs):
     for member, name in zip(m["members"], ("lenet_all", "alexnet_all_seed7")):
         assert metrics[name]["counts"]["holdout"] == 0
         assert member["valid"]["accuracy"] == pytest.approx(metrics[name]["valid"]["accuracy"])
-    labels, p_fake = np.loadtxt(tmp / "out_all" / "probabilities.csv", delimiter=",", skiprows=1)[:, :2].T
+    labels, p_fake = np.loadtxt(tmp / "out_all" / "probabilities.csv", delimiter=",", skiprows=1,
+                                usecols=(0, 1)).T
     assert m["valid"]["accuracy_at_threshold"] == pytest.approx(np.mean((p_fake >= 0.5) == (labels == 0)))
     # With a run that held a slice out, nothing is shared to calibrate on.
     with pytest.raises(EnsembleError, match=r"lenet_all held out another slice of train \(no holdout slice"):
