@@ -8,7 +8,7 @@ from pathlib import Path
 from rvf.checkpoint import CheckpointError, load_pretrained, meta_threshold
 from rvf.data import RVF10K, DatasetError, build_cache, build_eval_transform
 from rvf.metrics import classification_metrics
-from rvf.utils import atomic_path
+from rvf.utils import atomic_path, output_folder
 
 __all__ = ["evaluate_checkpoint"]
 
@@ -45,47 +45,48 @@ def evaluate_checkpoint(checkpoint: str | Path, data_dir: str | Path, split: str
     checkpoint = Path(checkpoint)
     output_dir = Path(output_dir) if output_dir else checkpoint / f"eval-{split}"
     model, meta, data_cfg = load_pretrained(checkpoint)
-    if accelerator.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)  # now: a bad path must not cost the whole evaluation
-    dataset = RVF10K(data_dir, split, skip_bad=skip_bad)
-    with accelerator.main_process_first():
-        images = build_cache(dataset.samples, data_cfg.image_size, interpolation=data_cfg.interpolation,
-                             cache_dir=cache_dir, name=split, skip_bad=skip_bad,
-                             progress=accelerator.is_local_main_process)
-    if len(images) == 0:  # every file unreadable, and skipped
-        raise DatasetError(f"{dataset.root}/{split}: no readable images left to score")
-    loader = DataLoader(images, batch_size=batch_size, shuffle=False, collate_fn=collate_batch)
-    model, loader = accelerator.prepare(model, loader)
-    transform = build_eval_transform(data_cfg).to(accelerator.device)
-    if tta_hflip is None:
-        tta_hflip = bool(meta.get("tta_hflip", False))
-    labels, probs, loss = evaluate(model, loader, transform, accelerator, desc=split, tta_hflip=tta_hflip)
-    try:
-        scored = classification_metrics(labels, probs, threshold=meta_threshold(meta), loss=loss)
-    except ValueError as e:  # NaN or inf out of finite weights: the forward pass overflowed
-        raise CheckpointError(f"{checkpoint}: {e}") from e
-    metrics = {
-        "model": meta["model_name"], "checkpoint": str(checkpoint), "split": split, split: scored,
-        "image_size": data_cfg.image_size, "tta_hflip": tta_hflip, "device": device_name(accelerator.device),
-        "num_processes": accelerator.num_processes,
-    }
-    if accelerator.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        # A run trained on all of train (`holdout: 0`) stored 0.5 without calibrating it.
-        calibrated = meta.get("threshold") is not None and meta.get("config", {}).get("holdout") != 0
-        reports.write_evaluation_reports(output_dir, labels, probs, metrics[split],
-                                         f"{meta['model_name']} on {Path(data_dir).name}/{split}",
-                                         calibrated=calibrated)
-        reports.write_json(output_dir / "metrics.json", metrics)
-        # One row per image in split order (gather_for_metrics keeps it), its file last, so that
-        # each error can be looked at.
-        with atomic_path(output_dir / "probabilities.csv") as tmp, open(tmp, "w", newline="") as f:
-            writer = csv.writer(f)
-            writer.writerow(["label", "p_fake", "path"])
-            writer.writerows((int(y), f"{p:.9g}", path)  # 9 digits: a float32 exactly, ties stay ties
-                             for y, p, (path, _) in zip(labels, probs[:, 0], images.samples, strict=True))
-        m = metrics[split]
-        accelerator.print(f"{split} ({m['n']} images): accuracy {m['accuracy']:.4f} | ROC AUC {m['roc_auc']:.4f} | "
-                          f"AP {m['average_precision']:.4f} | reports in {output_dir}")
+    # Made now: a bad path must not cost the whole evaluation. Removed again if the evaluation
+    # fails, so a failed run leaves no empty eval-SPLIT folder behind to pass for a result.
+    with output_folder(output_dir, create=accelerator.is_main_process):
+        dataset = RVF10K(data_dir, split, skip_bad=skip_bad)
+        with accelerator.main_process_first():
+            images = build_cache(dataset.samples, data_cfg.image_size, interpolation=data_cfg.interpolation,
+                                 cache_dir=cache_dir, name=split, skip_bad=skip_bad,
+                                 progress=accelerator.is_local_main_process)
+        if len(images) == 0:  # every file unreadable, and skipped
+            raise DatasetError(f"{dataset.root}/{split}: no readable images left to score")
+        loader = DataLoader(images, batch_size=batch_size, shuffle=False, collate_fn=collate_batch)
+        model, loader = accelerator.prepare(model, loader)
+        transform = build_eval_transform(data_cfg).to(accelerator.device)
+        if tta_hflip is None:
+            tta_hflip = bool(meta.get("tta_hflip", False))
+        labels, probs, loss = evaluate(model, loader, transform, accelerator, desc=split, tta_hflip=tta_hflip)
+        try:
+            scored = classification_metrics(labels, probs, threshold=meta_threshold(meta), loss=loss)
+        except ValueError as e:  # NaN or inf out of finite weights: the forward pass overflowed
+            raise CheckpointError(f"{checkpoint}: {e}") from e
+        metrics = {
+            "model": meta["model_name"], "checkpoint": str(checkpoint), "split": split, split: scored,
+            "image_size": data_cfg.image_size, "tta_hflip": tta_hflip, "device": device_name(accelerator.device),
+            "num_processes": accelerator.num_processes,
+        }
+        if accelerator.is_main_process:
+            output_dir.mkdir(parents=True, exist_ok=True)
+            # A run trained on all of train (`holdout: 0`) stored 0.5 without calibrating it.
+            calibrated = meta.get("threshold") is not None and meta.get("config", {}).get("holdout") != 0
+            reports.write_evaluation_reports(output_dir, labels, probs, metrics[split],
+                                             f"{meta['model_name']} on {Path(data_dir).name}/{split}",
+                                             calibrated=calibrated)
+            reports.write_json(output_dir / "metrics.json", metrics)
+            # One row per image in split order (gather_for_metrics keeps it), its file last, so that
+            # each error can be looked at.
+            with atomic_path(output_dir / "probabilities.csv") as tmp, open(tmp, "w", newline="") as f:
+                writer = csv.writer(f)
+                writer.writerow(["label", "p_fake", "path"])
+                writer.writerows((int(y), f"{p:.9g}", path)  # 9 digits: a float32 exactly, ties stay ties
+                                 for y, p, (path, _) in zip(labels, probs[:, 0], images.samples, strict=True))
+            m = metrics[split]
+            accelerator.print(f"{split} ({m['n']} images): accuracy {m['accuracy']:.4f} | ROC AUC {m['roc_auc']:.4f} | "
+                              f"AP {m['average_precision']:.4f} | reports in {output_dir}")
     accelerator.end_training()
     return metrics

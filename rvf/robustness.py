@@ -171,105 +171,107 @@ def evaluate_robustness(checkpoint, data_dir, split: str = "valid", output_dir=N
     from rvf import reports
     from rvf.data import stratified_sample
     from rvf.inference import resolve_device
-    from rvf.utils import atomic_write_text, device_name, predict_logits
+    from rvf.utils import atomic_write_text, device_name, output_folder, predict_logits
 
     checkpoint = Path(checkpoint)
     output_dir = Path(output_dir) if output_dir else checkpoint / f"robustness-{split}"
     device = resolve_device(device)  # "auto": the GPU when there is one
     model, meta, data_cfg = load_pretrained(checkpoint, device=device)
-    output_dir.mkdir(parents=True, exist_ok=True)  # now: a bad path must not cost the whole evaluation
-    transform = build_eval_transform(data_cfg).to(device)
-    ds = RVF10K(data_dir, split)
-    samples = ds.samples
-    if limit and limit < len(samples):
-        keep = stratified_sample(ds.targets, limit, seed=0)
-        samples = [samples[i] for i in keep]
-    workers = num_workers if num_workers is not None else min(8, os.cpu_count() or 1)
-    threshold = meta_threshold(meta)
-    # The run's framing check, when it has one: which faces would the app have warned about?
-    framing = FramingReference.load(checkpoint)
-    perturbations = list(perturbations or PERTURBATIONS)
-    n_p = len(perturbations)
-    # One pass: each image is decoded once and degraded every way (decoding was a fifth of the
-    # time when each condition read the split again). A batch holds batch_size // P faces, so
-    # a forward pass still sees about batch_size images and memory stays what it was.
-    loader = DataLoader(_Perturbed(samples, perturbations, data_cfg.image_size, data_cfg.interpolation),
-                        batch_size=max(1, batch_size // n_p), num_workers=workers)
-    probs, labels, off, skipped = [], [], [], set()
-    with torch.no_grad(), tqdm(total=len(samples), desc=f"{n_p} conditions", unit="img",
-                               disable=not progress) as bar:
-        for x, y in loader:  # x: (B, P, 3, S, S)
-            bar.update(len(y))
-            if (bad := y < 0).any():
-                first = samples[-1 - int(y[bad][0])][0]
-                if not skip_bad:
-                    open_rgb(first)  # raises the BadImageError that names it
-                    raise BadImageError(f"{first}: could not be read")  # it read this time: flaky storage
-                skipped.update((-1 - y[bad]).tolist())
-                x, y = x[~bad], y[~bad]
-                if not len(y):
-                    continue
-            x = x.flatten(0, 1)  # (B * P, 3, S, S): image 0 under each perturbation, then image 1...
-            logits = predict_logits(model, transform(x.to(device)), hflip=meta.get("tta_hflip", False))
-            probs.append(logits.float().softmax(1).cpu().view(len(y), n_p, -1))
-            labels.append(y)
+    # Made now: a bad path must not cost the whole evaluation. Removed again if the evaluation
+    # fails, so a failed run leaves no empty robustness-SPLIT folder behind to pass for a result.
+    with output_folder(output_dir):
+        transform = build_eval_transform(data_cfg).to(device)
+        ds = RVF10K(data_dir, split)
+        samples = ds.samples
+        if limit and limit < len(samples):
+            keep = stratified_sample(ds.targets, limit, seed=0)
+            samples = [samples[i] for i in keep]
+        workers = num_workers if num_workers is not None else min(8, os.cpu_count() or 1)
+        threshold = meta_threshold(meta)
+        # The run's framing check, when it has one: which faces would the app have warned about?
+        framing = FramingReference.load(checkpoint)
+        perturbations = list(perturbations or PERTURBATIONS)
+        n_p = len(perturbations)
+        # One pass: each image is decoded once and degraded every way (decoding was a fifth of the
+        # time when each condition read the split again). A batch holds batch_size // P faces, so
+        # a forward pass still sees about batch_size images and memory stays what it was.
+        loader = DataLoader(_Perturbed(samples, perturbations, data_cfg.image_size, data_cfg.interpolation),
+                            batch_size=max(1, batch_size // n_p), num_workers=workers)
+        probs, labels, off, skipped = [], [], [], set()
+        with torch.no_grad(), tqdm(total=len(samples), desc=f"{n_p} conditions", unit="img",
+                                   disable=not progress) as bar:
+            for x, y in loader:  # x: (B, P, 3, S, S)
+                bar.update(len(y))
+                if (bad := y < 0).any():
+                    first = samples[-1 - int(y[bad][0])][0]
+                    if not skip_bad:
+                        open_rgb(first)  # raises the BadImageError that names it
+                        raise BadImageError(f"{first}: could not be read")  # it read this time: flaky storage
+                    skipped.update((-1 - y[bad]).tolist())
+                    x, y = x[~bad], y[~bad]
+                    if not len(y):
+                        continue
+                x = x.flatten(0, 1)  # (B * P, 3, S, S): image 0 under each perturbation, then image 1...
+                logits = predict_logits(model, transform(x.to(device)), hflip=meta.get("tta_hflip", False))
+                probs.append(logits.float().softmax(1).cpu().view(len(y), n_p, -1))
+                labels.append(y)
+                if framing is not None:
+                    off.append(torch.tensor([not f.ok for f in framing.check(x)]).view(len(y), n_p))
+        if not labels:  # --skip-bad, and not one image could be read
+            raise DatasetError(f"{data_dir}: no readable image in the {split} split")
+        labels, probs = torch.cat(labels).numpy(), torch.cat(probs).numpy()  # (N,), (N, P, classes)
+        off = torch.cat(off).numpy() if framing is not None else None
+        rows = []
+        for j, p in enumerate(perturbations):
+            m = classification_metrics(labels, probs[:, j], threshold=threshold)
+            row = {"perturbation": p.name, "accuracy": m["accuracy"], "roc_auc": m["roc_auc"],
+                   "average_precision": m["average_precision"], "accuracy_at_threshold": m["accuracy_at_threshold"],
+                   "recall": {c: m["per_class"][c]["recall"] for c in CLASSES}}
             if framing is not None:
-                off.append(torch.tensor([not f.ok for f in framing.check(x)]).view(len(y), n_p))
-    if not labels:  # --skip-bad, and not one image could be read
-        raise DatasetError(f"{data_dir}: no readable image in the {split} split")
-    labels, probs = torch.cat(labels).numpy(), torch.cat(probs).numpy()  # (N,), (N, P, classes)
-    off = torch.cat(off).numpy() if framing is not None else None
-    rows = []
-    for j, p in enumerate(perturbations):
-        m = classification_metrics(labels, probs[:, j], threshold=threshold)
-        row = {"perturbation": p.name, "accuracy": m["accuracy"], "roc_auc": m["roc_auc"],
-               "average_precision": m["average_precision"], "accuracy_at_threshold": m["accuracy_at_threshold"],
-               "recall": {c: m["per_class"][c]["recall"] for c in CLASSES}}
-        if framing is not None:
-            right, ok = predicted_labels(probs[:, j]) == labels, ~off[:, j]
-            row["framing_off"] = float(off[:, j].mean())  # the share the app would have warned about
-            row["accuracy_framing_ok"] = float(right[ok].mean()) if ok.any() else None
-        rows.append(row)
-    clean = rows[0]["accuracy"] if rows and rows[0]["perturbation"] == "clean" else None
-    for r in rows:
-        r["delta_accuracy"] = None if clean is None else r["accuracy"] - clean
-    result = {"model": meta["model_name"], "checkpoint": str(checkpoint), "split": split,
-              "n": len(samples) - len(skipped), "skipped": len(skipped),
-              "image_size": data_cfg.image_size, "device": device_name(device), "rows": rows}
+                right, ok = predicted_labels(probs[:, j]) == labels, ~off[:, j]
+                row["framing_off"] = float(off[:, j].mean())  # the share the app would have warned about
+                row["accuracy_framing_ok"] = float(right[ok].mean()) if ok.any() else None
+            rows.append(row)
+        clean = rows[0]["accuracy"] if rows and rows[0]["perturbation"] == "clean" else None
+        for r in rows:
+            r["delta_accuracy"] = None if clean is None else r["accuracy"] - clean
+        result = {"model": meta["model_name"], "checkpoint": str(checkpoint), "split": split,
+                  "n": len(samples) - len(skipped), "skipped": len(skipped),
+                  "image_size": data_cfg.image_size, "device": device_name(device), "rows": rows}
 
-    output_dir.mkdir(parents=True, exist_ok=True)
-    reports.write_json(output_dir / "robustness.json", result)
-    lines = [f"# Robustness of `{meta['model_name']}` on {split} ({result['n']} images"
-             + (f"; {len(skipped)} unreadable, left out" if skipped else "") + ")", "",
-             f"| perturbation | accuracy % | change (points) | {' / '.join(CLASSES)} called right % "
-             f"| accuracy % at threshold {threshold:.4f} | ROC AUC | AP |"
-             + (" framing off % | accuracy % where framing ok |" if framing is not None else ""),
-             "|---|---|---|---|---|---|---|" + ("---|---|" if framing is not None else "")]
-    for r in rows:
-        delta = "" if r["delta_accuracy"] is None else f"{100 * r['delta_accuracy']:+.2f}"
-        recall = " / ".join(f"{100 * r['recall'][c]:.1f}" for c in CLASSES)
-        # The argmax's columns, then accuracy at the stored threshold: what the app and CLI decide at.
-        line = (f"| {r['perturbation']} | {100 * r['accuracy']:.2f} | {delta} | {recall} "
-                f"| {100 * r['accuracy_at_threshold']:.2f} | {r['roc_auc']:.4f} | {r['average_precision']:.4f} |")
-        if framing is not None:
-            ok_acc = r["accuracy_framing_ok"]
-            line += f" {100 * r['framing_off']:.1f} | {'' if ok_acc is None else f'{100 * ok_acc:.2f}'} |"
-        lines.append(line)
-    if framing is None:
-        lines += ["", f"No framing check: {checkpoint} has no {FRAMING_FILE} (add one with scripts/framing.py)."]
-    atomic_write_text(output_dir / "robustness.md", "\n".join(lines) + "\n")
-    plt = reports._plt()
-    fig, ax = plt.subplots(figsize=(7, 3.4))
-    names = [r["perturbation"] for r in rows]
-    ax.bar(names, [100 * r["accuracy"] for r in rows], color="tab:blue", label="accuracy")
-    for c, marker in zip(CLASSES, "v^"):  # each class's recall: where the verdicts went
-        ax.plot(names, [100 * r["recall"][c] for r in rows], marker, color="black", linestyle="none",
-                label=f"{c} called right")
-    ax.legend(fontsize="small", loc="lower left")
-    ax.set_ylabel("%")
-    ax.set_ylim(0, 100)  # a class's recall can fall to 0
-    ax.grid(axis="y", alpha=0.3)
-    ax.tick_params(axis="x", rotation=30)
-    ax.set_title(f"{meta['model_name']}: accuracy under degradation ({split})")
-    reports._save(fig, output_dir / "robustness.png")
-    return result
+        output_dir.mkdir(parents=True, exist_ok=True)
+        reports.write_json(output_dir / "robustness.json", result)
+        lines = [f"# Robustness of `{meta['model_name']}` on {split} ({result['n']} images"
+                 + (f"; {len(skipped)} unreadable, left out" if skipped else "") + ")", "",
+                 f"| perturbation | accuracy % | change (points) | {' / '.join(CLASSES)} called right % "
+                 f"| accuracy % at threshold {threshold:.4f} | ROC AUC | AP |"
+                 + (" framing off % | accuracy % where framing ok |" if framing is not None else ""),
+                 "|---|---|---|---|---|---|---|" + ("---|---|" if framing is not None else "")]
+        for r in rows:
+            delta = "" if r["delta_accuracy"] is None else f"{100 * r['delta_accuracy']:+.2f}"
+            recall = " / ".join(f"{100 * r['recall'][c]:.1f}" for c in CLASSES)
+            # The argmax's columns, then accuracy at the stored threshold: what the app and CLI decide at.
+            line = (f"| {r['perturbation']} | {100 * r['accuracy']:.2f} | {delta} | {recall} "
+                    f"| {100 * r['accuracy_at_threshold']:.2f} | {r['roc_auc']:.4f} | {r['average_precision']:.4f} |")
+            if framing is not None:
+                ok_acc = r["accuracy_framing_ok"]
+                line += f" {100 * r['framing_off']:.1f} | {'' if ok_acc is None else f'{100 * ok_acc:.2f}'} |"
+            lines.append(line)
+        if framing is None:
+            lines += ["", f"No framing check: {checkpoint} has no {FRAMING_FILE} (add one with scripts/framing.py)."]
+        atomic_write_text(output_dir / "robustness.md", "\n".join(lines) + "\n")
+        plt = reports._plt()
+        fig, ax = plt.subplots(figsize=(7, 3.4))
+        names = [r["perturbation"] for r in rows]
+        ax.bar(names, [100 * r["accuracy"] for r in rows], color="tab:blue", label="accuracy")
+        for c, marker in zip(CLASSES, "v^"):  # each class's recall: where the verdicts went
+            ax.plot(names, [100 * r["recall"][c] for r in rows], marker, color="black", linestyle="none",
+                    label=f"{c} called right")
+        ax.legend(fontsize="small", loc="lower left")
+        ax.set_ylabel("%")
+        ax.set_ylim(0, 100)  # a class's recall can fall to 0
+        ax.grid(axis="y", alpha=0.3)
+        ax.tick_params(axis="x", rotation=30)
+        ax.set_title(f"{meta['model_name']}: accuracy under degradation ({split})")
+        reports._save(fig, output_dir / "robustness.png")
+        return result

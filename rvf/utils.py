@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Iterator
 
 __all__ = ["PeakSampler", "atomic_path", "atomic_write_text", "count_parameters", "device_name", "json_text",
-           "predict_logits", "tree_rss"]
+           "output_folder", "predict_logits", "tree_rss"]
 
 
 @contextlib.contextmanager
@@ -32,6 +32,32 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def output_folder(path: str | os.PathLike, create: bool = True) -> Iterator[Path]:
+    """Create the folder `path` now and yield it; if the block fails, remove what this made and is still empty.
+
+    Made before a long job so that a bad path fails first, but a job that then fails must not
+    leave an empty report folder (e.g. RUN/eval-valid) that looks like a result. `create`
+    False (a process other than the main one) makes and removes nothing.
+    """
+    path = Path(path)
+    made = []
+    if create:
+        missing = path
+        while not missing.exists():  # the folders mkdir is about to make, deepest first
+            made.append(missing)
+            missing = missing.parent
+    try:
+        if create:
+            path.mkdir(parents=True, exist_ok=True)
+        yield path
+    except BaseException:
+        for folder in made:
+            with contextlib.suppress(OSError):  # not empty (or never made): leave it
+                folder.rmdir()
+        raise
 
 
 def _umask() -> int:

@@ -322,6 +322,34 @@ def test_evaluate_with_every_image_unreadable_says_so(tmp_path):
     assert "Traceback" not in r.stderr
 
 
+def test_a_failed_evaluation_leaves_no_empty_report_folder(tmp_path):
+    # The folder is made before the evaluation (a bad path fails first) and removed again when
+    # the evaluation fails: an empty RUN/eval-valid would pass for a result.
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+    from synth import make_folder_dataset
+
+    from rvf.data import DatasetError
+    from rvf.evaluate import evaluate_checkpoint
+
+    ckpt = make_checkpoint(tmp_path / "ckpt")
+    before = sorted(ckpt.iterdir())
+    data = make_folder_dataset(tmp_path / "data", n=2, size=48, splits=("valid",))
+    for args in (["--data-dir", str(tmp_path / "nope")], ["--data-dir", str(data), "--split", "test"]):
+        r = subprocess.run([sys.executable, "scripts/evaluate.py", "--checkpoint", str(ckpt), *args, "--cache-dir",
+                            str(tmp_path / "cache")], capture_output=True, text=True, cwd=ROOT, timeout=300)
+        assert r.returncode == 2 and r.stderr.startswith("error: "), r.stderr[-2000:]
+        assert sorted(ckpt.iterdir()) == before, args
+    # Every folder it made goes, up to the first that was there; one that was there stays.
+    (tmp_path / "kept").mkdir()
+    for out in (tmp_path / "made" / "eval", tmp_path / "kept"):
+        with pytest.raises(DatasetError):
+            evaluate_checkpoint(ckpt, data, "test", output_dir=out, cache_dir=str(tmp_path / "cache"))
+    assert not (tmp_path / "made").exists() and (tmp_path / "kept").is_dir()
+
+
 def test_serving_imports_neither_timm_nor_sklearn(checkpoint, tmp_path):
     # predict.py and the app start in a third of the time without them (one file: 5.3 -> 1.7 s
     # on a 2-core EPYC): a from-scratch model needs neither, a timm one imports timm on demand.

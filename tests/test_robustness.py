@@ -103,6 +103,20 @@ def test_robustness_script_runs_the_perturbations_asked_for(tmp_path):
     assert r.returncode == 2 and "whole number of pixels" in r.stderr
 
 
+def test_a_failed_robustness_run_leaves_no_empty_report_folder(tmp_path):
+    # As evaluate.py: the folder made up front goes again when the evaluation fails.
+    from conftest import make_checkpoint
+
+    checkpoint = make_checkpoint(tmp_path / "ckpt")
+    before = sorted(checkpoint.iterdir())
+    data = make_folder_dataset(tmp_path / "data", n=2, size=48, splits=("valid",))
+    for args in (["--data-dir", str(tmp_path / "nope")], ["--data-dir", str(data), "--split", "test"]):
+        r = subprocess.run([sys.executable, str(ROOT / "scripts/robustness.py"), "--checkpoint", str(checkpoint),
+                            *args, "--num-workers", "0"], capture_output=True, text=True, timeout=300)
+        assert r.returncode == 2 and r.stderr.startswith("error: "), r.stderr[-2000:]
+        assert sorted(checkpoint.iterdir()) == before, args
+
+
 def test_accuracy_where_framing_is_ok_counts_only_those_faces(tmp_path):
     import torch
     from conftest import make_checkpoint
