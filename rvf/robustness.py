@@ -44,6 +44,10 @@ class Perturbation:
     """
 
     KINDS = ("clean", "jpeg", "scale", "blur", "noise", "shift", "crop", "rotate")
+    # A value for each kind that needs one, shown when it is left out.
+    EXAMPLES = {"jpeg": "jpeg:75 (quality)", "scale": "scale:0.5 (factor)", "blur": "blur:1 (radius)",
+                "noise": "noise:8 (std of 255)", "shift": "shift:2 (pixels down and right)",
+                "crop": "crop:0.8 (share of the side kept)", "rotate": "rotate:10 (degrees)"}
 
     def __init__(self, kind: str, value: float = 0.0):
         if kind not in self.KINDS:
@@ -64,8 +68,12 @@ class Perturbation:
 
     @classmethod
     def parse(cls, text: str) -> "Perturbation":
-        """`KIND[:VALUE]`, e.g. "clean", "jpeg:75", "shift:2"."""
+        """`KIND[:VALUE]`, e.g. "clean", "jpeg:75", "shift:2"; every kind but clean needs its value."""
         kind, _, value = text.partition(":")
+        # Without one, 0 would be taken: a shift, blur, noise or rotation of 0 is a second clean
+        # row that looks like a measured result.
+        if kind in cls.EXAMPLES and not value.strip():
+            raise ValueError(f"perturbation {text!r} needs a value: give KIND:VALUE, e.g. {cls.EXAMPLES[kind]}")
         try:
             return cls(kind, float(value) if value else 0.0)
         except ValueError as e:

@@ -9,7 +9,7 @@ robustness.png into OUT (default CHECKPOINT/robustness-SPLIT). Each row has accu
 from clean, the share of fakes and of reals called right (which way the verdicts moved), ROC
 AUC and average precision.
 
---perturbations picks others, as KIND[:VALUE], e.g. how much a detector leans on where the
+--perturbations picks others, as KIND:VALUE (clean alone takes none), e.g. how much a detector leans on where the
 face sits (the picture moved down and right by whole native pixels, edges repeated):
     python scripts/robustness.py --checkpoint runs/X --data-dir ROOT --perturbations clean shift:1 shift:2 shift:4
 
@@ -65,7 +65,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser.add_argument("--perturbations", nargs="+", type=perturbation, metavar="KIND[:VALUE]",
                         help="conditions to run, in order, e.g. clean jpeg:75 shift:2; kinds: clean, jpeg (quality), "
                              "scale (factor), blur (radius), noise (std of 255), shift (pixels down and right), "
-                             "crop (share of the side kept), rotate (degrees) "
+                             "crop (share of the side kept), rotate (degrees); each but clean needs its value "
                              "(default: the list above)")
     return parser
 

@@ -80,6 +80,19 @@ def test_a_shift_moves_the_picture_and_repeats_its_edges():
             Perturbation.parse(bad)
 
 
+def test_a_kind_that_needs_a_value_refuses_none():
+    # Taken as 0, shift, blur, noise and rotate made a row identical to clean.
+    for kind in Perturbation.KINDS[1:]:
+        for text in (kind, f"{kind}:", f"{kind}: "):
+            with pytest.raises(ValueError, match=f"perturbation '{text}' needs a value: give KIND:VALUE, e.g. {kind}:"):
+                Perturbation.parse(text)
+    r = subprocess.run([sys.executable, str(ROOT / "scripts/robustness.py"), "--checkpoint", "none", "--data-dir",
+                        "none", "--perturbations", "clean", "shift"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and r.stderr.splitlines()[-1] == (
+        "robustness.py: error: argument --perturbations: perturbation 'shift' needs a value: give KIND:VALUE, "
+        "e.g. shift:2 (pixels down and right)"), r.stderr[-2000:]
+
+
 def test_robustness_script_runs_the_perturbations_asked_for(tmp_path):
     from conftest import make_checkpoint
     from synth import aligned_faces
