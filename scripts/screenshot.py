@@ -9,7 +9,8 @@ looks the same). Without --images it uploads four drawn cartoon faces, so the sc
 committed to docs/ holds no dataset image (--dataset-faces uses rvf10k-mini faces instead,
 for a look on your own machine). It serves the app on a
 free port of 127.0.0.1 from a thread, uploads the images, waits for the verdicts, turns on
-one Grad-CAM overlay and saves the page (PNG, re-encoded with a palette when over 300 KB).
+the Grad-CAM overlay of the first card that has one (an image that failed has none) and
+saves the page (PNG, re-encoded with a palette when over 300 KB).
 
 Needs Chromium and its driver (Debian: `apt-get install chromium chromium-driver`). The
 helpers here (`serve`, `chrome`, `upload`) are also what tests/test_browser.py drives.
@@ -116,12 +117,23 @@ def upload(driver, url: str, paths, timeout: float = 60) -> list[dict]:
     } for card in driver.find_elements(By.CSS_SELECTOR, ".card")]
 
 
-def show_gradcam(driver, index: int = 0, timeout: float = 60) -> str:
-    """Tick the Grad-CAM toggle of card `index`; wait for the overlay; return its src."""
+def show_gradcam(driver, index: int | None = None, timeout: float = 60) -> str:
+    """Tick the Grad-CAM toggle of card `index` (default: the first card that has one); wait
+    for the overlay; return its src.
+
+    Raises:
+        ValueError: no card has a Grad-CAM toggle (every image failed).
+    """
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
-    card = driver.find_elements(By.CSS_SELECTOR, ".card")[index]
+    cards = driver.find_elements(By.CSS_SELECTOR, ".card")
+    if index is None:  # an error card hides its toggle, and clicking a hidden one raises
+        index = next((i for i, c in enumerate(cards) if c.find_element(By.CSS_SELECTOR, ".toggle").is_displayed()),
+                     None)
+        if index is None:
+            raise ValueError("no card has a Grad-CAM toggle: every image failed")
+    card = cards[index]
     card.find_element(By.CSS_SELECTOR, ".cam-toggle").click()
     cam = card.find_element(By.CSS_SELECTOR, ".cam")
     WebDriverWait(driver, timeout).until(
@@ -232,8 +244,9 @@ def main(args) -> int:
         images = [Path(p) for p in args.images] if args.images else faces or drawn_faces(tmp)
         with serve(app) as url, chrome(tmp / "profile", args.width, args.height) as driver:
             results = upload(driver, url, images)
-            show_gradcam(driver, 0)
-            driver.execute_script("window.scrollTo(0, 0)")  # ticking the toggle scrolled the page
+            if any(r["gradcam_toggle"] for r in results):  # none when every image failed: the page as it is
+                show_gradcam(driver)
+                driver.execute_script("window.scrollTo(0, 0)")  # ticking the toggle scrolled the page
             out = save_png(driver.get_screenshot_as_png(), Path(args.output))
     for r in results:
         print(f"{r['filename']}: {r['verdict'] or r['error']} (P(fake) {r['p_fake']})")

@@ -41,7 +41,6 @@ def test_upload_shows_verdict_probability_and_gradcam(app, client, face_paths, t
         assert "lenet" in driver.find_element(By.ID, "model-info").text
         assert not any(c["error"] for c in cards), cards
         assert all(c["gradcam_toggle"] for c in cards)
-        # Newest cards come first: the page prepends each card.
         by_name = {c["filename"]: c for c in cards}
         for p, res in zip(paths, expected):
             card = by_name[p.name]
@@ -55,6 +54,34 @@ def test_upload_shows_verdict_probability_and_gradcam(app, client, face_paths, t
 
     with Image.open(png) as img:
         assert img.format == "PNG" and img.width > 300
+
+
+def test_cards_keep_each_uploads_order_with_the_latest_upload_on_top(app, face_paths, tmp_path):
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    names = ["a.jpg", "b.jpg", "c.jpg", "d.jpg", "e.jpg"]
+    for name, src in zip(names, face_paths + face_paths[:1]):
+        (tmp_path / name).write_bytes(src.read_bytes())
+    with shot.serve(app) as url, shot.chrome(tmp_path / "profile") as driver:
+        cards = shot.upload(driver, url, [tmp_path / n for n in names[:4]])
+        assert [c["filename"] for c in cards] == names[:4]  # was d, c, b, a
+        driver.find_element(By.ID, "file-input").send_keys(str(tmp_path / "e.jpg"))  # a second upload
+        WebDriverWait(driver, 60).until(lambda d: d.find_elements(By.CSS_SELECTOR, ".card[data-label]")[4:])
+        shown = [e.text for e in driver.find_elements(By.CSS_SELECTOR, ".card .filename")]
+    assert shown == ["e.jpg"] + names[:4]
+
+
+def test_screenshot_shows_the_gradcam_of_the_first_card_that_has_one(tmp_path, capsys):
+    # The first card is an unreadable image's, with no Grad-CAM toggle to click (clicking
+    # card 0's raised ElementNotInteractableException).
+    paths = shot.drawn_faces(tmp_path, n=2)
+    (tmp_path / "bad.jpg").write_bytes(b"not an image")
+    args = shot.get_args_parser().parse_args(["--images", str(tmp_path / "bad.jpg"), *map(str, paths),
+                                              "--output", str(tmp_path / "page.png")])
+    assert shot.main(args) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert [line.split(":")[0] for line in out[:3]] == ["bad.jpg", "drawn_face_0.jpg", "drawn_face_1.jpg"]
+    assert "Could not classify" in out[0] and (tmp_path / "page.png").stat().st_size > 0
 
 
 def test_bad_file_shows_error(app, tmp_path):

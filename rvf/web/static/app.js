@@ -47,7 +47,6 @@
     card.querySelector(".filename").textContent = file.name;
     card.querySelector(".verdict").textContent = "…";
     card.querySelector(".cam-toggle").disabled = true;
-    results.prepend(card);
     return card;
   }
 
@@ -106,24 +105,29 @@
   async function handle(fileList) {
     const files = Array.from(fileList);
     if (!files.length) return;
+    // One upload's cards in the order its files were given, all at once and above the cards
+    // of earlier uploads: the newest upload is the one looked at.
+    const items = files.map((file) => ({ file, card: makeCard(file) }));
+    results.prepend(...items.map((it) => it.card));
     // Send in chunks that respect the server's per-request limits.
     const chunks = [];
     let chunk = [], size = 0;
-    for (const f of files) {
-      if (chunk.length && (chunk.length >= maxFiles || size + f.size > maxBytes * 0.95)) {
+    for (const it of items) {
+      if (chunk.length && (chunk.length >= maxFiles || size + it.file.size > maxBytes * 0.95)) {
         chunks.push(chunk);
         chunk = [];
         size = 0;
       }
-      chunk.push(f);
-      size += f.size;
+      chunk.push(it);
+      size += it.file.size;
     }
     chunks.push(chunk);
 
     status.textContent = "Classifying " + files.length + (files.length === 1 ? " image…" : " images…");
     let failed = 0;
-    for (const part of chunks) {
-      const cards = part.map(makeCard);
+    for (const group of chunks) {
+      const part = group.map((it) => it.file);
+      const cards = group.map((it) => it.card);
       const tooBig = part.length === 1 && part[0].size > maxBytes;
       try {
         if (tooBig) throw new Error("file is larger than the " + (maxBytes / 1048576).toFixed(1) + " MB upload limit");
