@@ -17,7 +17,7 @@ from typing import Any, Optional
 
 import yaml
 
-__all__ = ["ConfigError", "TrainConfig", "load_config", "parse_override"]
+__all__ = ["RECIPE_NEUTRAL_KEYS", "ConfigError", "TrainConfig", "load_config", "parse_override", "recipe_differences"]
 
 
 class ConfigError(ValueError):
@@ -158,6 +158,32 @@ class TrainConfig:
     def replace(self, source: str = "override", **changes) -> "TrainConfig":
         """Return a copy with `changes` applied, type-checked like a YAML file."""
         return _apply(self, changes, source)
+
+
+# Keys that say where a run's files are, how it is tracked or how fast it goes, not what it
+# trains: two runs that differ only in these fit the same model on the same images with the
+# same schedule and augmentation, and their numbers differ only as two machines' do. Paths and
+# threads are per machine; the layout, compile, fused and CUDA-graph steps, the data's place
+# (cache, device_data, num_workers) and the eval batch are speed. mixed_precision is here
+# because the configs' "auto" is per machine itself (bf16 where the hardware does it, else
+# fp32); metrics.json records what a run used. split_seed is compared as the seed it resolves
+# to (None: `seed`). Not here, though they look like paths or speed: pretrained_file and
+# teachers (other weights, another model), skip_bad (fewer images), batch_size (another step).
+RECIPE_NEUTRAL_KEYS = frozenset({
+    "data_dir", "output_dir", "cache_dir", "tracker", "project", "run_name", "group", "tags", "log_every",
+    "num_sample_preds", "cache", "num_workers", "cpu_threads", "eval_batch_size", "mixed_precision",
+    "channels_last", "compile", "device_data", "fused_optimizer", "cuda_graph",
+})
+
+
+def recipe_differences(a: TrainConfig, b: TrainConfig) -> dict[str, tuple[Any, Any]]:
+    """Map each key on which `a` and `b` train differently (`RECIPE_NEUTRAL_KEYS` left out), in
+    field order, to its two values."""
+    def recipe(cfg: TrainConfig) -> dict:
+        return cfg.to_dict() | {"split_seed": cfg.resolved_split_seed}
+
+    ra, rb = recipe(a), recipe(b)
+    return {k: (ra[k], rb[k]) for k in ra if k not in RECIPE_NEUTRAL_KEYS and ra[k] != rb[k]}
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}

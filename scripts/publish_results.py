@@ -10,9 +10,10 @@ and .png are rebuilt from every published run, and the table between the README'
 markers is rewritten from the same files, so the README can only show measured runs.
 
 The table names each row's config as configs/<run name>.yaml and heads itself "the full rvf10k
-valid split", so a run is refused unless its folder is named after a config in configs/ and it
-was scored on all 3,000 valid images (--force publishes it anyway). Everything is checked
-before anything is copied.
+valid split", so a run is refused unless its folder is named after a config in configs/, its
+config.yaml trains what that config says (paths, tracking and speed settings may differ:
+rvf.config.RECIPE_NEUTRAL_KEYS) and it was scored on all 3,000 valid images (--force publishes
+it anyway). Everything is checked before anything is copied.
 """
 
 import argparse
@@ -32,7 +33,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser.add_argument("--readme", type=Path, default=ROOT / "README.md",
                         help="README whose results table to rewrite (default: this repository's)")
     parser.add_argument("--force", action="store_true",
-                        help="publish runs not named after a config in configs/, or not scored on the full valid split")
+                        help="publish runs not named after a config in configs/, trained with other settings than "
+                             "it, or not scored on the full valid split")
     return parser
 
 
@@ -54,12 +56,37 @@ def check_run(run: Path, force: bool) -> str | None:
         return str(e)
     if force:
         return None
-    if not (ROOT / "configs" / f"{run.name}.yaml").is_file():
+    committed = ROOT / "configs" / f"{run.name}.yaml"
+    if not committed.is_file():
         return (f"{run}: the table would call it configs/{run.name}.yaml, which does not exist; name the run "
                 f"folder after its config (train_zoo.py does), or pass --force")
+    if why := check_recipe(run, committed):
+        return why
     if n != FULL_VALID:
         return f"{run}: scored on {n} valid images, not rvf10k's {FULL_VALID}; pass --force to publish it anyway"
     return None
+
+
+def check_recipe(run: Path, committed: Path) -> str | None:
+    """Return why `run`'s config.yaml is not `committed`'s recipe (e.g. --set epochs=1), or None.
+
+    Keys that do not change what is trained (paths, tracking, speed: `RECIPE_NEUTRAL_KEYS`) may differ.
+    """
+    from rvf.config import ConfigError, load_config, recipe_differences
+
+    used = run / "config.yaml"
+    if not used.is_file():
+        return f"{run}: no config.yaml, so nothing says it was trained as {committed.name}; pass --force to publish it"
+    try:
+        got, want = load_config(used), load_config(committed)
+    except ConfigError as e:
+        return f"{e}; pass --force to publish {run} anyway"
+    differences = recipe_differences(got, want)
+    if not differences:
+        return None
+    return (f"{run}: trained with other settings than configs/{committed.name}, which the table would name: "
+            + ", ".join(f"{k} {ran!r} (the config's: {says!r})" for k, (ran, says) in differences.items())
+            + "; retrain it as the config says, or pass --force")
 
 
 def main(args) -> int:

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from rvf.config import ConfigError, TrainConfig, load_config, parse_override
+from rvf.config import RECIPE_NEUTRAL_KEYS, ConfigError, TrainConfig, load_config, parse_override, recipe_differences
 
 ROOT = Path(__file__).resolve().parents[1]
 SEED_CONFIGS = ["lenet", "alexnet", "inception_v1", "vgg16", "resnet50", "alexnet_bn", "vgg16_bn"]
@@ -229,3 +229,13 @@ def test_native_bf16_detection_is_a_bool():
     assert has_native_bf16("meta") is False
     if not torch.cuda.is_available():
         assert has_native_bf16("cuda") is False
+
+
+def test_recipe_differences_leave_out_paths_tracking_and_speed():
+    base = TrainConfig(seed=0)
+    elsewhere = base.replace(data_dir="/d", output_dir="/o", cache_dir="/c", tracker="none", cpu_threads=3,
+                             mixed_precision=None, channels_last=False, cuda_graph=False, split_seed=0)
+    assert recipe_differences(elsewhere, base) == {}  # split_seed 0 is what seed 0 draws with
+    assert recipe_differences(base.replace(epochs=1, split_seed=1, hflip=0.5), base) == {
+        "split_seed": (1, 0), "epochs": (1, 20), "hflip": (0.5, 0.0)}
+    assert RECIPE_NEUTRAL_KEYS <= set(base.to_dict())  # a renamed key would silently count again

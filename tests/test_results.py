@@ -91,6 +91,37 @@ def test_publish_refuses_runs_the_table_would_mislabel(tmp_path):
     assert publish(str(mini), "--force").returncode == 0 and (results / "lenet" / "metrics.json").is_file()
 
 
+def test_publish_refuses_a_run_trained_otherwise_than_its_config(tmp_path):
+    import yaml
+
+    readme = tmp_path / "README.md"
+    readme.write_text(f"{README_START}\n{README_END}\n")
+    results = tmp_path / "results"
+    run = tmp_path / "runs" / "lenet"
+    shutil.copytree(RESULTS / "lenet", run)
+    used = yaml.safe_load((run / "config.yaml").read_text())
+    # --set epochs=1 and hflip=0.5 (a key lenet.yaml leaves at its default) change the run; the
+    # rest only where it ran, how it was tracked and how fast, and split_seed 42 is seed 42.
+    used |= {"epochs": 1, "hflip": 0.5, "data_dir": "/elsewhere", "cache_dir": "/tmp/c", "tracker": "none",
+             "cpu_threads": 3, "compile": True, "split_seed": used["seed"]}
+    (run / "config.yaml").write_text(yaml.safe_dump(used))
+
+    def publish(*extra):
+        return subprocess.run([sys.executable, "scripts/publish_results.py", str(run), *extra, "--results",
+                               str(results), "--readme", str(readme)], capture_output=True, text=True, cwd=ROOT,
+                              timeout=120)
+
+    r = publish()
+    assert r.returncode == 2 and not results.exists(), r.stderr  # nothing copied
+    assert r.stderr == (f"error: {run}: trained with other settings than configs/lenet.yaml, which the table would "
+                        f"name: epochs 1 (the config's: 20), hflip 0.5 (the config's: 0.0); retrain it as the config "
+                        f"says, or pass --force\n")
+    (run / "config.yaml").unlink()
+    r = publish()
+    assert r.returncode == 2 and "no config.yaml, so nothing says it was trained as lenet.yaml" in r.stderr
+    assert publish("--force").returncode == 0 and (results / "lenet" / "metrics.json").is_file()
+
+
 def test_published_ensembles_are_quoted_from_their_metrics():
     import json
 
