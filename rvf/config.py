@@ -248,7 +248,7 @@ _CHOICES = {
 _PROBABILITIES = ("hflip", "erase", "mixup_prob", "label_smoothing", "downscale", "distill_weight")
 _AT_LEAST_ONE = ("epochs", "batch_size", "eval_batch_size", "step_size", "subset", "image_size", "log_every",
                  "num_sample_preds", "cpu_threads")
-_NOT_NEGATIVE = ("lr", "weight_decay", "momentum", "warmup_epochs", "min_lr", "gamma", "aux_weight",
+_NOT_NEGATIVE = ("weight_decay", "momentum", "warmup_epochs", "min_lr", "gamma", "aux_weight",
                  "brightness", "contrast", "translate", "num_workers", "grad_clip")
 
 
@@ -283,6 +283,8 @@ def _check_value(key: str, value: Any, source: str) -> None:
         bad = "at least 1"
     elif key in _NOT_NEGATIVE and value < 0:
         bad = "at least 0"
+    elif key == "lr" and value <= 0:  # 0 trains for hours and never changes a weight
+        bad = "above 0 (e.g. 1e-4)"
     elif key == "optimizer" and (known := _timm_optimizers()) and value.lower() not in known:
         import difflib
 

@@ -74,7 +74,8 @@ def test_bad_yaml_names_the_key_and_file(tmp_path, text, match):
     ("crop_scale", [1, 0.5], r"crop_scale must be \[min, max\]"),
     ("epochs", 0, "epochs must be at least 1, got 0"),
     ("batch_size", -8, "batch_size must be at least 1"),
-    ("lr", -1e-3, "lr must be at least 0"),
+    ("lr", -1e-3, r"lr must be above 0 \(e.g. 1e-4\), got -0.001"),
+    ("lr", 0, r"lr must be above 0 \(e.g. 1e-4\), got 0.0"),  # a run that learns nothing
     ("optimizer", "adamm", r"optimizer must be a timm optimizer name \(did you mean adam"),
 ])
 def test_values_out_of_range_name_the_key(key, value, match):
