@@ -84,7 +84,7 @@ def load_teachers(cfg, data_cfg, classes, device, channels_last: bool = False) -
             `distill_weight` of 0 with teachers (nothing would be distilled).
         CheckpointError: a teacher folder that is not a readable rvf checkpoint (names the file).
     """
-    from rvf.checkpoint import load_pretrained
+    from rvf.checkpoint import CheckpointError, load_pretrained
 
     if not cfg.teachers:
         return None
@@ -95,8 +95,11 @@ def load_teachers(cfg, data_cfg, classes, device, channels_last: bool = False) -
     models, norms = [], []
     for entry in cfg.teachers:
         path = Path(entry)
-        model, meta, t_data = load_pretrained(path, device)
         name = str(path)
+        try:
+            model, meta, t_data = load_pretrained(path, device)
+        except CheckpointError as e:  # "checkpoint folder X does not exist" alone does not say which key named X
+            raise CheckpointError(f"teacher {name} (the teachers key): {e}") from None
         if list(meta.get("classes", ["fake", "real"])) != list(classes):
             raise ConfigError(f"teacher {name}: classes {meta.get('classes')}, the student's are {list(classes)}")
         if t_data.image_size != data_cfg.image_size:

@@ -115,8 +115,13 @@ def test_a_teacher_that_does_not_fit_the_run_is_refused_before_any_decoding(data
 
 def test_a_folder_that_is_not_a_run_is_named(data_dir, tmp_path):
     (tmp_path / "empty").mkdir()
-    with pytest.raises(CheckpointError, match="empty is not an rvf checkpoint"):
+    with pytest.raises(CheckpointError, match="^teacher .*empty \\(the teachers key\\): .*empty is not an rvf"):
         train(_cfg(data_dir, tmp_path / "run", teachers=[str(tmp_path / "empty")]))
+    # Named as a teacher, not as just some checkpoint folder.
+    missing = tmp_path / "missing"
+    with pytest.raises(CheckpointError, match=f"^teacher {re.escape(str(missing))} \\(the teachers key\\): "
+                                              f"checkpoint folder {re.escape(str(missing))} does not exist$"):
+        train(_cfg(data_dir, tmp_path / "run", teachers=[str(missing)]))
 
 
 @pytest.mark.parametrize("override, message", [
