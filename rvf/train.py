@@ -982,9 +982,11 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> di
             schedule.step()
             run = json.loads((state / STATE_MARKER).read_text())
             accelerator.print(f"resumed from {state} (epoch {run['epoch'] + 1} done)")
-            if run["epoch"] + 1 >= cfg.epochs:
-                accelerator.print(f"nothing to train: the run has {run['epoch'] + 1} of {cfg.epochs} epochs (pass "
-                                  f"--epochs N > {run['epoch'] + 1} to extend it); evaluating its best model again")
+            if (done := run["epoch"] + 1) >= cfg.epochs:
+                has = (f"the run has {done} of {done} epochs" if done == cfg.epochs else
+                       f"the run already has {done} epochs (--epochs {cfg.epochs} asks for fewer)")
+                accelerator.print(f"nothing to train: {has}; pass --epochs N > {done} to extend it. Evaluating its "
+                                  "best model again")
                 cfg = cfg.replace(epochs=run["epoch"] + 1)  # what it trained, not a lower --epochs
         if accelerator.is_main_process:
             atomic_write_text(out / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))

@@ -423,7 +423,7 @@ def test_each_epoch_logs_the_lr_its_steps_trained_with(data_dir, tmp_path):
     assert [h["lr"] for h in m["history"]] == pytest.approx([1e-3, 1e-4], rel=1e-9)
 
 
-def test_a_longer_resume_continues_the_schedule_it_now_has(data_dir, tmp_path):
+def test_a_longer_resume_continues_the_schedule_it_now_has(data_dir, tmp_path, capsys):
     # --resume RUN --epochs 3 on a finished 2-epoch cosine run: the rest of a 3-epoch cosine
     # (ending at min_lr), not the 2-epoch cosine's next period climbing back to the peak.
     cfg = _cfg(data_dir, tmp_path, epochs=2, scheduler="cosine", min_lr=1e-5)
@@ -433,7 +433,10 @@ def test_a_longer_resume_continues_the_schedule_it_now_has(data_dir, tmp_path):
     assert resumed["history"][-1]["lr"] == pytest.approx(fresh["history"][-1]["lr"], rel=1e-9)
     assert resumed["history"][-1]["lr"] < resumed["history"][-2]["lr"] < cfg.lr
     # A lower --epochs trains nothing, and the run still says it has 3
+    capsys.readouterr()
     again = train(cfg.replace(epochs=1), resume=True)
+    assert ("nothing to train: the run already has 3 epochs (--epochs 1 asks for fewer); pass --epochs N > 3 to "
+            "extend it" in capsys.readouterr().out)  # not "the run has 3 of 1 epochs"
     assert again["epochs"] == 3 and len(again["history"]) == 3
     assert "epochs: 3" in (tmp_path / "run" / "config.yaml").read_text()
 
