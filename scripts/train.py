@@ -75,8 +75,9 @@ def resolve_config(args):
 
     base = None
     if args.resume is not None:
-        # A resumed run continues in its own folder, from what it saved: both would be ignored.
-        if args.output_dir is not None:
+        # A resumed run continues in its own folder, from what it saved: another --output-dir would
+        # be ignored (the same folder, however it is spelled, only says so again).
+        if args.output_dir is not None and Path(args.output_dir).resolve() != args.resume.resolve():
             raise ConfigError(f"--resume {args.resume} continues in that folder; drop --output-dir "
                               f"(or copy the run to {args.output_dir} and resume that)")
         if args.overwrite:

@@ -869,6 +869,21 @@ def test_tensorboard_tracker(data_dir, tmp_path):
     assert list((tmp_path / "run").rglob("events.out.tfevents.*"))
 
 
+def test_resume_takes_its_own_folder_as_output_dir(tmp_path):
+    # `--resume RUN --output-dir RUN` names one folder twice (here spelled another way): nothing to
+    # refuse, and certainly not "copy the run to RUN and resume that".
+    import yaml
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (tmp_path / "runs").mkdir()
+    (run / "config.yaml").write_text(yaml.safe_dump(TrainConfig(epochs=3).to_dict()))
+    same = tmp_path / "runs" / ".." / "run"
+    r = _run([sys.executable, "scripts/train.py", "--resume", str(run), "--output-dir", str(same), "--print-config"],
+             tmp_path)
+    assert r.returncode == 0 and f"output_dir: {run}\n" in r.stdout, r.stderr[-2000:]
+
+
 @pytest.mark.parametrize("args, message", [
     (["--config", "configs/missing.yaml"], "configs/missing.yaml does not exist"),
     (["--model", "lenet5"], "Unknown model"),
