@@ -17,6 +17,7 @@ Kaggle. Plain `python scripts/train.py ...` works too (one process).
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -128,6 +129,32 @@ def peer_failed(e: Exception) -> bool:
             and any(s in str(e) for s in ("Connection closed by peer", "Connection reset by peer")))
 
 
+def interrupted(cfg) -> str:
+    """The line a Ctrl-C leaves: what the run folder holds now, and how to go on from it."""
+    from rvf.train import latest_state, run_exists
+
+    if cfg is None:
+        return "interrupted"
+    out = cfg.resolved_output_dir()
+    if (state := latest_state(out)) is not None:
+        epochs = int(state.name.removeprefix("epoch_")) + 1
+        return (f"interrupted: {out} has {epochs} epoch{'s' * (epochs > 1)} saved; to continue: "
+                f"scripts/train.py --resume {out}")
+    if run_exists(out):
+        # prepare_output_dir refuses the same command again: it cannot tell this run from a live one.
+        return f"interrupted: {out} saved no epoch, so there is nothing to resume; to start again, add --overwrite"
+    return "interrupted before training started: nothing was saved; run the same command again"
+
+
+def is_main_process() -> bool:
+    """Whether this is the launcher's first process (or the only one): Ctrl-C reaches every process."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank() == 0
+    return os.environ.get("RANK", "0") == "0"  # torchrun's and accelerate launch's, before the group is up
+
+
 def main(args) -> int:
     import yaml
 
@@ -159,6 +186,10 @@ def main(args) -> int:
             lines.append("(writes into the run folder are atomic: the best model and states saved before are intact)")
         report(e, *lines)
         return 1
+    except KeyboardInterrupt:  # Ctrl-C: not a traceback, but where the run stands
+        if is_main_process():
+            print(interrupted(cfg), file=sys.stderr)
+        return 130  # 128 + SIGINT, as a shell reports a command Ctrl-C stopped
     except Exception as e:
         if getattr(e, "reported_elsewhere", False):  # a bug another process hit: its traceback is printed there
             return 1

@@ -138,6 +138,24 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path, children):
           f"{sum(t.numel() for t in wa.values())} weights bit-identical")
 
 
+@pytest.mark.slow
+def test_ctrl_c_mid_run_says_how_to_resume(tmp_path, children):
+    """A real SIGINT after the first saved state: exit 130 and one line naming --resume, no traceback."""
+    data = make_folder_dataset(tmp_path / "data", n=8, size=32)
+    run = tmp_path / "run"
+    argv = ["scripts/train.py", "--data-dir", data, "--output-dir", run, "--epochs", "50", "--image-size", "32",
+            "--batch-size", "8", "--tracker", "none"]  # LeNet: far more epochs than the signal leaves it
+    proc, log = _start(children, argv, tmp_path / "train.log", _env(tmp_path, RVF_CACHE_DIR=str(tmp_path / "cache")))
+    _wait_for(run / "checkpoints" / "epoch_0" / "rvf_state.json", proc, log)
+    os.kill(proc.pid, signal.SIGINT)
+    assert proc.wait(timeout=120) == 130, log.read_text()[-3000:]
+    text = log.read_text()
+    epochs = int(latest_state(run).name.removeprefix("epoch_")) + 1
+    assert text.splitlines()[-1] == (f"interrupted: {run} has {epochs} epoch{'s' * (epochs > 1)} saved; to continue: "
+                                     f"scripts/train.py --resume {run}"), text[-3000:]
+    assert "Traceback" not in text and "KeyboardInterrupt" not in text
+
+
 # A child that saves model B over checkpoint A and stalls mid-save, to be SIGKILLed there.
 SAVE_AND_STALL = """
 import json, os, sys, time

@@ -884,6 +884,42 @@ def test_resume_takes_its_own_folder_as_output_dir(tmp_path):
     assert r.returncode == 0 and f"output_dir: {run}\n" in r.stdout, r.stderr[-2000:]
 
 
+def test_ctrl_c_says_where_the_run_stands_and_how_to_go_on(tmp_path, monkeypatch, capsys):
+    # One line and exit 130, not KeyboardInterrupt's traceback; the command it names is the one
+    # prepare_output_dir will take for the folder as the Ctrl-C left it.
+    import importlib.util
+
+    import rvf.train
+
+    spec = importlib.util.spec_from_file_location("train_script", ROOT / "scripts" / "train.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+
+    def ctrl_c(cfg, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(rvf.train, "train", ctrl_c)
+    run = tmp_path / "run"
+
+    def main():
+        try:
+            rc = script.main(script.get_args_parser().parse_args(["--output-dir", str(run), "--tracker", "none"]))
+        except KeyboardInterrupt:  # would stop the whole pytest session
+            pytest.fail("KeyboardInterrupt escaped main()")
+        return rc, capsys.readouterr().err.splitlines()
+
+    assert main() == (130, ["interrupted before training started: nothing was saved; run the same command again"])
+    run.mkdir()
+    (run / "config.yaml").write_text("model: lenet\n")
+    assert main() == (130, [f"interrupted: {run} saved no epoch, so there is nothing to resume; to start again, "
+                            "add --overwrite"])
+    (run / "checkpoints" / "epoch_1").mkdir(parents=True)
+    (run / "checkpoints" / "epoch_1" / "rvf_state.json").write_text("{}")
+    assert main() == (130, [f"interrupted: {run} has 2 epochs saved; to continue: scripts/train.py --resume {run}"])
+    monkeypatch.setenv("RANK", "1")  # every process of a launch gets the Ctrl-C; the first one says it
+    assert main() == (130, [])
+
+
 @pytest.mark.parametrize("args, message", [
     (["--config", "configs/missing.yaml"], "configs/missing.yaml does not exist"),
     (["--model", "lenet5"], "Unknown model"),
