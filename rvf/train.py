@@ -43,6 +43,7 @@ from rvf.data import (
     build_train_transform,
     check_same_train,
     collate_batch,
+    default_cache_dir,
     holdout_split,
     resolve_data_config,
     stratified_sample,
@@ -547,12 +548,14 @@ def run_exists(out: Path) -> bool:
     return any((out / name).exists() for name in ("config.yaml", STATE_DIR, REPLACED_DIR))
 
 
-def prepare_output_dir(out: Path, resume: bool, overwrite: bool) -> bool:
-    """Refuse to mix two runs in one folder unless asked to resume or overwrite.
+def prepare_output_dir(out: Path, resume: bool, overwrite: bool, cache_dir: str | None = None) -> bool:
+    """Refuse to mix two runs in one folder unless asked to resume or overwrite, and to put a run
+    in a folder of other files at all.
 
     Returns whether the folder holds a run to replace. `ReplacedRun` sets it aside once the new
     run's model and data are set up, so that a typo costs nothing but an error message. The
     folder itself is made only then too: a run that fails to start leaves no empty one behind.
+    `cache_dir` is the run's `cache_dir`: a decode cache inside `out` is the run's own.
     """
     if out.exists() and not out.is_dir():
         raise RunDirError(f"output dir {out} is a file; give a folder for the run")
@@ -562,6 +565,17 @@ def prepare_output_dir(out: Path, resume: bool, overwrite: bool) -> bool:
     holds_run = run_exists(out)
     if resume and not holds_run:
         raise RunDirError(f"--resume {out}: no run there to resume (no config.yaml)")
+    if not holds_run and out.is_dir():
+        # --output-dir ~/photos: the model, reports and checkpoints/ would land among the user's
+        # files, and a later --overwrite removes what a run writes by name, every *.png included.
+        # The decode cache, put in here, is written before the run is (load_splits): it is the run's.
+        cache = (Path(cache_dir).expanduser() if cache_dir else default_cache_dir()).resolve()
+        own = {cache.relative_to(out.resolve()).parts[0]} if out.resolve() in cache.parents else set()
+        if theirs := sorted(p.name for p in out.iterdir() if p.name not in own):
+            more = f" and {len(theirs) - 1} more" if len(theirs) > 1 else ""
+            raise RunDirError(f"output dir {out} holds no run but is not empty ({theirs[0]}{more}): the model, "
+                              "reports and checkpoints/ would go in among those files; give a new or empty folder"
+                              + (" (--overwrite replaces a run, never other files)" if overwrite else ""))
     state = latest_state(out)
     replaced = out / REPLACED_DIR if (out / REPLACED_DIR).is_dir() else None
     aside = f" (the run it was replacing is in {replaced})" if replaced else ""
@@ -853,7 +867,7 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> di
     replace = False
     with all_or_none(accelerator):
         if accelerator.is_main_process:
-            replace = prepare_output_dir(out, resume, overwrite)
+            replace = prepare_output_dir(out, resume, overwrite, cfg.cache_dir)
             if resume:
                 check_resume_config(out, cfg)
         if cfg.device_data and not cfg.cache:

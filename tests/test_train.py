@@ -779,6 +779,29 @@ def test_overwrite_removes_only_what_a_run_wrote(data_dir, tmp_path):
     assert (tmp_path / "run" / "model.safetensors").is_file() and latest_state(tmp_path / "run").name == "epoch_0"
 
 
+def test_a_folder_of_other_files_is_refused_with_or_without_overwrite(data_dir, tmp_path):
+    # --output-dir ~/photos: model.safetensors, the reports and checkpoints/ would land among the
+    # user's files (and a later --overwrite removes every *.png there).
+    import re
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for name in ("me.png", "you.png"):
+        (photos / name).write_bytes(b"not rvf's")
+    for overwrite in (False, True):
+        with pytest.raises(RunDirError, match=f"^output dir {re.escape(str(photos))} holds no run but is not empty "
+                                              r"\(me.png and 1 more\): .* give a new or empty folder"):
+            train(_cfg(data_dir, tmp_path, output_dir=str(photos), epochs=1), overwrite=overwrite)
+    assert sorted(p.name for p in photos.iterdir()) == ["me.png", "you.png"]
+    # An empty folder is a new one; a decode cache put inside the folder is the run's own, even when
+    # a run killed while decoding left it there with no run beside it.
+    fresh = tmp_path / "fresh"
+    (fresh / "cache").mkdir(parents=True)
+    (fresh / "cache" / "train-32px-killed.npy.tmp").write_bytes(b"")
+    train(_cfg(data_dir, tmp_path, output_dir=str(fresh), cache_dir=str(fresh / "cache"), epochs=1))
+    assert latest_state(fresh) is not None
+
+
 def test_per_file_path_matches_the_cache(data_dir, tmp_path):
     # same DataLoader order on both sides; only where the pixels come from differs
     a = train(_cfg(data_dir, tmp_path / "a", epochs=1, device_data=False))
