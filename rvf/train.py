@@ -30,6 +30,11 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+try:
+    import fcntl
+except ImportError:  # Windows: no flock, and no run-folder lock there (see RunLock)
+    fcntl = None
+
 import rvf
 from rvf import CLASSES
 from rvf.checkpoint import read_meta, save_pretrained
@@ -55,7 +60,7 @@ from rvf.metrics import calibrate_threshold, classification_metrics
 from rvf.step import TrainStep, build_train_step, cuda_graph_problems, set_capturable
 from rvf.utils import atomic_write_text, count_parameters, device_name, predict_logits, resolve_mixed_precision
 
-__all__ = ["RunDirError", "Splits", "all_or_none", "cpu_threads", "use_cpu_threads", "check_launch",
+__all__ = ["RunDirError", "RunLock", "Splits", "all_or_none", "cpu_threads", "use_cpu_threads", "check_launch",
            "load_splits", "build_ema", "build_mixup", "build_optimizer", "build_scheduler", "evaluate",
            "train_one_epoch", "train"]
 
@@ -67,6 +72,7 @@ RUN_OUTPUTS = (STATE_DIR, "wandb", "model.safetensors", "model.json", "framing.s
                "metrics.json", "classification_report.txt", "*.png", "architecture.txt", "events.out.tfevents.*", "rvf",
                "eval-*", "robustness-*")  # what --overwrite removes
 REPLACED_DIR = ".replaced"  # the run --overwrite replaces, until the new one has saved an epoch
+LOCK_FILE = ".training.lock"  # locked by the process training into the folder (RunLock); not a run output
 
 
 class RunDirError(RuntimeError):
@@ -548,20 +554,26 @@ def run_exists(out: Path) -> bool:
     return any((out / name).exists() for name in ("config.yaml", STATE_DIR, REPLACED_DIR))
 
 
+def check_output_path(out: Path) -> None:
+    """Refuse an output dir that is a file, or that cannot be made or written into."""
+    if out.exists() and not out.is_dir():
+        raise RunDirError(f"output dir {out} is a file; give a folder for the run")
+    parent = next(p for p in (out, *out.parents) if p.exists())  # the part that exists already
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise RunDirError(f"output dir {out}: cannot write into {parent}")
+
+
 def prepare_output_dir(out: Path, resume: bool, overwrite: bool, cache_dir: str | None = None) -> bool:
     """Refuse to mix two runs in one folder unless asked to resume or overwrite, and to put a run
     in a folder of other files at all.
 
     Returns whether the folder holds a run to replace. `ReplacedRun` sets it aside once the new
     run's model and data are set up, so that a typo costs nothing but an error message. The
-    folder itself is made only then too: a run that fails to start leaves no empty one behind.
-    `cache_dir` is the run's `cache_dir`: a decode cache inside `out` is the run's own.
+    folder itself is made by `RunLock`, which removes it again if the run fails to start, so that
+    none is left behind empty. `cache_dir` is the run's `cache_dir`: a decode cache inside `out`
+    is the run's own.
     """
-    if out.exists() and not out.is_dir():
-        raise RunDirError(f"output dir {out} is a file; give a folder for the run")
-    parent = next(p for p in (out, *out.parents) if p.exists())  # the part that exists already
-    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
-        raise RunDirError(f"output dir {out}: cannot write into {parent}")
+    check_output_path(out)
     holds_run = run_exists(out)
     if resume and not holds_run:
         raise RunDirError(f"--resume {out}: no run there to resume (no config.yaml)")
@@ -571,6 +583,7 @@ def prepare_output_dir(out: Path, resume: bool, overwrite: bool, cache_dir: str 
         # The decode cache, put in here, is written before the run is (load_splits): it is the run's.
         cache = (Path(cache_dir).expanduser() if cache_dir else default_cache_dir()).resolve()
         own = {cache.relative_to(out.resolve()).parts[0]} if out.resolve() in cache.parents else set()
+        own.add(LOCK_FILE)  # this run's own (RunLock), or one a killed run left: no one's files
         if theirs := sorted(p.name for p in out.iterdir() if p.name not in own):
             more = f" and {len(theirs) - 1} more" if len(theirs) > 1 else ""
             raise RunDirError(f"output dir {out} holds no run but is not empty ({theirs[0]}{more}): the model, "
@@ -581,7 +594,8 @@ def prepare_output_dir(out: Path, resume: bool, overwrite: bool, cache_dir: str 
     aside = f" (the run it was replacing is in {replaced})" if replaced else ""
     # A run that died in its first epoch leaves config.yaml (and tracker logs), nothing to lose.
     # It is still refused rather than started over: a run still in its first epoch looks the
-    # same, and the refusal is all that keeps a second command from training into its folder.
+    # same, and where there is no flock (Windows: RunLock) the refusal is all that keeps a second
+    # command from training into its folder.
     unsaved = holds_run and state is None and not any((out / name).exists()
                                                       for name in ("model.safetensors", "metrics.json"))
     if resume and unsaved and (out / "config.yaml").is_file():
@@ -675,6 +689,65 @@ class ReplacedRun:
         aside, self.aside = self.aside, None  # first: from here on, a failure must never restore
         if aside is not None:
             shutil.rmtree(aside, ignore_errors=True)  # what a failed delete leaves is stale: the next run clears it
+
+
+class RunLock:
+    """An exclusive lock on a run folder for as long as one process trains into it (RUN/.training.lock).
+
+    Without it a second `--resume RUN` or `--overwrite` started while RUN trains would pass every
+    check (the folder holds a run, and was asked to resume or replace it) and both would write
+    into it. `flock` dies with its process however it ends, so a killed run leaves no stale lock,
+    only a file the next run locks again; the file stays where it is when `--overwrite` sets the
+    old run aside (it is no run output) and is removed when the run ends. The lock makes the
+    folder, and removes what it made again if the run leaves nothing in it (a failed start).
+    Under DDP the main process alone holds it.
+    """
+
+    def __init__(self, out: Path):
+        self.out, self.fd, self.made = out, None, []
+
+    def __enter__(self) -> "RunLock":
+        if fcntl is None:  # Windows has no flock: two commands into one folder are not caught there
+            return self
+        self.made = [p for p in (self.out, *self.out.parents) if not p.exists()]
+        path = self.out / LOCK_FILE
+        while True:
+            self.out.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                pid = os.read(fd, 32).decode(errors="replace").strip()  # empty while the holder is writing it
+                os.close(fd)
+                raise RunDirError(f"{self.out} is being trained by another process"
+                                  + (f" (pid {pid})" if pid.isdigit() else "")
+                                  + "; wait for it or pick another --output-dir") from None
+            except OSError as e:  # a file system without flock (some network mounts): train unlocked
+                os.close(fd)
+                log.warning("could not lock %s (%s): a second command could train into it at the same time",
+                            path, e.strerror or e)
+                return self
+            # The previous holder may have removed the file between our open and our lock: ours
+            # is then a lock on a file no one else will open. Only the one at the path counts.
+            with contextlib.suppress(FileNotFoundError):
+                if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                    break
+            os.close(fd)
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self.fd = fd
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if self.fd is None:
+            return
+        with contextlib.suppress(OSError):  # removed while still held: see the check in __enter__
+            (self.out / LOCK_FILE).unlink()
+        os.close(self.fd)
+        self.fd = None
+        for p in self.made:  # innermost first; a folder the run wrote into is not empty and stays
+            with contextlib.suppress(OSError):
+                p.rmdir()
 
 
 # What draws the holdout slice: a resume that changed one would let trained-on images into it.
@@ -823,6 +896,13 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> di
     Returns:
         The metrics written to `metrics.json`.
     """
+    # Holds the run folder's lock (`RunLock`), taken once the processes are known, until the end.
+    with contextlib.ExitStack() as held:
+        return _train(cfg, resume, overwrite, held)
+
+
+def _train(cfg: TrainConfig, resume: bool, overwrite: bool, held: contextlib.ExitStack) -> dict:
+    """`train`'s body; what it enters on `held` is released when the run returns or fails."""
     from accelerate import Accelerator, PartialState
     from accelerate.state import AcceleratorState
     from accelerate.utils import AutocastKwargs, DataLoaderConfiguration, parse_flag_from_env, set_seed
@@ -867,6 +947,9 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> di
     replace = False
     with all_or_none(accelerator):
         if accelerator.is_main_process:
+            check_output_path(out)  # said as such, before the lock makes the folder
+            # Before the folder is judged: while this run trains, a second command is refused.
+            held.enter_context(RunLock(out))
             replace = prepare_output_dir(out, resume, overwrite, cfg.cache_dir)
             if resume:
                 check_resume_config(out, cfg)

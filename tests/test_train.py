@@ -779,6 +779,51 @@ def test_overwrite_removes_only_what_a_run_wrote(data_dir, tmp_path):
     assert (tmp_path / "run" / "model.safetensors").is_file() and latest_state(tmp_path / "run").name == "epoch_0"
 
 
+@pytest.mark.skipif(sys.platform == "win32", reason="no flock on Windows: the lock is skipped there")
+def test_a_folder_another_process_trains_into_is_refused(data_dir, tmp_path, monkeypatch):
+    # A second --resume or --overwrite while the run trains passed every check and both wrote
+    # into one folder. The lock is held here as a training process holds it.
+    import fcntl
+    import re
+
+    import rvf.train as rvf_train
+
+    cfg = _cfg(data_dir, tmp_path, epochs=1)
+    train(cfg)
+    run = tmp_path / "run"
+    busy = f"^{re.escape(str(run))} is being trained by another process \\(pid 4242\\); wait for it or pick another"
+    with open(run / ".training.lock", "w") as held:
+        held.write("4242\n")
+        held.flush()
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        before = _contents(run)
+        for kwargs in (dict(resume=True), dict(overwrite=True)):
+            with pytest.raises(RunDirError, match=busy):
+                train(cfg.replace(epochs=2), **kwargs)
+        assert _contents(run) == before
+        fresh = tmp_path / "fresh"  # a folder whose first run is still in its first epoch
+        fresh.mkdir()
+        os.link(run / ".training.lock", fresh / ".training.lock")
+        with pytest.raises(RunDirError, match="is being trained by another process"):
+            train(cfg.replace(output_dir=str(fresh)))
+    # Released (as a dead process's is): the lock file it leaves blocks nothing and is no run.
+    train(cfg.replace(output_dir=str(fresh)))
+    assert (fresh / "metrics.json").is_file() and not (fresh / ".training.lock").exists()
+
+    def locked_out(*args, **kwargs):  # while a resume or an --overwrite trains, at RUN (not in RUN/.replaced)
+        with open(run / ".training.lock") as f, pytest.raises(BlockingIOError):
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        seen.append(sorted(p.name for p in (run / ".replaced").iterdir()) if (run / ".replaced").is_dir() else None)
+        return real(*args, **kwargs)
+
+    real, seen = rvf_train.train_one_epoch, []
+    monkeypatch.setattr(rvf_train, "train_one_epoch", locked_out)
+    train(cfg.replace(epochs=2), resume=True)
+    train(cfg, overwrite=True)
+    assert seen[0] is None and "model.safetensors" in seen[1] and ".training.lock" not in seen[1]
+    assert not (run / ".training.lock").exists() and not (run / ".replaced").exists()
+
+
 def test_a_folder_of_other_files_is_refused_with_or_without_overwrite(data_dir, tmp_path):
     # --output-dir ~/photos: model.safetensors, the reports and checkpoints/ would land among the
     # user's files (and a later --overwrite removes every *.png there).
@@ -1099,7 +1144,10 @@ def test_bad_input_stops_two_processes_with_one_message(data_dir, tmp_path):
     # next barrier, on gloo's "Connection closed by peer" traceback), and one the main process
     # meets first (a missing data folder, while the others wait to map its cache). Each process's
     # stderr goes to its own file (--redirects 2), so the assertions say which process printed what.
+    import contextlib
     import re
+
+    from rvf.train import RunLock
 
     cfg = _cfg(data_dir, tmp_path, epochs=1)
     train(cfg)
@@ -1111,10 +1159,15 @@ def test_bad_input_stops_two_processes_with_one_message(data_dir, tmp_path):
              f"error: --resume {run}: batch_size 8 -> 4; the saved LR schedule counts"),
             ("data", ["--output-dir", str(run), "--overwrite", "--data-dir", str(tmp_path / "nowhere"),
                       "--image-size", "32", "--tracker", "none"],
-             f"error: dataset root {tmp_path / 'nowhere'} does not exist")):
+             f"error: dataset root {tmp_path / 'nowhere'} does not exist"),
+            ("busy", ["--resume", str(run), "--epochs", "2"],  # another command trains into the folder
+             f"error: {run} is being trained by another process (pid {os.getpid()}); wait for it")):
         logs = tmp_path / f"logs-{name}"
-        r = _run([*launch, "--log-dir", str(logs), "--redirects", "2", "scripts/train.py", *args],
-                 tmp_path, timeout=120, ACCELERATE_USE_CPU="1")
+        with contextlib.ExitStack() as stack:
+            if name == "busy":
+                stack.enter_context(RunLock(run))
+            r = _run([*launch, "--log-dir", str(logs), "--redirects", "2", "scripts/train.py", *args],
+                     tmp_path, timeout=120, ACCELERATE_USE_CPU="1")
         stderr = {int(f.parent.name): f.read_text() for f in logs.glob("*/attempt_0/*/stderr.log")}
         assert sorted(stderr) == [0, 1], r.stderr[-3000:]
         # The main process says what is wrong, once; the other stops without a word or a traceback.
