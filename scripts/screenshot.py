@@ -249,7 +249,8 @@ def main(args) -> int:
                 driver.execute_script("window.scrollTo(0, 0)")  # ticking the toggle scrolled the page
             out = save_png(driver.get_screenshot_as_png(), Path(args.output))
     for r in results:
-        print(f"{r['filename']}: {r['verdict'] or r['error']} (P(fake) {r['p_fake']})")
+        # An error card's verdict reads "Could not classify": say why instead.
+        print(f"{r['filename']}: " + (r["error"] or f"{r['verdict']} (P(fake) {r['p_fake']})"))
     print(f"wrote {out} ({out.stat().st_size / 1000:.0f} KB)")
     return 0
 

@@ -81,7 +81,7 @@ def test_screenshot_shows_the_gradcam_of_the_first_card_that_has_one(tmp_path, c
     assert shot.main(args) == 0
     out = capsys.readouterr().out.splitlines()
     assert [line.split(":")[0] for line in out[:3]] == ["bad.jpg", "drawn_face_0.jpg", "drawn_face_1.jpg"]
-    assert "Could not classify" in out[0] and (tmp_path / "page.png").stat().st_size > 0
+    assert "not a readable image" in out[0] and "P(fake)" in out[1] and (tmp_path / "page.png").stat().st_size > 0
 
 
 def test_bad_file_shows_error(app, tmp_path):
