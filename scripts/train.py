@@ -129,13 +129,21 @@ def peer_failed(e: Exception) -> bool:
             and any(s in str(e) for s in ("Connection closed by peer", "Connection reset by peer")))
 
 
-def interrupted(cfg) -> str:
+def interrupted(cfg, overwrite: bool = False) -> str:
     """The line a Ctrl-C leaves: what the run folder holds now, and how to go on from it."""
+    import yaml
+
     from rvf.train import latest_state, run_exists
 
     if cfg is None:
         return "interrupted"
     out = cfg.resolved_output_dir()
+    if overwrite and (out / "config.yaml").is_file() and (
+            yaml.safe_load((out / "config.yaml").read_text()) != yaml.safe_load(yaml.safe_dump(cfg.to_dict()))):
+        # Stopped before the new run saved an epoch: the folder holds the run it was to replace
+        # (put back, or never set aside), and --resume would continue that one.
+        return (f"interrupted before the new run saved an epoch: {out} holds the run it was to replace, as it was; "
+                "to replace it, run the same command again")
     if (state := latest_state(out)) is not None:
         epochs = int(state.name.removeprefix("epoch_")) + 1
         return (f"interrupted: {out} has {epochs} epoch{'s' * (epochs > 1)} saved; to continue: "
@@ -188,7 +196,7 @@ def main(args) -> int:
         return 1
     except KeyboardInterrupt:  # Ctrl-C: not a traceback, but where the run stands
         if is_main_process():
-            print(interrupted(cfg), file=sys.stderr)
+            print(interrupted(cfg, args.overwrite), file=sys.stderr)
         return 130  # 128 + SIGINT, as a shell reports a command Ctrl-C stopped
     except Exception as e:
         if getattr(e, "reported_elsewhere", False):  # a bug another process hit: its traceback is printed there

@@ -1291,3 +1291,26 @@ def test_a_run_resumes_only_on_the_train_list_it_drew_its_slice_from(tmp_path):
     shutil.move(data, tmp_path / "moved")  # the same images, moved: the same list
     resumed = train(_cfg(tmp_path / "moved", tmp_path, epochs=2), resume=True)
     assert resumed["history"][0] == first["history"][0] and len(resumed["history"]) == 2
+
+
+def test_ctrl_c_in_an_overwrite_never_offers_to_resume_the_run_it_was_replacing(data_dir, tmp_path, monkeypatch):
+    import importlib.util
+
+    import rvf.train as rvf_train
+
+    spec = importlib.util.spec_from_file_location("train_script", Path(__file__).parents[1] / "scripts/train.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    old = _cfg(data_dir, tmp_path, epochs=1)
+    train(old)
+    new = old.replace(seed=1, epochs=3)
+
+    def stop(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(rvf_train, "train_one_epoch", stop)
+    with pytest.raises(KeyboardInterrupt):
+        train(new, overwrite=True)  # the old run is put back
+    said = script.interrupted(new, overwrite=True)
+    assert "holds the run it was to replace" in said and "--resume" not in said
+    assert "--resume" in script.interrupted(old)  # the old run itself: resumable as before
