@@ -111,9 +111,10 @@ def evaluate_ensemble(checkpoints: list[str | Path], data_dir: str | Path, outpu
                 f"{checkpoint} held out another slice of train ({_describe_slice(cfg)}) than {first[0]} "
                 f"({_describe_slice(first[1])}): the members must share it (train seeds of an ensemble with the same "
                 f"split_seed)")
-    # ... drawn from the same list of train images: same settings on other data draw other images.
+    # ... drawn from the same list of train images: same settings on other data draw other images
+    # (with no holdout slice there is nothing the members could have trained on and be scored on).
     train_files = RVF10K(data_dir, "train").file_list_id()
-    for checkpoint in checkpoints:
+    for checkpoint in checkpoints if first[1].holdout else ():
         meta = read_meta(checkpoint)
         check_same_train(str(checkpoint), meta.get("train_files"), train_files, data_dir,
                          meta.get("config", {}).get("data_dir"))

@@ -397,3 +397,6 @@ def test_members_must_have_trained_on_the_data_given(runs, tmp_path):
     moved = tmp_path / "moved"
     shutil.copytree(data, moved)  # the same images elsewhere: the same list
     assert evaluate_ensemble(members, moved, cache_dir=str(tmp / "cache"))["holdout"]["n"] == 6
+    # Runs with no holdout slice have none to leak into: any data may score them.
+    m = evaluate_ensemble([tmp / "lenet_all", tmp / "alexnet_all_seed7"], other, cache_dir=str(tmp / "cache"))
+    assert m["holdout"] is None and m["valid"]["n"] == 20
