@@ -58,7 +58,15 @@ from rvf.distill import distill_targets, load_teachers
 from rvf.framing import FramingReference, dataset_images
 from rvf.metrics import calibrate_threshold, classification_metrics
 from rvf.step import TrainStep, build_train_step, cuda_graph_problems, set_capturable
-from rvf.utils import atomic_write_text, count_parameters, device_name, predict_logits, resolve_mixed_precision
+from rvf.utils import (
+    atomic_write_text,
+    count_parameters,
+    device_name,
+    make_folder,
+    predict_logits,
+    remove_empty,
+    resolve_mixed_precision,
+)
 
 __all__ = ["RunDirError", "RunLock", "Splits", "all_or_none", "cpu_threads", "use_cpu_threads", "check_launch",
            "load_splits", "build_ema", "build_mixup", "build_optimizer", "build_scheduler", "evaluate",
@@ -709,10 +717,9 @@ class RunLock:
     def __enter__(self) -> "RunLock":
         if fcntl is None:  # Windows has no flock: two commands into one folder are not caught there
             return self
-        self.made = [p for p in (self.out, *self.out.parents) if not p.exists()]
         path = self.out / LOCK_FILE
         while True:
-            self.out.mkdir(parents=True, exist_ok=True)
+            self.made += make_folder(self.out)  # again after a holder that left removed it
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -724,6 +731,7 @@ class RunLock:
                                   + "; wait for it or pick another --output-dir") from None
             except OSError as e:  # a file system without flock (some network mounts): train unlocked
                 os.close(fd)
+                path.unlink(missing_ok=True)  # a lock no one can take is no use to the next run either
                 log.warning("could not lock %s (%s): a second command could train into it at the same time",
                             path, e.strerror or e)
                 return self
@@ -739,15 +747,12 @@ class RunLock:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        if self.fd is None:
-            return
-        with contextlib.suppress(OSError):  # removed while still held: see the check in __enter__
-            (self.out / LOCK_FILE).unlink()
-        os.close(self.fd)
-        self.fd = None
-        for p in self.made:  # innermost first; a folder the run wrote into is not empty and stays
-            with contextlib.suppress(OSError):
-                p.rmdir()
+        if self.fd is not None:
+            with contextlib.suppress(OSError):  # removed while still held: see the check in __enter__
+                (self.out / LOCK_FILE).unlink()
+            os.close(self.fd)
+            self.fd = None
+        remove_empty(self.made)  # a failed start leaves no folder behind; one the run wrote into stays
 
 
 # What draws the holdout slice: a resume that changed one would let trained-on images into it.

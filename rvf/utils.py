@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Iterator
 
 __all__ = ["PeakSampler", "atomic_path", "atomic_write_text", "count_parameters", "device_name", "json_text",
-           "output_folder", "predict_logits", "tree_rss"]
+           "make_folder", "output_folder", "remove_empty", "predict_logits", "tree_rss"]
 
 
 @contextlib.contextmanager
@@ -43,21 +43,27 @@ def output_folder(path: str | os.PathLike, create: bool = True) -> Iterator[Path
     False (a process other than the main one) makes and removes nothing.
     """
     path = Path(path)
-    made = []
-    if create:
-        missing = path
-        while not missing.exists():  # the folders mkdir is about to make, deepest first
-            made.append(missing)
-            missing = missing.parent
+    made = make_folder(path) if create else []
     try:
-        if create:
-            path.mkdir(parents=True, exist_ok=True)
         yield path
     except BaseException:
-        for folder in made:
-            with contextlib.suppress(OSError):  # not empty (or never made): leave it
-                folder.rmdir()
+        remove_empty(made)
         raise
+
+
+def make_folder(path: str | os.PathLike) -> list[Path]:
+    """`mkdir -p path`; return the folders it made, deepest first (for `remove_empty`)."""
+    path = Path(path)
+    made = [p for p in (path, *path.parents) if not p.exists()]
+    path.mkdir(parents=True, exist_ok=True)
+    return made
+
+
+def remove_empty(folders: list[Path]) -> None:
+    """Remove those of `folders` (deepest first) that are empty; one written into stays."""
+    for folder in folders:
+        with contextlib.suppress(OSError):
+            folder.rmdir()
 
 
 def _umask() -> int:

@@ -1314,3 +1314,21 @@ def test_ctrl_c_in_an_overwrite_never_offers_to_resume_the_run_it_was_replacing(
     said = script.interrupted(new, overwrite=True)
     assert "holds the run it was to replace" in said and "--resume" not in said
     assert "--resume" in script.interrupted(old)  # the old run itself: resumable as before
+
+
+def test_a_run_lock_on_a_file_system_without_flock_leaves_nothing_behind(tmp_path, monkeypatch, caplog):
+    import errno
+
+    import rvf.train as rvf_train
+
+    def no_flock(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    if rvf_train.fcntl is None:
+        pytest.skip("no flock on this platform (Windows): RunLock does nothing there")
+    monkeypatch.setattr(rvf_train.fcntl, "flock", no_flock)
+    out = tmp_path / "a" / "b"
+    with pytest.raises(RuntimeError, match="failed start"), rvf_train.RunLock(out):
+        assert out.is_dir() and not (out / ".training.lock").exists()  # trains unlocked, said once
+        raise RuntimeError("failed start")
+    assert "could not lock" in caplog.text and not (tmp_path / "a").exists()
