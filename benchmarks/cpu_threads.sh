@@ -10,7 +10,7 @@
 # Prints, and writes to OUT_FILE (default benchmarks/results/cpu_threads-cpu.txt), one line a
 # run (img/s of each epoch, training seconds) and the mean ratio of training seconds.
 set -euo pipefail
-root=$(realpath "${1:?usage: bash benchmarks/cpu_threads.sh ROOT [OUT_FILE] [ROUNDS] [EPOCHS]}")
+root=$(realpath -m "${1:?usage: bash benchmarks/cpu_threads.sh ROOT [OUT_FILE] [ROUNDS] [EPOCHS]}")
 [ -d "$root" ] || { echo "ROOT $root is not a folder (rvf10k in Kaggle's layout)" >&2; exit 2; }
 out_file=$(realpath -m "${2:-$(dirname "$0")/results/cpu_threads-cpu.txt}")  # both from where it was run
 rounds=${3:-3}

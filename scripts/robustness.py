@@ -38,7 +38,7 @@ def at_least_two(text: str) -> int:
 
 
 def perturbation(text: str):
-    """--perturbations: KIND[:VALUE], checked here so that a typo stops before any evaluation."""
+    """--perturbations: KIND:VALUE (or clean), checked here so that a typo stops before any evaluation."""
     from rvf.robustness import Perturbation
 
     try:
@@ -62,7 +62,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                         help="decoding processes; 0 decodes in this one (default: cores, at most 8)")
     parser.add_argument("--device", default="auto", help="cpu, cuda or auto (default: auto, a GPU when there is one)")
     parser.add_argument("--skip-bad", action="store_true", help="leave unreadable images out instead of failing")
-    parser.add_argument("--perturbations", nargs="+", type=perturbation, metavar="KIND[:VALUE]",
+    parser.add_argument("--perturbations", nargs="+", type=perturbation, metavar="KIND:VALUE",
                         help="conditions to run, in order, e.g. clean jpeg:75 shift:2; kinds: clean, jpeg (quality), "
                              "scale (factor), blur (radius), noise (std of 255), shift (pixels down and right), "
                              "crop (share of the side kept), rotate (degrees); each but clean needs its value "
