@@ -23,7 +23,6 @@ valid-split figures. Loading refuses a member whose weights have changed since
 
 from __future__ import annotations
 
-import csv
 import itertools
 import json
 import logging
@@ -95,7 +94,7 @@ def evaluate_ensemble(checkpoints: list[str | Path], data_dir: str | Path, outpu
     from rvf.checkpoint import CheckpointError, load_pretrained, meta_threshold, read_meta, weights_sha256
     from rvf.data import RVF10K, build_eval_transform, check_same_train, collate_batch
     from rvf.train import check_launch, evaluate, load_splits, use_cpu_threads
-    from rvf.utils import atomic_path, device_name
+    from rvf.utils import device_name
 
     checkpoints = [Path(c) for c in checkpoints]
     if len(checkpoints) < 2:
@@ -189,12 +188,8 @@ def evaluate_ensemble(checkpoints: list[str | Path], data_dir: str | Path, outpu
                         "skipped unreadable images, so which rows are which file is not known")
             valid_paths = [""] * len(labels["valid"])
         # As evaluate.py's (label, p_fake, path), so the same tools read both, then each member's.
-        with atomic_path(out / "probabilities.csv") as tmp, open(tmp, "w", newline="") as f:
-            writer = csv.writer(f)
-            writer.writerow(["label", "p_fake", "path"] + [f"p_fake:{name}" for name in member_names(checkpoints)])
-            for row, (y, p, path) in enumerate(zip(labels["valid"], valid[:, 0], valid_paths, strict=True)):
-                writer.writerow([int(y), f"{p:.9g}", path]  # 9 digits: a float32 exactly, ties stay ties
-                                + [f"{m[row, 0]:.9g}" for m in valid_p])
+        reports.write_probabilities(out / "probabilities.csv", labels["valid"], valid[:, 0], valid_paths,
+                                    {f"p_fake:{name}": p[:, 0] for name, p in zip(member_names(checkpoints), valid_p)})
     accelerator.end_training()
     return metrics
 

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import csv
 from pathlib import Path
 
 from rvf.checkpoint import CheckpointError, load_pretrained, meta_threshold
 from rvf.data import RVF10K, DatasetError, build_cache, build_eval_transform
 from rvf.metrics import classification_metrics
-from rvf.utils import atomic_path, output_folder
+from rvf.utils import output_folder
 
 __all__ = ["evaluate_checkpoint"]
 
@@ -78,13 +77,9 @@ def evaluate_checkpoint(checkpoint: str | Path, data_dir: str | Path, split: str
                                              f"{meta['model_name']} on {Path(data_dir).name}/{split}",
                                              calibrated=calibrated)
             reports.write_json(output_dir / "metrics.json", metrics)
-            # One row per image in split order (gather_for_metrics keeps it), its file last, so that
-            # each error can be looked at.
-            with atomic_path(output_dir / "probabilities.csv") as tmp, open(tmp, "w", newline="") as f:
-                writer = csv.writer(f)
-                writer.writerow(["label", "p_fake", "path"])
-                writer.writerows((int(y), f"{p:.9g}", path)  # 9 digits: a float32 exactly, ties stay ties
-                                 for y, p, (path, _) in zip(labels, probs[:, 0], images.samples, strict=True))
+            # Rows in split order: gather_for_metrics keeps it.
+            reports.write_probabilities(output_dir / "probabilities.csv", labels, probs[:, 0],
+                                        [path for path, _ in images.samples])
             m = metrics[split]
             accelerator.print(f"{split} ({m['n']} images): accuracy {m['accuracy']:.4f} | ROC AUC {m['roc_auc']:.4f} | "
                               f"AP {m['average_precision']:.4f} | reports in {output_dir}")

@@ -44,6 +44,22 @@ def write_json(path: str | Path, data: dict) -> None:
     atomic_write_text(path, json_text(data))
 
 
+def write_probabilities(path: str | Path, labels, p_fake, paths, more: dict | None = None) -> None:
+    """Write one CSV row per image, in split order: label, P(fake), its file (so that each error
+    can be looked at), then a column for each of `more` ({name: P(fake) per image}), atomically.
+
+    9 significant digits: a float32 exactly, so ties stay ties for whoever re-thresholds them.
+    """
+    import csv
+
+    more = more or {}
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["label", "p_fake", "path", *more])
+        for row, (y, p, file) in enumerate(zip(labels, p_fake, paths, strict=True)):
+            writer.writerow([int(y), f"{p:.9g}", file, *(f"{column[row]:.9g}" for column in more.values())])
+
+
 def plot_confusion_matrix(path: Path, cm, title: str = "") -> None:
     from sklearn.metrics import ConfusionMatrixDisplay
 
