@@ -133,7 +133,7 @@ def interrupted(cfg, overwrite: bool = False) -> str:
     """The line a Ctrl-C leaves: what the run folder holds now, and how to go on from it."""
     import yaml
 
-    from rvf.train import latest_state, run_exists
+    from rvf.train import _LAUNCHER_VARS, latest_state, run_exists
 
     if cfg is None:
         return "interrupted"
@@ -146,8 +146,11 @@ def interrupted(cfg, overwrite: bool = False) -> str:
                 "to replace it, run the same command again")
     if (state := latest_state(out)) is not None:
         epochs = int(state.name.removeprefix("epoch_")) + 1
+        # A launched run (several processes, mixed precision) resumes under the same launch.
+        launcher = " (started the same way: accelerate launch or torchrun, with the same options)" if any(
+            var in os.environ for var in _LAUNCHER_VARS) else ""
         return (f"interrupted: {out} has {epochs} epoch{'s' * (epochs > 1)} saved; to continue: "
-                f"scripts/train.py --resume {out}")
+                f"scripts/train.py --resume {out}{launcher}")
     if run_exists(out):
         # prepare_output_dir refuses the same command again: it cannot tell this run from a live one.
         return f"interrupted: {out} saved no epoch, so there is nothing to resume; to start again, add --overwrite"

@@ -959,6 +959,8 @@ def test_ctrl_c_says_where_the_run_stands_and_how_to_go_on(tmp_path, monkeypatch
 
     import rvf.train
 
+    for var in rvf.train._LAUNCHER_VARS:  # not launched, whatever pytest runs under
+        monkeypatch.delenv(var, raising=False)
     spec = importlib.util.spec_from_file_location("train_script", ROOT / "scripts" / "train.py")
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
@@ -984,6 +986,9 @@ def test_ctrl_c_says_where_the_run_stands_and_how_to_go_on(tmp_path, monkeypatch
     (run / "checkpoints" / "epoch_1").mkdir(parents=True)
     (run / "checkpoints" / "epoch_1" / "rvf_state.json").write_text("{}")
     assert main() == (130, [f"interrupted: {run} has 2 epochs saved; to continue: scripts/train.py --resume {run}"])
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job")  # launched: resumed by the same launch
+    assert main()[1][0].endswith(f"--resume {run} (started the same way: accelerate launch or torchrun, with the "
+                                 "same options)")
     monkeypatch.setenv("RANK", "1")  # every process of a launch gets the Ctrl-C; the first one says it
     assert main() == (130, [])
 
