@@ -997,10 +997,12 @@ def _train(cfg: TrainConfig, resume: bool, overwrite: bool, held: contextlib.Exi
 
     # 2) data: the main process decodes the cache first, the others then map the same file.
     # A resumed run and the teachers must have drawn their holdout slice from the same train list.
+    sharing = [(out, f"--resume {out}")] if resume else []
+    if cfg.holdout:  # (without a holdout slice there is nothing a teacher could leak into)
+        sharing += [(Path(t), f"teacher {t}") for t in cfg.teachers]
     same_train_as = []
-    teachers_share = cfg.holdout and cfg.teachers  # no holdout slice: nothing a teacher could leak into
-    for folder, what in [(out, f"--resume {out}")] * resume + [(t, f"teacher {t}") for t in teachers_share or ()]:
-        if (Path(folder) / "model.json").is_file():  # (checked, or about to be, with a clearer message)
+    for folder, what in sharing:
+        if (folder / "model.json").is_file():  # a folder without one is refused elsewhere, more clearly
             meta = read_meta(folder)
             same_train_as.append((what, meta.get("train_files"), meta.get("config", {}).get("data_dir")))
     with all_or_none(accelerator, main_first=True):
