@@ -127,6 +127,11 @@ def evaluate_ensemble(checkpoints: list[str | Path], data_dir: str | Path, outpu
     members, holdout_p, valid_p, labels, digests = [], [], [], {}, []
     valid_paths = None
     for checkpoint, cfg in zip(checkpoints, configs):
+        if accelerator.num_processes > 1 and cfg.skip_bad and not cfg.cache:
+            # Decoded per file, each process drops its own unreadable files and the batches it
+            # gathers stop lining up (training refuses the pair); decoded up front they go once,
+            # and the holdout slice is the same images either way (load_splits).
+            cfg = cfg.replace(cache=True)
         digests.append(weights_sha256(checkpoint))  # the file about to be scored, for the manifest
         model, meta, data_cfg = load_pretrained(checkpoint)
         with accelerator.main_process_first():

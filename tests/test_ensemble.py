@@ -400,3 +400,35 @@ def test_members_must_have_trained_on_the_data_given(runs, tmp_path):
     # Runs with no holdout slice have none to leak into: any data may score them.
     m = evaluate_ensemble([tmp / "lenet_all", tmp / "alexnet_all_seed7"], other, cache_dir=str(tmp / "cache"))
     assert m["holdout"] is None and m["valid"]["n"] == 20
+
+
+def test_several_processes_score_a_member_that_decoded_per_file_from_the_cache(runs, tmp_path, monkeypatch):
+    # Per-file decoding with skip_bad drops each process's unreadable files on its own, and the
+    # batches the processes gather stop lining up; the ensemble decodes such a member up front.
+    import accelerate
+
+    import rvf.train
+
+    tmp, data, _ = runs
+    members = []
+    for name in ("lenet", "lenet_s7_split42"):
+        member = tmp_path / name
+        shutil.copytree(tmp / name, member)
+        meta = json.loads((member / "model.json").read_text())
+        meta["config"].update(cache=False, skip_bad=True)
+        (member / "model.json").write_text(json.dumps(meta))
+        members.append(member)
+    seen = []
+
+    def load_splits(cfg, *args, **kwargs):
+        seen.append((cfg.cache, cfg.skip_bad))
+        raise RuntimeError("seen")
+
+    monkeypatch.setattr(rvf.train, "load_splits", load_splits)
+    monkeypatch.setattr(accelerate.Accelerator, "num_processes", property(lambda self: 2))
+    with pytest.raises(RuntimeError, match="seen"):
+        evaluate_ensemble(members, data, cache_dir=str(tmp / "cache"))
+    monkeypatch.setattr(accelerate.Accelerator, "num_processes", property(lambda self: 1))
+    with pytest.raises(RuntimeError, match="seen"):
+        evaluate_ensemble(members, data, cache_dir=str(tmp / "cache"))
+    assert seen == [(True, True), (False, True)]  # one process: as the member trained
