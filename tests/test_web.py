@@ -392,6 +392,13 @@ def test_api_http_errors_are_json(client, method, path, code):
     assert r.status_code == code and r.is_json and r.json["error"]
 
 
+def test_api_405_says_which_methods_are_allowed(client):
+    # Was dropped with the HTML body: the JSON 405 had no Allow header, which RFC 9110 requires.
+    r = client.get("/api/predict")
+    assert r.status_code == 405 and r.is_json
+    assert "POST" in r.headers["Allow"] and r.headers["Content-Type"] == "application/json"
+
+
 def test_non_api_404_stays_html(client):
     r = client.get("/nope")
     assert r.status_code == 404 and not r.is_json

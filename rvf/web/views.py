@@ -155,7 +155,10 @@ def api_error(e: HTTPException):
                        f"{current_app.config['MAX_FILES']} files per request)")
     else:
         message = e.description or e.name
-    return jsonify(error=message), e.code
+    response = jsonify(error=message)
+    # The error's own headers but its HTML Content-Type: a 405 must say what is Allowed.
+    response.headers.extend((k, v) for k, v in e.get_headers() if k.lower() != "content-type")
+    return response, e.code
 
 
 @bp.after_app_request
