@@ -14,7 +14,8 @@ little. Each file that cannot be read gets one line on stderr and no row; the ot
 still predicted.
 
 Exit status: 0 when at least one image was predicted (even if others were bad), 1 when none
-was (no images found, or every one unreadable), 2 for a bad checkpoint, path or option.
+was (no images found, or every one unreadable), 2 for a bad checkpoint, path or option; a
+reader that stops early (`| head`) changes neither.
 """
 
 import sys
@@ -24,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import argparse  # noqa: E402
 import csv  # noqa: E402
+import os  # noqa: E402
 
 from rvf.checkpoint import ALLOW_PICKLE_HELP  # noqa: E402
 from rvf.cli import output_dir, output_file, positive_int  # noqa: E402
@@ -104,7 +106,12 @@ def main(args) -> int:
             with atomic_path(args.output) as tmp, open(tmp, "w", newline="") as f:
                 _write_csv(f, fields, rows)
         else:
-            _write_csv(sys.stdout, fields, rows)
+            try:
+                _write_csv(sys.stdout, fields, rows)
+                sys.stdout.flush()  # a reader that left shows up here, not as a traceback at exit
+            except BrokenPipeError:  # `| head`: it read what it wanted, which is no error
+                # Python flushes stdout again at exit: let that write go nowhere.
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     n_bad = n_results - len(rows)
     n_fake = sum(row["label"] == "fake" for row in rows)
     n_off = sum(row.get("framing", "ok") != "ok" for row in rows)

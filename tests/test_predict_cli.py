@@ -128,6 +128,22 @@ def test_cli_csv_to_stdout_and_explicit_bad_files(checkpoint, tmp_path):
     assert "2 could not be read" in err
 
 
+def test_cli_reader_that_stops_early_is_no_error(checkpoint, tmp_path):
+    # `predict.py faces/ | head -2` ended in a BrokenPipeError traceback and exit 1.
+    (tmp_path / "face.jpg").write_bytes(good_jpeg())
+    with open(tmp_path / "err.txt", "w") as err:
+        proc = subprocess.Popen(
+            [sys.executable, str(SCRIPT), "--checkpoint", str(checkpoint), str(tmp_path / "face.jpg"),
+             "--device", "cpu"], stdout=subprocess.PIPE, stderr=err, cwd=tmp_path,
+            env={**os.environ, "OMP_NUM_THREADS": "1"},  # see one_torch_thread in conftest
+        )
+        proc.stdout.close()  # the reader is gone before the first row
+        code = proc.wait(timeout=120)
+    err = (tmp_path / "err.txt").read_text()
+    assert code == 0, err
+    assert "predicted 1 of 1 images" in err and "Traceback" not in err and "BrokenPipe" not in err
+
+
 def test_cli_nothing_predicted_exits_1(checkpoint, tmp_path):
     bad = tmp_path / "bad.jpg"
     bad.write_bytes(good_jpeg()[:700])
