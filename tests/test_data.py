@@ -251,6 +251,19 @@ def test_damaged_metadata_or_data_is_the_files_fault_not_a_crash(tmp_path, monke
         open_rgb(tmp_path / "face.png")
 
 
+@pytest.mark.parametrize("nodata", [np.nan, np.inf, -np.inf])
+def test_a_float_image_with_a_nodata_pixel_keeps_its_other_pixels(nodata):
+    # One NaN or inf made min..max non-finite: the face decoded all black, and got a verdict.
+    pixels = np.random.default_rng(0).uniform(-1, 3, (24, 40)).astype(np.float32)
+    clean, holed = io.BytesIO(), io.BytesIO()
+    Image.fromarray(pixels, mode="F").save(clean, "TIFF")
+    pixels[5, 7] = nodata
+    Image.fromarray(pixels, mode="F").save(holed, "TIFF")
+    want, got = np.asarray(open_rgb(clean.getvalue())), np.asarray(open_rgb(holed.getvalue())).copy()
+    got[5, 7] = want[5, 7]
+    assert want.std() > 50 and np.array_equal(got, want)
+
+
 def test_bad_images_fail_the_cache_or_are_skipped(tmp_path, caplog):
     root = make_folder_dataset(tmp_path / "d", n=4, splits=("train",))
     _bad_files(root / "train/fake")

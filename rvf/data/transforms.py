@@ -184,7 +184,11 @@ def _to_rgb(img: Image.Image) -> Image.Image:
         return Image.fromarray(arr.astype(np.uint8), mode="L").convert("RGB")
     if img.mode in ("I", "F"):  # 32-bit integer or float: stretch min..max to 0..255
         arr = np.asarray(img, dtype=np.float32)
-        lo, hi = float(arr.min()), float(arr.max())
+        finite = arr[np.isfinite(arr)]
+        lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 0.0)
+        # Nodata pixels (NaN, inf) at the ends of the range: one of them made min or max
+        # non-finite, and the whole picture black.
+        arr = np.nan_to_num(arr, nan=lo, posinf=hi, neginf=lo)
         arr = np.clip((arr - lo) * (255.0 / max(hi - lo, 1e-12)) + 0.5, 0, 255).astype(np.uint8)
         return Image.fromarray(arr, mode="L").convert("RGB")
     if img.mode == "P":
