@@ -911,6 +911,7 @@ def _train(cfg: TrainConfig, resume: bool, overwrite: bool, held: contextlib.Exi
     from accelerate import Accelerator, PartialState
     from accelerate.state import AcceleratorState
     from accelerate.utils import AutocastKwargs, DataLoaderConfiguration, parse_flag_from_env, set_seed
+    from timm.utils import distribute_bn
 
     from rvf import reports, tracking
     from rvf.models import create_model
@@ -1115,6 +1116,10 @@ def _train(cfg: TrainConfig, resume: bool, overwrite: bool, held: contextlib.Exi
                                                  cfg, epoch, ema=ema, step=run["step"], mixup=mixup,
                                                  teachers=teachers)
             run["train_seconds"] += stats["seconds"]
+            if accelerator.num_processes > 1:
+                # Each process's last forward moved its own BatchNorm running statistics (DDP hands
+                # out the main process's only at the next forward): score what the main process saves.
+                distribute_bn(eval_net, accelerator.num_processes)
             if selecting:
                 labels, probs, loss = evaluate(eval_net, holdout_loader, eval_tf, accelerator, desc="holdout",
                                                tta_hflip=cfg.tta_hflip)
