@@ -93,7 +93,7 @@ def evaluate_ensemble(checkpoints: list[str | Path], data_dir: str | Path, outpu
     from rvf import reports
     from rvf.checkpoint import CheckpointError, load_pretrained, meta_threshold, read_meta, weights_sha256
     from rvf.data import RVF10K, build_eval_transform, check_same_train, collate_batch
-    from rvf.train import check_launch, evaluate, load_splits, use_cpu_threads
+    from rvf.train import all_or_none, check_launch, evaluate, load_splits, use_cpu_threads
     from rvf.utils import device_name
 
     checkpoints = [Path(c) for c in checkpoints]
@@ -134,7 +134,8 @@ def evaluate_ensemble(checkpoints: list[str | Path], data_dir: str | Path, outpu
             cfg = cfg.replace(cache=True)
         digests.append(weights_sha256(checkpoint))  # the file about to be scored, for the manifest
         model, meta, data_cfg = load_pretrained(checkpoint)
-        with accelerator.main_process_first():
+        # The main process decodes first; an image it cannot read stops the others with one message.
+        with all_or_none(accelerator, main_first=True):
             splits = load_splits(cfg, data_cfg, progress=accelerator.is_local_main_process)
         transform = build_eval_transform(data_cfg).to(accelerator.device)
         model = accelerator.prepare(model)

@@ -33,7 +33,7 @@ def evaluate_checkpoint(checkpoint: str | Path, data_dir: str | Path, split: str
 
     from rvf import reports
     from rvf.data import collate_batch
-    from rvf.train import check_launch, evaluate, use_cpu_threads
+    from rvf.train import all_or_none, check_launch, evaluate, use_cpu_threads
     from rvf.utils import device_name
 
     accelerator = Accelerator()
@@ -48,7 +48,9 @@ def evaluate_checkpoint(checkpoint: str | Path, data_dir: str | Path, split: str
     # fails, so a failed run leaves no empty eval-SPLIT folder behind to pass for a result.
     with output_folder(output_dir, create=accelerator.is_main_process):
         dataset = RVF10K(data_dir, split, skip_bad=skip_bad)
-        with accelerator.main_process_first():
+        # The main process decodes first; an image it cannot read stops the others with one message
+        # (rather than leaving them at the barrier, to die on the process group's traceback).
+        with all_or_none(accelerator, main_first=True):
             images = build_cache(dataset.samples, data_cfg.image_size, interpolation=data_cfg.interpolation,
                                  cache_dir=cache_dir, name=split, skip_bad=skip_bad,
                                  progress=accelerator.is_local_main_process)

@@ -1221,6 +1221,42 @@ def test_bad_input_stops_two_processes_with_one_message(data_dir, tmp_path):
         assert _contents(run) == old  # neither the resume nor the overwrite touched the run
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("script", ["evaluate", "ensemble"])
+def test_an_unreadable_image_stops_two_scoring_processes_with_one_message(data_dir, tmp_path, script):
+    # The main process decodes the split first while the other waits for it at a barrier: a file
+    # it cannot read used to leave the other there, to die on gloo's "Connection closed by peer"
+    # traceback (exit 1). --monitor-interval 5: the launcher's SIGTERM comes too late to hide it.
+    import io
+    import re
+
+    from synth import face
+
+    runs = [tmp_path / "a", tmp_path / "b"]
+    for seed, run in enumerate(runs):
+        train(_cfg(data_dir, tmp_path, epochs=1, seed=seed, split_seed=0, output_dir=str(run)))
+    data = tmp_path / "data"
+    shutil.copytree(data_dir, data)
+    buf = io.BytesIO()
+    face(0, 32).save(buf, "JPEG")
+    bad = data / "valid" / "fake" / "00001.jpg"
+    bad.write_bytes(buf.getvalue()[:buf.getvalue().index(b"\xff\xda") + 20])  # decodes only half-way
+    args = ({"evaluate": ["--checkpoint", str(runs[0]), "--output-dir", str(tmp_path / "eval")],
+             "ensemble": ["--checkpoints", *map(str, runs)]}[script])
+    logs = tmp_path / "logs"
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+              "--monitor-interval", "5", "--log-dir", str(logs), "--redirects", "2"]
+    r = _run([*launch, f"scripts/{script}.py", "--data-dir", str(data), *args], tmp_path, timeout=120,
+             ACCELERATE_USE_CPU="1")
+    stderr = {int(f.parent.name): f.read_text() for f in logs.glob("*/attempt_0/*/stderr.log")}
+    assert sorted(stderr) == [0, 1], r.stderr[-3000:]
+    errors = re.findall(r"error: [^\r\n]*", stderr[0])  # after a tqdm bar
+    assert len(errors) == 1 and errors[0].startswith(f"error: {bad}: "), stderr
+    assert "Traceback" not in stderr[1] and "error:" not in stderr[1], stderr
+    codes = re.findall(r"exitcode\s*:\s*(-?\d+)", r.stderr)
+    assert r.returncode == 1 and "2" in codes and set(codes) <= {"2", "-15"}, r.stderr[-3000:]
+
+
 def test_an_error_mid_epoch_closes_the_progress_bar(tmp_path):
     # A bar left open keeps its line: the error's message was printed onto the end of it.
     import io
