@@ -42,6 +42,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
 
 def main(args) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from accelerate import PartialState
+
     from rvf.checkpoint import CheckpointError
     from rvf.config import ConfigError
     from rvf.data import BadImageError, DatasetError
@@ -57,6 +59,8 @@ def main(args) -> int:
     except OSError as e:
         print(f"error: {e.strerror or e} ({e.filename})", file=sys.stderr)
         return 1
+    if not PartialState().is_main_process:  # every process scored its share and has the figures: one prints
+        return 0
     rows = [(r["checkpoint"], r) for r in m["members"]] + [("ensemble (mean P(fake))", m)]
     width = max(len(name) for name, _ in rows)
     print(f"{'':{width}s}  holdout   valid split")

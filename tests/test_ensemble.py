@@ -236,6 +236,27 @@ def test_cli_prints_members_and_ensemble(runs):
     assert r.returncode == 2 and "missing" in r.stderr and "Traceback" not in r.stderr
 
 
+def test_cli_prints_the_table_once_under_several_processes(monkeypatch, capsys):
+    # Every process gets the ensemble's figures back; under torchrun each printed the whole table.
+    import importlib.util
+
+    import accelerate
+
+    import rvf.ensemble
+
+    spec = importlib.util.spec_from_file_location("ensemble_script", ROOT / "scripts" / "ensemble.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    valid = {"accuracy": 0.75, "roc_auc": 0.8, "accuracy_at_threshold": 0.7}
+    metrics = {"members": [], "valid": valid, "holdout": None, "sub_ensembles": {"sizes": [], "limit": None}}
+    monkeypatch.setattr(rvf.ensemble, "evaluate_ensemble", lambda *args: metrics)
+    args = script.get_args_parser().parse_args(["--checkpoints", "a", "b", "--data-dir", "d"])
+    for main, printed in ((True, True), (False, False)):
+        monkeypatch.setattr(accelerate.PartialState, "is_main_process", property(lambda self: main))
+        assert script.main(args) == 0
+        assert ("ensemble (mean P(fake))" in capsys.readouterr().out) == printed
+
+
 @pytest.fixture(scope="module")
 def served(runs):
     """An ensemble folder (ensemble.json) of the LeNet and AlexNet runs, as scripts/ensemble.py writes it."""
