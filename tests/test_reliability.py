@@ -268,6 +268,19 @@ class Payload:
         return os.mkdir, (self.path,)
 
 
+@pytest.mark.skipif(os.name == "nt", reason="POSIX file modes")
+def test_checkpoint_files_get_the_usual_mode(tmp_path):
+    # safetensors' save_file makes its file anew with mode 0600: model.safetensors was unreadable
+    # to a web app run as another user, while model.json beside it was 0644.
+    old = os.umask(0o022)
+    try:
+        ckpt = make_checkpoint(tmp_path / "ckpt", image_size=32)
+    finally:
+        os.umask(old)
+    modes = {f.name: oct(f.stat().st_mode & 0o777) for f in ckpt.iterdir() if f.is_file()}
+    assert "model.safetensors" in modes and set(modes.values()) == {"0o644"}, modes
+
+
 def _pickle_checkpoint(directory: Path) -> dict:
     """A checkpoint folder with model.json + model.pt (a state dict) and no safetensors."""
     ckpt = make_checkpoint(directory, image_size=32)
