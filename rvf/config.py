@@ -321,6 +321,14 @@ def _apply(cfg: TrainConfig, changes: dict, source: str) -> TrainConfig:
     return dataclasses.replace(cfg, **checked)
 
 
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    """PyYAML's error in one line, e.g. "line 2, column 7: found character '\\t' that cannot start any token"."""
+    mark, problem = getattr(e, "problem_mark", None), getattr(e, "problem", None)
+    if problem is None:
+        return str(e)
+    return (f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else "") + problem
+
+
 def parse_override(text: str) -> tuple[str, Any]:
     """Parse one `key=value` override; the value is read as YAML (so `0.1`, `true`, `[1, 2]` work)."""
     if "=" not in text:
@@ -332,7 +340,7 @@ def parse_override(text: str) -> tuple[str, Any]:
     try:
         value = yaml.safe_load(raw) if raw.strip() else None
     except yaml.YAMLError as e:
-        raise ConfigError(f"override {text!r}: value is not valid YAML ({e})") from None
+        raise ConfigError(f"override {text!r}: value is not valid YAML ({_yaml_problem(e)})") from None
     return key, value
 
 
@@ -354,7 +362,7 @@ def load_config(path: str | Path | None = None, overrides: dict | None = None,
         try:
             data = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as e:
-            raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+            raise ConfigError(f"config file {path} is not valid YAML: {_yaml_problem(e)}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"config file {path} must hold a mapping of key: value, got {type(data).__name__}")
         cfg = _apply(cfg, data, str(path))

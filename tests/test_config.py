@@ -58,6 +58,18 @@ def test_bad_yaml_names_the_key_and_file(tmp_path, text, match):
         load_config(f)
 
 
+def test_malformed_yaml_is_one_line_naming_the_place(tmp_path):
+    """PyYAML's own message spans lines (a copy of the text, a caret under it); ours is one."""
+    f = tmp_path / "c.yaml"
+    f.write_text("model: lenet\nepochs:\t2\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(f)
+    assert str(e.value) == (f"config file {f} is not valid YAML: line 2, column 8: "
+                            "found character '\\t' that cannot start any token")
+    with pytest.raises(ConfigError, match=r"^override 'epochs=\[1': value is not valid YAML \(line 1, column 3: .*\)$"):
+        parse_override("epochs=[1")
+
+
 @pytest.mark.parametrize("key, value, match", [
     ("interpolation", "bicubc", "interpolation must be one of nearest, bilinear, bicubic, lanczos, box, got 'bicubc'"),
     ("scheduler", "linear", "scheduler must be one of none, cosine, step"),
