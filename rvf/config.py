@@ -24,6 +24,27 @@ class ConfigError(ValueError):
     """A config file or override that rvf cannot use; the message names the key or file."""
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, but a key given twice in one mapping is an error: PyYAML keeps the
+    last one silently, so a config that sets `lr` twice would train with whichever came later."""
+
+    def construct_mapping(self, node, deep=False):
+        lines = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base` then a key of its own overrides, as meant
+                continue
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                twice = key in lines
+            except TypeError:  # an unhashable key: the base class says so
+                continue
+            if twice:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"{key} is set twice (first on line {lines[key] + 1})", key_node.start_mark)
+            lines[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
+
+
 @dataclass
 class TrainConfig:
     # --- model ---
@@ -338,7 +359,7 @@ def parse_override(text: str) -> tuple[str, Any]:
     if key in _HINTS and _HINTS[key] in (str, Optional[str]) and raw.strip() not in ("", "null", "~"):
         return key, raw.strip()  # a string field takes the text as is: YAML would read `no` as false
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = yaml.load(raw, Loader=_UniqueKeyLoader) if raw.strip() else None
     except yaml.YAMLError as e:
         raise ConfigError(f"override {text!r}: value is not valid YAML ({_yaml_problem(e)})") from None
     return key, value
@@ -360,7 +381,7 @@ def load_config(path: str | Path | None = None, overrides: dict | None = None,
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist")
         try:
-            data = yaml.safe_load(path.read_text()) or {}
+            data = yaml.load(path.read_text(), Loader=_UniqueKeyLoader) or {}
         except yaml.YAMLError as e:
             raise ConfigError(f"config file {path} is not valid YAML: {_yaml_problem(e)}") from None
         if not isinstance(data, dict):

@@ -1,5 +1,6 @@
 """The config: defaults <- YAML <- overrides, strict about keys and types."""
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -68,6 +69,27 @@ def test_malformed_yaml_is_one_line_naming_the_place(tmp_path):
                             "found character '\\t' that cannot start any token")
     with pytest.raises(ConfigError, match=r"^override 'epochs=\[1': value is not valid YAML \(line 1, column 3: .*\)$"):
         parse_override("epochs=[1")
+
+
+@pytest.mark.parametrize("text", ["lr: 0.001\nepochs: 3\nlr: 0.01\n",
+                                  "model_args: {first_pool: false, first_pool: true}\n",
+                                  "model_args:\n  init_std: 0.01\n  init_std: 0.02\n"])
+def test_a_key_set_twice_is_an_error(tmp_path, text):
+    """PyYAML keeps the last of two equal keys, silently; which lr a run trains with is not a guess."""
+    f = tmp_path / "c.yaml"
+    f.write_text(text)
+    with pytest.raises(ConfigError, match=rf"^config file {re.escape(str(f))} is not valid YAML: line \d+, column \d+: "
+                                          r"(lr|first_pool|init_std) is set twice \(first on line \d\)$"):
+        load_config(f)
+    with pytest.raises(ConfigError, match=r"first_pool is set twice"):
+        parse_override("model_args={first_pool: false, first_pool: true}")
+
+
+def test_a_yaml_merge_key_may_be_overridden(tmp_path):
+    """`<<: *base` then a key of its own is YAML's way to override, not a key set twice."""
+    f = tmp_path / "c.yaml"
+    f.write_text("model_args:\n  <<: {first_pool: false, init_std: 0.01}\n  init_std: 0.02\n")
+    assert load_config(f).model_args == {"first_pool": False, "init_std": 0.02}
 
 
 @pytest.mark.parametrize("key, value, match", [
