@@ -381,7 +381,10 @@ def load_config(path: str | Path | None = None, overrides: dict | None = None,
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist")
         try:
-            data = yaml.load(path.read_text(), Loader=_UniqueKeyLoader) or {}
+            data = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader) or {}
+        except UnicodeDecodeError as e:  # a Latin-1 file, or weights passed as --config
+            raise ConfigError(f"config file {path} is not UTF-8 text (byte {e.object[e.start]:#04x} at offset "
+                              f"{e.start}): save it as UTF-8") from None
         except yaml.YAMLError as e:
             raise ConfigError(f"config file {path} is not valid YAML: {_yaml_problem(e)}") from None
         if not isinstance(data, dict):

@@ -71,6 +71,16 @@ def test_malformed_yaml_is_one_line_naming_the_place(tmp_path):
         parse_override("epochs=[1")
 
 
+def test_a_config_that_is_not_utf8_names_the_file(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_bytes("run_name: café\n".encode("latin-1"))
+    with pytest.raises(ConfigError) as e:
+        load_config(f)
+    assert str(e.value) == f"config file {f} is not UTF-8 text (byte 0xe9 at offset 13): save it as UTF-8"
+    f.write_bytes("\ufeffrun_name: café\n".encode("utf-8"))  # a BOM, as Windows editors write
+    assert load_config(f).run_name == "café"
+
+
 @pytest.mark.parametrize("text", ["lr: 0.001\nepochs: 3\nlr: 0.01\n",
                                   "model_args: {first_pool: false, first_pool: true}\n",
                                   "model_args:\n  init_std: 0.01\n  init_std: 0.02\n"])
