@@ -352,9 +352,9 @@ def _yaml_problem(e: yaml.YAMLError) -> str:
 
 def parse_override(text: str) -> tuple[str, Any]:
     """Parse one `key=value` override; the value is read as YAML (so `0.1`, `true`, `[1, 2]` work)."""
-    if "=" not in text:
+    key, eq, raw = text.partition("=")
+    if not eq or not key.strip():  # `--set =3` would be an unknown key named ""
         raise ConfigError(f"override {text!r} must look like key=value")
-    key, raw = text.split("=", 1)
     key = key.strip().replace("-", "_")
     if key in _HINTS and _HINTS[key] in (str, Optional[str]) and raw.strip() not in ("", "null", "~"):
         return key, raw.strip()  # a string field takes the text as is: YAML would read `no` as false

@@ -156,8 +156,9 @@ def test_missing_file_and_bad_override():
             load_config(None, {key: 1})
     with pytest.raises(ConfigError, match="command line: unknown config key"):
         load_config(None, dict([parse_override("bogus=1")]))
-    with pytest.raises(ConfigError, match="key=value"):
-        parse_override("epochs")
+    for text in ("epochs", "=3", " =3"):
+        with pytest.raises(ConfigError, match=f"override '{text}' must look like key=value"):
+            parse_override(text)
     assert parse_override("crop-scale=[0.8, 1.0]") == ("crop_scale", [0.8, 1.0])
     assert parse_override("pretrained_file=") == ("pretrained_file", None)
     # string fields keep the text: YAML alone would turn `no` into false
