@@ -33,9 +33,6 @@ __all__ = ["CheckpointError", "WEIGHTS_NAME", "META_NAME", "ENSEMBLE_MANIFEST", 
 WEIGHTS_NAME = "model.safetensors"
 META_NAME = "model.json"
 ENSEMBLE_MANIFEST = "ensemble.json"  # an ensemble folder's (rvf.ensemble): here, where loading it is decided
-ALLOW_PICKLE_HELP = ("load weights from a .pt/.pth/.ckpt/.bin state dict when the folder has no "
-                     "model.safetensors (read with torch.load(weights_only=True)); off by default "
-                     "because unpickling a file can run code")
 PICKLE_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".pkl")
 
 

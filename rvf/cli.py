@@ -11,8 +11,13 @@ import math
 from pathlib import Path
 from typing import Callable
 
-__all__ = ["non_negative_int", "positive_int", "port", "positive_float", "float_in", "output_file", "output_dir",
-           "add_cpu_threads"]
+__all__ = ["ALLOW_PICKLE_HELP", "non_negative_int", "positive_int", "port", "positive_float", "float_in",
+           "output_file", "output_dir", "add_cpu_threads"]
+
+# --allow-pickle's help (predict.py, app.py); here rather than in rvf.checkpoint, which imports torch
+ALLOW_PICKLE_HELP = ("load weights from a .pt/.pth/.ckpt/.bin state dict when the folder has no "
+                     "model.safetensors (read with torch.load(weights_only=True)); off by default "
+                     "because unpickling a file can run code")
 
 
 def _whole_number(text: str, least: int, most: int | None = None) -> int:

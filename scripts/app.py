@@ -21,8 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import argparse  # noqa: E402
 import os  # noqa: E402
 
-from rvf.checkpoint import ALLOW_PICKLE_HELP  # noqa: E402
-from rvf.cli import port, positive_float, positive_int  # noqa: E402
+from rvf.cli import ALLOW_PICKLE_HELP, port, positive_float, positive_int  # noqa: E402
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:

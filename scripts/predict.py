@@ -27,8 +27,7 @@ import argparse  # noqa: E402
 import csv  # noqa: E402
 import os  # noqa: E402
 
-from rvf.checkpoint import ALLOW_PICKLE_HELP  # noqa: E402
-from rvf.cli import output_dir, output_file, positive_int  # noqa: E402
+from rvf.cli import ALLOW_PICKLE_HELP, output_dir, output_file, positive_int  # noqa: E402
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:

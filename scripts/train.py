@@ -24,7 +24,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from rvf.config import ConfigError, load_config, parse_override  # noqa: E402
-from rvf.train import REPLACED_DIR  # noqa: E402
 
 FLAGS = {  # flag -> config key, for the settings people change most
     "model": "model", "data_dir": "data_dir", "output_dir": "output_dir", "epochs": "epochs",
@@ -76,6 +75,8 @@ def resolve_config(args):
 
     base = None
     if args.resume is not None:
+        from rvf.train import REPLACED_DIR  # here, not at the top: it imports torch, which --help need not
+
         # A resumed run continues in its own folder, from what it saved: another --output-dir would
         # be ignored (the same folder, however it is spelled, only says so again).
         if args.output_dir is not None and Path(args.output_dir).resolve() != args.resume.resolve():
