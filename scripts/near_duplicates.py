@@ -85,6 +85,12 @@ def main(args) -> int:
     from rvf.data import RVF10K, BadImageError, DatasetError, build_cache, holdout_split
     from rvf.data.near_duplicates import nearest_neighbours, thumbnails
 
+    if args.output_dir:
+        try:  # before any work: a place it cannot write is found now, not after the decoding
+            args.output_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            print(f"error: cannot write there: {e.strerror or e} ({e.filename})", file=sys.stderr)
+            return 2
     try:
         train = RVF10K(args.data_dir, "train")
         others = {split: RVF10K(args.data_dir, split) for split in args.splits}
@@ -121,7 +127,6 @@ def main(args) -> int:
 
     if args.output_dir:
         out = args.output_dir
-        out.mkdir(parents=True, exist_ok=True)
         meta = dict(data_dir=str(args.data_dir), holdout=args.holdout, split_seed=args.split_seed,
                     threshold=args.threshold, thumbnail=args.thumbnail, comparisons=results)
         (out / "near_duplicates.json").write_text(json.dumps(meta, indent=2) + "\n")

@@ -94,3 +94,15 @@ def test_script_names_a_missing_dataset(tmp_path, capsys):
     args = near_duplicates.get_args_parser().parse_args(["--data-dir", str(tmp_path / "nowhere")])
     assert near_duplicates.main(args) == 2
     assert "nowhere" in capsys.readouterr().err
+
+
+def test_script_names_an_output_dir_it_cannot_write_before_any_work(tmp_path, capsys):
+    data = make_dataset(tmp_path / "data", n_train=4, n_valid=2)
+    (tmp_path / "a_file").write_text("")
+    args = near_duplicates.get_args_parser().parse_args(
+        ["--data-dir", str(data), "--output-dir", str(tmp_path / "a_file" / "nd"), "--cache-dir",
+         str(tmp_path / "cache"), "--num-workers", "0"])
+    assert near_duplicates.main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: cannot write there: ") and str(tmp_path / "a_file") in err
+    assert not (tmp_path / "cache").exists()  # refused before decoding a single image
