@@ -217,6 +217,11 @@ def main(args) -> int:
         print("error: --synthetic-dir is where --synthetic N writes its images; pass --synthetic N too",
               file=sys.stderr)
         return 2
+    try:  # before any work: a place it cannot write is found now, not after minutes of timing
+        args.out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        print(f"error: cannot write there: {e.strerror or e} ({e.filename})", file=sys.stderr)
+        return 2
     device = resolve_device(args.device)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     # The decode cache (1.4 GB at 256 px) and synthetic data live here until the process ends.
@@ -353,7 +358,6 @@ def main(args) -> int:
                           "r2": round(float(r2), 5)}
         print(f"{'scaling fit':>22}: {res['scaling']['fit']}  (R^2 = {res['scaling']['r2']})", flush=True)
 
-    args.out.mkdir(parents=True, exist_ok=True)
     stem = f"{args.model}-{args.image_size}px-{device.type}"
     (args.out / f"{stem}.json").write_text(json.dumps(res, indent=2))
     (args.out / f"{stem}.md").write_text(_markdown(res))

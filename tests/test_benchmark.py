@@ -111,6 +111,17 @@ def test_benchmark_bad_input_is_one_line(tmp_path):
         assert r.returncode == 2 and message in r.stderr, r.stderr[-2000:]
 
 
+def test_benchmark_names_an_out_folder_it_cannot_create_before_timing(tmp_path):
+    (tmp_path / "a_file").write_text("")
+    r = subprocess.run([sys.executable, "scripts/benchmark.py", "--synthetic", "16", "--image-size", "32",
+                        "--repeats", "1", "--scaling", "0", "--out", str(tmp_path / "a_file" / "bench")],
+                       capture_output=True, text=True, timeout=120, cwd=ROOT,
+                       env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "TMPDIR": str(tmp_path)})
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert r.stderr.startswith("error: cannot write there: ") and str(tmp_path / "a_file") in r.stderr
+    assert "cache build" not in r.stdout  # nothing was timed first
+
+
 def test_zoo_checks_every_config_before_training_any(tmp_path):
     good = ROOT / "configs" / "lenet.yaml"
     (tmp_path / "a").mkdir()
