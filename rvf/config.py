@@ -170,7 +170,8 @@ class TrainConfig:
         return self.seed if self.split_seed is None else self.split_seed
 
     def resolved_output_dir(self) -> Path:
-        return Path(self.output_dir or Path("runs") / self.model.replace(":", "_").replace("/", "_"))
+        # ~ expanded as data_dir and cache_dir are: a YAML file's `output_dir: ~/runs/x` is no shell word
+        return Path(self.output_dir or Path("runs") / self.model.replace(":", "_").replace("/", "_")).expanduser()
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)

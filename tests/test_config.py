@@ -224,6 +224,14 @@ def test_a_run_is_named_after_its_config_unless_told(tmp_path):
     assert out("--model", "lenet") is None  # no config: train() uses runs/<model>
 
 
+def test_output_dir_expands_home_as_data_dir_does(tmp_path, monkeypatch):
+    """A YAML file's `output_dir: ~/runs/x` reaches no shell: it once made a folder named `~` in the cwd."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    f = tmp_path / "c.yaml"
+    f.write_text("output_dir: ~/runs/x\n")
+    assert load_config(f).resolved_output_dir() == tmp_path / "runs" / "x"
+
+
 def test_train_script_bad_config_is_one_clear_line(tmp_path):
     f = tmp_path / "bad.yaml"
     f.write_text("epochs: 2\nbatchsize: 8\n")
