@@ -154,9 +154,13 @@ def _loader(dataset, batch_size: int, cfg: TrainConfig, train: bool, num_process
     # Dropping the ragged last batch keeps batch statistics honest, but only where every
     # process still gets a whole batch: each trains on its share of the batches.
     drop_last = train and len(dataset) > batch_size * num_processes
+    # Workers start afresh each epoch (no persistent_workers): every new iterator draws its
+    # workers' base seed from torch's global generator, which also draws the augmentation and
+    # dropout. Kept alive, they drew it in the first epoch only, so from the second on a run
+    # trained otherwise with workers than without, and a resumed run otherwise than an
+    # uninterrupted one (whose workers were already running).
     return DataLoader(dataset, batch_size=batch_size, shuffle=train, drop_last=drop_last,
-                      num_workers=workers, collate_fn=collate_batch, pin_memory=torch.cuda.is_available(),
-                      persistent_workers=workers > 0)
+                      num_workers=workers, collate_fn=collate_batch, pin_memory=torch.cuda.is_available())
 
 
 def _cores() -> int:

@@ -397,10 +397,13 @@ def test_the_holdout_slice_is_the_same_images_with_or_without_the_cache(tmp_path
     assert set(decoded).isdisjoint(unreadable) and len(cached.fit) + len(cached.holdout) == 27 - 3
 
 
-@pytest.mark.parametrize("device_data", [False, True], ids=["dataloader", "device_data"])
-def test_resume_is_exact(data_dir, tmp_path, device_data):
-    full = train(_cfg(data_dir, tmp_path / "a", epochs=3, hflip=0.5, device_data=device_data))
-    cfg = _cfg(data_dir, tmp_path / "b", epochs=2, hflip=0.5, device_data=device_data)
+@pytest.mark.parametrize("device_data, workers", [(False, 0), (True, 0), (False, 2)],
+                         ids=["dataloader", "device_data", "workers"])
+def test_resume_is_exact(data_dir, tmp_path, device_data, workers):
+    # With workers, a resumed run starts its loaders' workers again where the uninterrupted one kept them
+    kw = dict(hflip=0.5, device_data=device_data, num_workers=workers)
+    full = train(_cfg(data_dir, tmp_path / "a", epochs=3, **kw))
+    cfg = _cfg(data_dir, tmp_path / "b", epochs=2, **kw)
     train(cfg)
     with pytest.raises(RunDirError, match="already holds a run"):
         train(cfg)
@@ -414,6 +417,13 @@ def test_resume_is_exact(data_dir, tmp_path, device_data):
     wa = load_file(str(tmp_path / "a" / "run" / "model.safetensors"))
     wb = load_file(str(tmp_path / "b" / "run" / "model.safetensors"))
     assert all(np.allclose(wa[k].numpy(), wb[k].numpy(), atol=1e-6) for k in wa)
+
+
+def test_loader_workers_leave_the_numbers_as_they_are(data_dir, tmp_path):
+    # num_workers is speed only (RECIPE_NEUTRAL_KEYS): 0 and 2 must train the same run, epoch 2 on included.
+    runs = [train(_cfg(data_dir, tmp_path / str(w), hflip=0.5, device_data=False, num_workers=w)) for w in (0, 2)]
+    losses = [[(h["train_loss"], h["holdout_loss"]) for h in m["history"]] for m in runs]
+    assert losses[0] == losses[1]
 
 
 def test_each_epoch_logs_the_lr_its_steps_trained_with(data_dir, tmp_path):
