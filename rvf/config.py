@@ -297,6 +297,9 @@ def _check_value(key: str, value: Any, source: str) -> None:
         bad = "[min, max] with 0 < min <= max <= 1"
     elif key == "teachers" and not all(isinstance(t, str) and t for t in value):
         bad = "a list of run folders (paths)"
+    elif key == "tags" and any(isinstance(t, bool) or not isinstance(t, (str, int, float)) for t in value):
+        # Numbers become their text (rvf.tracking); a bare no/yes would reach W&B as "False"/"True".
+        bad = 'a list of tags (put yes/no/on/off in quotes: ["no"])'
     elif key == "ema_decay" and not 0.0 < value < 1.0:
         bad = "between 0 and 1 (e.g. 0.999)"
     elif key in ("seed", "split_seed") and not 0 <= value < 2**32:

@@ -121,6 +121,7 @@ def test_a_yaml_merge_key_may_be_overridden(tmp_path):
     ("lr", -1e-3, r"lr must be above 0 \(e.g. 1e-4\), got -0.001"),
     ("lr", 0, r"lr must be above 0 \(e.g. 1e-4\), got 0.0"),  # a run that learns nothing
     ("optimizer", "adamm", r"optimizer must be a timm optimizer name \(did you mean adam"),
+    ("tags", ["baseline", False], r"tags must be a list of tags \(put yes/no/on/off in quotes"),  # a bare `no`
 ])
 def test_values_out_of_range_name_the_key(key, value, match):
     with pytest.raises(ConfigError, match=f"command line: {match}"):
@@ -129,7 +130,7 @@ def test_values_out_of_range_name_the_key(key, value, match):
 
 def test_values_in_range_pass():
     cfg = load_config(None, {"interpolation": "lanczos", "holdout": 0.0, "hflip": 1, "optimizer": "AdamW",
-                             "mixed_precision": None, "ema_decay": 0.999, "subset": None})
+                             "mixed_precision": None, "ema_decay": 0.999, "subset": None, "tags": ["v2", 2024]})
     assert (cfg.interpolation, cfg.holdout, cfg.hflip, cfg.optimizer) == ("lanczos", 0.0, 1.0, "AdamW")
 
 
