@@ -75,9 +75,10 @@ def plot_roc(path: Path, labels, p_fake, title: str = "") -> None:
 
     plt = _plt()
     fig, ax = plt.subplots(figsize=(4.2, 4))
-    is_fake = np.asarray(labels) == CLASSES.index("fake")
-    if len(np.unique(is_fake)) == 2:
-        RocCurveDisplay.from_predictions(is_fake, p_fake, ax=ax, name="P(fake)")
+    names = np.asarray(CLASSES)[np.asarray(labels)]  # (N,) "fake" / "real"
+    if len(np.unique(names)) == 2:
+        # By name: sklearn titles the axes "(Positive label: 1)" for booleans, and label 1 is real here.
+        RocCurveDisplay.from_predictions(names, p_fake, pos_label="fake", ax=ax, name="P(fake)")
     ax.plot([0, 1], [0, 1], "--", color="gray", lw=1)
     ax.set_title(title or "ROC (positive = fake)")
     _save(fig, path)

@@ -101,3 +101,20 @@ def test_json_text_is_strict():
     text = json_text({"a": np.float32(0.5), "b": np.int64(3), "c": [float("inf"), (1, 2)],
                       "d": torch.tensor([1.5]), "e": np.array([[1, 2]]), "f": torch.tensor(float("nan"))})
     assert json.loads(text) == {"a": 0.5, "b": 3, "c": [None, [1, 2]], "d": [1.5], "e": [[1, 2]], "f": None}
+
+
+def test_the_roc_plot_names_fake_as_its_positive_class(tmp_path, monkeypatch):
+    from rvf import reports
+
+    drawn = []
+
+    def save(fig, path):
+        ax = fig.axes[0]
+        drawn.append((ax.get_xlabel(), ax.get_ylabel(), ax.get_lines()[0].get_label()))
+        reports._plt().close(fig)
+
+    monkeypatch.setattr(reports, "_save", save)
+    reports.plot_roc(tmp_path / "roc.png", np.array([FAKE, FAKE, REAL, REAL]), np.array([0.9, 0.3, 0.6, 0.1]))
+    # The curve is P(fake) against fake (AUC 0.75); the axes once said "Positive label: 1", which is real.
+    assert drawn == [("False Positive Rate (Positive label: fake)", "True Positive Rate (Positive label: fake)",
+                      "P(fake) (AUC = 0.75)")]
