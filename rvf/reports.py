@@ -86,6 +86,8 @@ def plot_roc(path: Path, labels, p_fake, title: str = "") -> None:
 
 def plot_curves(path: Path, history: list[dict], title: str = "") -> None:
     """Loss and accuracy per epoch, train and holdout (train only for a run without a holdout slice)."""
+    from matplotlib.ticker import MaxNLocator
+
     plt = _plt()
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
     epochs = [h["epoch"] for h in history]
@@ -97,6 +99,7 @@ def plot_curves(path: Path, history: list[dict], title: str = "") -> None:
             if np.isfinite(ys).any():  # `holdout: 0` has no holdout figures: no empty legend entry
                 ax.plot(epochs, ys, style, ms=3, label=split)
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole: no tick at 1.5 on a short run
         ax.set_ylabel(key)
         ax.grid(alpha=0.3)
         ax.legend()

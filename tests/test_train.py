@@ -706,6 +706,23 @@ def test_curves_leave_out_a_split_without_figures(tmp_path, monkeypatch):
     assert drawn == [[["train"], ["train"]], [["train", "holdout"], ["train", "holdout"]]]
 
 
+def test_curves_mark_whole_epochs_only(tmp_path, monkeypatch):
+    from rvf import reports
+
+    ticks = []
+
+    def save(fig, path):
+        ticks.extend(ax.get_xticks().tolist() for ax in fig.axes)
+        reports._plt().close(fig)
+
+    monkeypatch.setattr(reports, "_save", save)
+    history = [{"epoch": e, "train_loss": 0.7 - 0.1 * e, "train_accuracy": 0.5 + 0.1 * e, "holdout_loss": 0.6,
+                "holdout_accuracy": 0.6} for e in (1, 2, 3)]
+    reports.plot_curves(tmp_path / "curves.png", history)
+    # A three-epoch run's axis read 1.0, 1.5, 2.0, ...: epochs that were never logged.
+    assert len(ticks) == 2 and all(t == int(t) for axis in ticks for t in axis), ticks
+
+
 def test_one_process_can_train_in_two_precisions(data_dir, tmp_path):
     # Accelerate refuses a second Accelerator with another precision unless its state is reset.
     first = train(_cfg(data_dir, tmp_path / "a", epochs=1, mixed_precision="no"))
