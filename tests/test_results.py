@@ -23,6 +23,16 @@ def test_readme_table_is_the_published_results():
         "README results table is stale: run python scripts/publish_results.py"
 
 
+def test_published_leaderboard_is_the_published_results(tmp_path):
+    from rvf.leaderboard import write_leaderboard
+
+    # The README's table is checked above; leaderboard.md is written from the same files by the
+    # same script, and a metrics.json changed by hand would leave it stale unseen.
+    write_leaderboard(_published_rows(), tmp_path)
+    assert (RESULTS / "leaderboard.md").read_text() == (tmp_path / "leaderboard.md").read_text(), \
+        "results/rvf10k/leaderboard.md is stale: run python scripts/publish_results.py"
+
+
 def test_every_published_run_is_a_committed_config():
     import yaml
 
