@@ -240,7 +240,7 @@ def evaluate_robustness(checkpoint, data_dir, split: str = "valid", output_dir=N
                 row["framing_off"] = float(off[:, j].mean())  # the share the app would have warned about
                 row["accuracy_framing_ok"] = float(right[ok].mean()) if ok.any() else None
             rows.append(row)
-        clean = rows[0]["accuracy"] if rows and rows[0]["perturbation"] == "clean" else None
+        clean = next((r["accuracy"] for r in rows if r["perturbation"] == "clean"), None)  # wherever it was asked
         for r in rows:
             r["delta_accuracy"] = None if clean is None else r["accuracy"] - clean
         result = {"model": meta["model_name"], "checkpoint": str(checkpoint), "split": split,

@@ -104,11 +104,13 @@ def test_robustness_script_runs_the_perturbations_asked_for(tmp_path):
     data = make_folder_dataset(tmp_path / "data", n=4, size=48, splits=("valid",))
     cmd = [sys.executable, str(ROOT / "scripts/robustness.py"), "--checkpoint", str(checkpoint),
            "--data-dir", str(data), "--output-dir", str(tmp_path / "rob"), "--num-workers", "0",
-           "--perturbations", "clean", "shift:2"]
+           "--perturbations", "shift:2", "clean"]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     rows = json.loads((tmp_path / "rob" / "robustness.json").read_text())["rows"]
-    assert [row["perturbation"] for row in rows] == ["clean", "shift 2"]
+    assert [row["perturbation"] for row in rows] == ["shift 2", "clean"]
+    # The change is against the clean row wherever it is asked for (was: only when first)
+    assert [row["delta_accuracy"] for row in rows] == [rows[0]["accuracy"] - rows[1]["accuracy"], 0.0]
     # synth's flat colour fields are nothing like the reference's faces: every one is called off
     assert [row["framing_off"] for row in rows] == [1.0, 1.0] and rows[0]["accuracy_framing_ok"] is None
     assert "| framing off % |" in r.stdout
