@@ -116,6 +116,25 @@ def test_csv_listing_an_image_twice_or_from_another_split_is_named(tmp_path):
         RVF10K(tmp_path, "train")
 
 
+def test_csv_paths_are_checked_as_they_resolve(tmp_path):
+    """`..` or `./` in a path cannot slip another split's image, or one listed twice, past the checks."""
+    make_kaggle_dataset(tmp_path, n=3)
+
+    def borrow(rows):  # a valid image, spelt as if under train/
+        rows[1][5] = "train/../valid/real/00000.jpg"
+    _rewrite_csv(tmp_path / "train.csv", borrow)
+    with pytest.raises(DatasetError, match=r"train\.csv line 2: valid/real/00000\.jpg is not under train/"):
+        RVF10K(tmp_path, "train")
+    make_kaggle_dataset(tmp_path, n=3)
+
+    def twice(rows):
+        rows.append(list(rows[1]))
+        rows[-1][5] = "./" + rows[-1][5]
+    _rewrite_csv(tmp_path / "train.csv", twice)
+    with pytest.raises(DatasetError, match=r"train\.csv lines 2 and 8 both list train/real/00000\.jpg"):
+        RVF10K(tmp_path, "train")
+
+
 def test_csv_not_utf8_is_named_and_a_bom_is_read(tmp_path):
     make_kaggle_dataset(tmp_path, n=2)
     csv_path = tmp_path / "train.csv"

@@ -17,6 +17,7 @@ import csv
 import hashlib
 import logging
 import os
+import posixpath
 from pathlib import Path
 from typing import Callable
 
@@ -107,7 +108,8 @@ class RVF10K(Dataset):
         for n, row in rows:
             if absent := [c for c in CSV_COLUMNS if row.get(c) is None]:
                 raise DatasetError(f"{csv_path} line {n}: the row is cut short (no {', '.join(absent)})")
-            rel = row["path"]
+            # ./train/x.jpg and train/../valid/x.jpg name train/x.jpg and valid/x.jpg: check what is read.
+            rel = posixpath.normpath(row["path"])
             try:
                 label = int(row["label"])
             except ValueError:
