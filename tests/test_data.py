@@ -225,6 +225,16 @@ def test_layout_errors_name_the_path(tmp_path, case):
     assert "\n" not in msg  # one sentence, not a wall
 
 
+def test_a_root_unpacked_one_level_deeper_is_named(tmp_path):
+    """Kaggle's zip unpacked into a folder of its own: the error names the folder to pass."""
+    make_kaggle_dataset(tmp_path / "rvf10k", n=2)
+    with pytest.raises(DatasetError, match=re.escape(f"it is in {tmp_path / 'rvf10k'}: pass that folder instead")):
+        RVF10K(tmp_path, "train")
+    make_folder_dataset(tmp_path / "plain" / "data", n=2, splits=("val",))
+    with pytest.raises(DatasetError, match=re.escape(f"it is in {tmp_path / 'plain' / 'data'}: pass that folder")):
+        RVF10K(tmp_path / "plain", "valid")
+
+
 # ------------------------------------------------------------------ bad images
 
 def _bad_files(d: Path) -> dict:

@@ -160,9 +160,11 @@ class RVF10K(Dataset):
         split_dir = find_split_dir(self.root, self.split)
         if split_dir is None:
             found = sorted(p.name for p in self.root.iterdir() if p.is_dir())
+            deeper = _deeper_root(self.root, self.split)
+            hint = f"; it is in {deeper}: pass that folder instead" if deeper else f"; {LAYOUT_HELP}"
             raise DatasetError(
                 f"split {self.split!r} not found under {self.root} (found folders {found}, "
-                f"no {self.split}.csv); {LAYOUT_HELP}")
+                f"no {self.split}.csv){hint}")
         samples = []
         for cls, label in self.class_to_idx.items():
             matches = sorted(p for p in split_dir.iterdir() if p.is_dir() and p.name.lower() == cls)
@@ -213,6 +215,20 @@ class RVF10K(Dataset):
         counts = np.bincount(self.targets, minlength=2)
         return (f"RVF10K(root={str(self.root)!r}, split={self.split!r}, layout={self.layout!r}, "
                 f"fake={counts[0]}, real={counts[1]})")
+
+
+def _deeper_root(root: Path, split: str) -> Path | None:
+    """The folder one or two levels under `root` that holds `split` in either layout (a zip unpacked
+    into a folder of its own, e.g. ROOT/rvf10k/train.csv), Kaggle's first; None if there is none."""
+    def holds(d: Path) -> bool:
+        if (d / f"{split}.csv").is_file() and (d / "rvf10k").is_dir():
+            return True
+        split_dir = find_split_dir(d, split)
+        return split_dir is not None and {c.name.lower() for c in split_dir.iterdir() if c.is_dir()} >= set(CLASSES)
+
+    hits = sorted((d for depth in ("*/", "*/*/") for d in root.glob(depth) if holds(d)),
+                  key=lambda d: (not (d / f"{split}.csv").is_file(), len(d.parts), d))
+    return hits[0] if hits else None
 
 
 def holdout_split(targets, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
