@@ -444,6 +444,22 @@ def test_a_killed_builds_temp_file_is_cleared_by_the_next_build(tmp_path):
     assert not old.exists() and live.exists()
 
 
+@pytest.mark.skipif(not hasattr(__import__("os"), "posix_fallocate"), reason="no posix_fallocate here")
+def test_a_full_disk_is_one_error_before_decoding(tmp_path, monkeypatch):
+    """The cache file is reserved up front: a full disk was a SIGBUS in a decoder (a crash, or a hung pool)."""
+    import errno
+    import os
+
+    root = make_folder_dataset(tmp_path / "d", n=2, splits=("train",))
+
+    def full(fd, offset, length):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    monkeypatch.setattr(os, "posix_fallocate", full)
+    with pytest.raises(OSError, match=r"No space left on device: the decode cache needs .* MB.*RVF_CACHE_DIR") as e:
+        build_cache(RVF10K(root, "train").samples, 16, cache_dir=tmp_path / "c", progress=False)
+    assert e.value.filename.endswith(".npy") and not list((tmp_path / "c").iterdir())
+
+
 def test_cache_loader_batches(tmp_path):
     root = make_folder_dataset(tmp_path / "d", n=6)
     cached = build_cache(RVF10K(root, "train").samples, 16, cache_dir=tmp_path / "c", progress=False)

@@ -15,6 +15,7 @@ rebuilt, so a build killed half-way is never trusted.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -188,8 +189,13 @@ def build_cache(samples: Sequence[tuple[str, int]], image_size: int, *, interpol
     _remove_abandoned(npy)
     # Unique per build, even across hosts sharing the cache folder; os.replace makes one win.
     tmp = npy.with_name(f"{npy.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    images = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape)
-    del images  # workers open their own maps; this one only sized the file
+    try:
+        images = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape)
+        del images  # workers open their own maps; this one only sized the file
+        _allocate(tmp, npy)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     workers = max(1, min(num_workers or os.cpu_count() or 1, len(samples)))
     chunk = max(1, min(256, len(samples) // (workers * 8) or 1))
     chunks = [list(range(s, min(s + chunk, len(samples)))) for s in range(0, len(samples), chunk)]
@@ -230,6 +236,26 @@ def build_cache(samples: Sequence[tuple[str, int]], image_size: int, *, interpol
              npy, len(samples), npy.stat().st_size / 1e6, seconds, workers)
     images, _ = _open_valid(npy, meta_path, key, shape)
     return _wrap(images, samples, meta["bad"], skip_bad)
+
+
+def _allocate(tmp: Path, npy: Path) -> None:
+    """Reserve the disk blocks of a new cache file. open_memmap leaves it sparse, and a full disk
+    then shows as SIGBUS in whichever process writes a page first: a crash with no message, or
+    a pool that waits forever for the worker it killed. Reserved, it is one OSError, up front."""
+    if not hasattr(os, "posix_fallocate"):  # macOS, Windows
+        return
+    nbytes = tmp.stat().st_size
+    fd = os.open(tmp, os.O_RDWR)
+    try:
+        os.posix_fallocate(fd, 0, nbytes)
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            return  # a file system that cannot reserve (EOPNOTSUPP, EINVAL): best effort
+        why = (f"{e.strerror}: the decode cache needs {nbytes / 1e6:.0f} MB; free some, point RVF_CACHE_DIR "
+               f"(or cache_dir) elsewhere, or --set cache=false")
+        raise OSError(e.errno, why, str(npy)) from None
+    finally:
+        os.close(fd)
 
 
 def _open_valid(npy: Path, meta_path: Path, key: str, shape) -> tuple[np.ndarray, dict] | None:
