@@ -460,6 +460,13 @@ def test_a_full_disk_is_one_error_before_decoding(tmp_path, monkeypatch):
     assert e.value.filename.endswith(".npy") and not list((tmp_path / "c").iterdir())
 
 
+def test_a_cache_dir_that_is_a_file_is_named_as_such(tmp_path):
+    root = make_folder_dataset(tmp_path / "d", n=2, splits=("train",))
+    (tmp_path / "c").write_text("")
+    with pytest.raises(NotADirectoryError, match=r"the decode cache folder is a file.*RVF_CACHE_DIR"):
+        build_cache(RVF10K(root, "train").samples, 16, cache_dir=tmp_path / "c", progress=False)
+
+
 def test_cache_loader_batches(tmp_path):
     root = make_folder_dataset(tmp_path / "d", n=6)
     cached = build_cache(RVF10K(root, "train").samples, 16, cache_dir=tmp_path / "c", progress=False)

@@ -173,7 +173,11 @@ def build_cache(samples: Sequence[tuple[str, int]], image_size: int, *, interpol
         BadImageError: naming the first unreadable file, unless `skip_bad`.
     """
     cache_dir = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
-    cache_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:  # mkdir's own words, "File exists", do not say what is wrong
+        raise NotADirectoryError(errno.ENOTDIR, "the decode cache folder is a file: point RVF_CACHE_DIR "
+                                                "(or cache_dir) at a folder", str(cache_dir)) from None
     key = cache_key(samples, image_size, interpolation)
     npy = cache_dir / f"{name}-{image_size}px-{interpolation}-{key}.npy"
     meta_path = npy.with_suffix(".json")
