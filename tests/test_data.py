@@ -196,6 +196,17 @@ def test_a_folder_layouts_other_files_are_reported(tmp_path, caplog):
     assert "1 file(s) under" in caplog.text and "x.jfif" in caplog.text
 
 
+def test_a_folder_layouts_other_folders_are_reported(tmp_path, caplog):
+    root = make_folder_dataset(tmp_path, n=2, splits=("train",))
+    (root / "train/unknown").mkdir()
+    face(1).save(root / "train/unknown/u.jpg")
+    face(1).save(root / "train/loose.jpg")
+    (root / "train/.cache").mkdir()
+    with caplog.at_level(logging.WARNING):
+        assert len(RVF10K(root, "train")) == 4
+    assert "2 entr(ies) under" in caplog.text and "['loose.jpg', 'unknown']" in caplog.text
+
+
 def test_unlisted_images_are_reported(tmp_path, caplog):
     make_kaggle_dataset(tmp_path, n=2)
     face(1).save(tmp_path / "rvf10k/train/real/extra.jpg")

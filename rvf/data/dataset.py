@@ -165,7 +165,7 @@ class RVF10K(Dataset):
             raise DatasetError(
                 f"split {self.split!r} not found under {self.root} (found folders {found}, "
                 f"no {self.split}.csv){hint}")
-        samples = []
+        samples, class_dirs = [], set()
         for cls, label in self.class_to_idx.items():
             matches = sorted(p for p in split_dir.iterdir() if p.is_dir() and p.name.lower() == cls)
             if not matches:
@@ -175,6 +175,7 @@ class RVF10K(Dataset):
                 raise DatasetError(f"{split_dir} has {len(matches)} folders for class {cls!r}: "
                                    f"{[m.name for m in matches]}; merge them into one")
             class_dir = matches[0]
+            class_dirs.add(class_dir)
             # Hidden files and folders (.DS_Store, .ipynb_checkpoints/ copies) are not data.
             every = [p for p in class_dir.rglob("*")
                      if p.is_file() and not any(part.startswith(".") for part in p.relative_to(class_dir).parts)]
@@ -183,6 +184,10 @@ class RVF10K(Dataset):
                 log.warning("%d file(s) under %s are not %s images and are ignored, e.g. %s", len(others),
                             class_dir, "/".join(e.lstrip(".") for e in IMAGE_EXTENSIONS), [str(o) for o in others[:3]])
             samples += [(str(p), label) for p in files]
+        # An unknown/ folder or images loose in the split are not a class of ours: say they are left out.
+        if others := sorted(p.name for p in split_dir.iterdir() if p not in class_dirs and not p.name.startswith(".")):
+            log.warning("%d entr(ies) under %s besides its %s folders are ignored, e.g. %s",
+                        len(others), split_dir, "/".join(self.classes), others[:3])
         return samples
 
     def file_list_id(self) -> dict:
