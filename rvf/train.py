@@ -1099,8 +1099,14 @@ def _train(cfg: TrainConfig, resume: bool, overwrite: bool, held: contextlib.Exi
                 cfg = cfg.replace(epochs=run["epoch"] + 1)  # what it trained, not a lower --epochs
         if accelerator.is_main_process:
             atomic_write_text(out / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        if log_with == "wandb" and run.get("wandb_id"):
+            # A resumed run continues its W&B run (steps go on from the saved one) rather than
+            # starting a second run of the same name that holds only the epochs from here on.
+            init_kwargs["wandb"] |= {"id": run["wandb_id"], "resume": "allow"}
         accelerator.init_trackers(project, config=tracking.tracker_config(cfg.to_dict(), log_with),
                                   init_kwargs=init_kwargs)
+        if log_with == "wandb" and accelerator.is_main_process:
+            run["wandb_id"] = accelerator.get_tracker("wandb", unwrap=True).id  # saved with each epoch's state
         for note in (tracker_note, threads_note):
             if note:
                 accelerator.print(note)

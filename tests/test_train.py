@@ -894,6 +894,21 @@ def test_wandb_offline_without_credentials(data_dir, tmp_path):
     assert len(runs) == 1 and list(runs[0].glob("*.wandb"))
 
 
+def test_wandb_resume_continues_the_same_run(data_dir, tmp_path):
+    # `--resume` used to start a second W&B run of the same name, its history from the resumed
+    # epoch on only; W&B's id + resume="allow" continues the first (offline: `wandb sync` uploads
+    # both files into one run, in order).
+    pytest.importorskip("wandb")
+    out = tmp_path / "run"
+    first = ["--data-dir", str(data_dir), "--output-dir", str(out), "--epochs", "1", "--image-size", "32",
+             "--batch-size", "8", "--tracker", "wandb", "--set", "holdout=0.25", "--set", "num_sample_preds=2"]
+    for args in (first, ["--resume", str(out), "--epochs", "2"]):
+        r = _run([sys.executable, "scripts/train.py", *args], tmp_path)
+        assert r.returncode == 0, r.stderr[-3000:]
+    ids = {p.stem.removeprefix("run-") for p in (out / "wandb").glob("offline-run-*/run-*.wandb")}
+    assert len(list((out / "wandb").glob("offline-run-*"))) == 2 and len(ids) == 1, ids
+
+
 def test_wandb_settings_come_from_the_environment_and_are_checked_first(tmp_path, monkeypatch):
     pytest.importorskip("wandb")
     from rvf import tracking
