@@ -16,7 +16,8 @@ import numpy as np
 
 from rvf import CLASSES
 
-__all__ = ["TRACKERS", "project_name", "resolve_tracker", "tracker_config", "log_final_wandb"]
+__all__ = ["TRACKERS", "TrackerError", "project_name", "resolve_tracker", "tracker_config", "start_error",
+           "log_final_wandb"]
 
 log = logging.getLogger(__name__)
 
@@ -24,6 +25,10 @@ TRACKERS = ("wandb", "tensorboard", "none")
 WANDB_MODES = ("online", "offline", "disabled", "dryrun", "run", "shared")
 DEFAULT_PROJECT = "rvf"  # TrainConfig.project's default
 _WANDB_FORBIDDEN = "/\\#?%:"  # characters W&B refuses in a project name
+
+
+class TrackerError(RuntimeError):
+    """The tracker could not start its run (W&B's server unreachable, a rejected key)."""
 
 
 def project_name(cfg) -> str:
@@ -95,6 +100,16 @@ def resolve_tracker(cfg, out_dir: Path) -> tuple[str | None, dict, str | None]:
     if mode is not None:
         wandb_kwargs["mode"] = mode
     return "wandb", {"wandb": {k: v for k, v in wandb_kwargs.items() if v is not None}}, message
+
+
+def start_error(e: Exception, log_with: str | None) -> TrackerError | None:
+    """W&B's own failure to start a run (its errors are wandb.errors.*) as one line that says
+    how to train anyway; None for anything else, which is not the tracker's to explain."""
+    if log_with != "wandb" or not type(e).__module__.startswith("wandb"):
+        return None
+    first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    return TrackerError(f"W&B could not start the run ({type(e).__name__}: {first}); log offline with "
+                        "WANDB_MODE=offline (upload later with wandb sync) or train with --tracker none")
 
 
 def tracker_config(cfg_dict: dict, log_with: str | None) -> dict:

@@ -174,6 +174,7 @@ def main(args) -> int:
     from rvf.checkpoint import CheckpointError
     from rvf.data import BadImageError, DatasetError
     from rvf.data.download import DownloadError
+    from rvf.tracking import TrackerError
     from rvf.train import DivergedError, RunDirError, train
 
     cfg = None
@@ -186,7 +187,7 @@ def main(args) -> int:
     except (ConfigError, DatasetError, BadImageError, RunDirError, CheckpointError) as e:
         report(e)
         return 2
-    except (DivergedError, DownloadError) as e:  # not the input's fault: 1, as download_data.py
+    except (DivergedError, DownloadError, TrackerError) as e:  # not the input's fault: 1, as download_data.py
         report(e)
         return 1
     except ValueError as e:  # e.g. an unknown model name from the factory

@@ -909,6 +909,26 @@ def test_wandb_resume_continues_the_same_run(data_dir, tmp_path):
     assert len(list((out / "wandb").glob("offline-run-*"))) == 2 and len(ids) == 1, ids
 
 
+def test_wandb_that_cannot_start_is_one_line_saying_how_to_go_on(data_dir, tmp_path, monkeypatch):
+    # With a key set but W&B's server unreachable, wandb.init times out and raised its CommError
+    # through Accelerate as a 40-line traceback. Errors that are not W&B's stay as they are.
+    wandb = pytest.importorskip("wandb")
+    from rvf.tracking import TrackerError
+
+    monkeypatch.setenv("WANDB_MODE", "online")
+
+    def unreachable(**kwargs):
+        raise wandb.errors.CommError("Timed out while retrying: connection refused\nConsider increasing ...")
+    monkeypatch.setattr(wandb, "init", unreachable)
+    want = (r"^W&B could not start the run \(CommError: Timed out while retrying: connection refused\); "
+            r"log offline with WANDB_MODE=offline .* --tracker none$")
+    with pytest.raises(TrackerError, match=want):
+        train(_cfg(data_dir, tmp_path / "a", tracker="wandb"))
+    monkeypatch.setattr(wandb, "init", lambda **kwargs: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        train(_cfg(data_dir, tmp_path / "b", tracker="wandb"))
+
+
 def test_wandb_settings_come_from_the_environment_and_are_checked_first(tmp_path, monkeypatch):
     pytest.importorskip("wandb")
     from rvf import tracking
