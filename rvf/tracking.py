@@ -53,7 +53,7 @@ def _wandb_has_credentials() -> bool:
     if os.environ.get("WANDB_API_KEY"):
         return True
     try:
-        rc = netrc.netrc(os.environ.get("NETRC") or Path.home() / ".netrc")
+        rc = netrc.netrc(Path(os.environ.get("NETRC") or "~/.netrc").expanduser())  # NETRC=~/x as a shell would
     except (OSError, netrc.NetrcParseError):
         return False
     host = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai").split("://")[-1].rstrip("/")

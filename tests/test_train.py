@@ -929,6 +929,22 @@ def test_wandb_that_cannot_start_is_one_line_saying_how_to_go_on(data_dir, tmp_p
         train(_cfg(data_dir, tmp_path / "b", tracker="wandb"))
 
 
+def test_wandb_login_is_found_in_a_netrc_named_with_a_tilde(tmp_path, monkeypatch):
+    # NETRC=~/secrets/netrc (as set in a .env file, where no shell expands it) was not found: the
+    # run went offline though `wandb login` had stored a key there.
+    from rvf import tracking
+
+    (tmp_path / "secrets").mkdir()
+    (tmp_path / "secrets" / "netrc").write_text("machine api.wandb.ai\n  login user\n  password " + "0" * 40 + "\n")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("NETRC", "~/secrets/netrc")
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.delenv("WANDB_BASE_URL", raising=False)
+    assert tracking._wandb_has_credentials()
+    monkeypatch.setenv("NETRC", "~/secrets/none")
+    assert not tracking._wandb_has_credentials()
+
+
 def test_wandb_settings_come_from_the_environment_and_are_checked_first(tmp_path, monkeypatch):
     pytest.importorskip("wandb")
     from rvf import tracking
