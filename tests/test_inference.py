@@ -219,6 +219,20 @@ def test_gradcam_weighs_the_channels_of_any_layout(name):
     assert corr > 0.9, f"{name}: Grad-CAM map uncorrelated with the hand-computed one ({corr:.2f})"
 
 
+@pytest.mark.parametrize("name, layer", [("timm:test_vit", "blocks.5.norm1"), ("timm:test_vit2", "blocks.7")])
+def test_gradcam_of_a_vision_transformer_is_not_blank(name, layer):
+    # test_vit's head reads the class token alone (global_pool "token"), so its last block's patch
+    # tokens never reach the logits: a map read there was all zeros for every image and class.
+    # test_vit2 averages the patch tokens, so its last block is the right layer.
+    torch.manual_seed(0)
+    model = create_model(name)
+    p = Predictor(model, {"model_name": name, "classes": ["fake", "real"]}, resolve_data_config(model, image_size=64))
+    assert p.cam_layer is model.get_submodule(layer)
+    images = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8, generator=torch.Generator().manual_seed(3))
+    cams = p.gradcam(images, targets=[0, 1])  # (2, 64, 64)
+    assert all(cam.std() > 0.05 for cam in cams), [float(cam.std()) for cam in cams]
+
+
 def test_a_score_that_is_not_a_number_is_that_images_error(predictor, face_paths, monkeypatch):
     real = predictor.predict_batch
     monkeypatch.setattr(predictor, "predict_batch", lambda b: torch.cat([torch.tensor([float("nan")]), real(b[1:])]))

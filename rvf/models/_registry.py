@@ -252,7 +252,10 @@ def get_cam_layer(model: nn.Module) -> nn.Module:
         1. rvf models: `model.pretrained_cfg["cam_layer"]`, a `get_submodule` path.
         2. timm models: the module of the last `model.feature_info` entry (timm's own record
            of its feature stages, e.g. `layer4` for resnet18, `stages.3` for convnext_nano,
-           `blocks.6` for efficientnet_b0).
+           `blocks.6` for efficientnet_b0). A transformer whose head reads only the class
+           token (`global_pool="token"`: ViT, DeiT) gets that last block's `norm1` instead,
+           the input to its attention: the block's own patch-token outputs never reach
+           the head, so their gradient, and every Grad-CAM map read there, is zero.
         3. otherwise: the module whose output `forward_features` returns, found by one
            forward pass of a zero image of `pretrained_cfg["input_size"]` (default 224 px)
            with hooks on every submodule; the outermost such module wins (e.g. a stage rather
@@ -274,9 +277,14 @@ def get_cam_layer(model: nn.Module) -> nn.Module:
     feature_info = getattr(model, "feature_info", None)
     if isinstance(feature_info, (list, tuple)) and feature_info and feature_info[-1].get("module"):
         try:
-            return model.get_submodule(feature_info[-1]["module"])
+            layer = model.get_submodule(feature_info[-1]["module"])
         except AttributeError:
             pass  # a name timm derived differently from the module tree: use the fallback
+        else:
+            # As pytorch-grad-cam's ViT recipe (`model.blocks[-1].norm1`): see the docstring.
+            if getattr(model, "global_pool", None) == "token" and isinstance(getattr(layer, "norm1", None), nn.Module):
+                return layer.norm1
+            return layer
     return _forward_features_module(model, cfg.get("input_size", (3, 224, 224)))
 
 
