@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import warnings
 from pathlib import Path
 
@@ -80,6 +81,22 @@ def _adaptive_max_pool2d(x: torch.Tensor, output_size) -> tuple[torch.Tensor, to
 _ONNX_DECOMPOSITIONS = {torch.ops.aten.adaptive_max_pool2d.default: _adaptive_max_pool2d}
 
 
+_ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def _cause_line(e: BaseException) -> str:
+    """Return "Type: first line" of the exception at the root of `e`'s chain.
+
+    Exporters wrap the cause in pages of advice and graph dumps: torch.onnx's ConversionError runs
+    to 20 lines of colour codes, next steps and "Original traceback", and the one line that says
+    what went wrong is its cause's; torch.export's data-dependent guard error is 16 lines.
+    """
+    while e.__cause__ is not None:
+        e = e.__cause__
+    lines = [line.strip() for line in _ANSI_ESCAPE.sub("", str(e)).splitlines() if line.strip()]
+    return f"{type(e).__name__}: {lines[0]}" if lines else type(e).__name__
+
+
 def default_output(checkpoint: str | os.PathLike, fmt: str) -> Path:
     """Return where an export goes unless told: beside the weights, e.g. `DIR/model.onnx`."""
     return Path(checkpoint) / FORMATS[fmt]
@@ -133,7 +150,7 @@ def export_checkpoint(checkpoint: str | os.PathLike, fmt: str, output: str | os.
                 with atomic_path(output) as tmp:
                     torch.jit.save(traced, str(tmp), _extra_files={"model.json": meta_json})
     except Exception as e:  # exporters raise many types; name the model and keep the cause
-        raise ExportError(f"{fmt} export of {meta['model_name']!r} failed: {type(e).__name__}: {e}") from e
+        raise ExportError(f"{fmt} export of {meta['model_name']!r} failed: {_cause_line(e)}") from e
     return output
 
 
@@ -194,7 +211,7 @@ def check_parity(path: str | os.PathLike, fmt: str, checkpoint: str | os.PathLik
         run, _ = load_exported(path, fmt)
         got = run(images.numpy())
     except Exception as e:  # ImportError, onnxruntime's and TorchScript's many error types
-        raise ExportError(f"{path}: cannot run the {fmt} file to check it: {type(e).__name__}: {e}") from e
+        raise ExportError(f"{path}: cannot run the {fmt} file to check it: {_cause_line(e)}") from e
     diff = float(np.abs(got - expected).max())
     if not diff <= atol:  # also catches NaN
         raise ExportError(f"{path}: {fmt} probabilities differ from PyTorch's by {diff:.3g} (> atol {atol:g})")

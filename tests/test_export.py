@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import ROOT, make_checkpoint
+from torch import nn
 
 from rvf.export import DEFAULT_ATOL, ExportError, check_parity, default_output, export_checkpoint, load_exported
 from rvf.inference import Predictor
@@ -124,3 +125,31 @@ def test_a_file_that_cannot_be_run_fails_the_check_as_an_export_error(checkpoint
     monkeypatch.setattr(rvf.export, "load_exported", broken)
     with pytest.raises(ExportError, match="cannot run the torchscript file to check it: ImportError"):
         check_parity(out, "torchscript", checkpoint)
+
+
+class BranchOnPixels(nn.Module):
+    """A model torch.export cannot capture: which branch runs depends on the pixels."""
+
+    def __init__(self, num_classes: int = 2):
+        super().__init__()
+        self.fc = nn.Linear(3, num_classes)
+
+    def forward(self, x):
+        x = x.mean((2, 3))  # (B, 3)
+        return self.fc(x if x.mean() > 0 else -x)
+
+
+def test_a_model_that_cannot_export_fails_in_one_line(tmp_path, capsys, monkeypatch):
+    # torch.export's own message for it is 16 lines (a graph dump); torch.onnx's ConversionError,
+    # e.g. for timm:test_vit_relpos, 20 lines of colour codes, advice and "Original traceback".
+    import rvf.models._registry as registry
+
+    monkeypatch.setitem(registry._model_entrypoints, "branch_on_pixels",
+                        lambda pretrained=False, **kwargs: BranchOnPixels(**kwargs))
+    ckpt = make_checkpoint(tmp_path / "ckpt", "branch_on_pixels", image_size=16)
+    with pytest.raises(ExportError) as e:
+        export_checkpoint(ckpt, "onnx", tmp_path / "m.onnx")
+    assert str(e.value).startswith("onnx export of 'branch_on_pixels' failed: ") and "\n" not in str(e.value)
+    assert "data-dependent" in str(e.value), str(e.value)  # the cause's own line, not the wrapper's advice
+    code, out, err = run_script(capsys, "--checkpoint", ckpt, "--format", "onnx")
+    assert code == 1 and [line for line in err.splitlines() if line.startswith("error:")] == [f"error: {e.value}"]
