@@ -54,7 +54,8 @@ def main(args) -> int:
             print(f"error: {e}", file=sys.stderr)
         return 2
     except OSError as e:
-        print(f"error: {e.strerror or e} ({e.filename})", file=sys.stderr)
+        if not getattr(e, "reported_elsewhere", False):  # e.g. a full disk while the main process decodes
+            print(f"error: {e.strerror or e} ({e.filename})", file=sys.stderr)
         return 1
     return 0
 

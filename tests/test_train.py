@@ -1335,6 +1335,32 @@ def test_an_unreadable_image_stops_two_scoring_processes_with_one_message(data_d
     assert r.returncode == 1 and "2" in codes and set(codes) <= {"2", "-15"}, r.stderr[-3000:]
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("script", ["evaluate", "ensemble"])
+def test_a_cache_folder_error_stops_two_scoring_processes_with_one_message(data_dir, tmp_path, script):
+    # An OSError the main process meets while it decodes first (a full disk, a cache folder under
+    # a file) reaches the other through all_or_none too, which printed it again: two error lines.
+    import re
+
+    run = tmp_path / "a"
+    train(_cfg(data_dir, tmp_path, epochs=1, output_dir=str(run)))
+    shutil.copytree(run, tmp_path / "b")  # an ensemble's second member
+    (tmp_path / "file").write_text("")
+    args = ({"evaluate": ["--checkpoint", str(run), "--output-dir", str(tmp_path / "eval")],
+             "ensemble": ["--checkpoints", str(run), str(tmp_path / "b")]}[script])
+    logs = tmp_path / "logs"
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+              "--monitor-interval", "5", "--log-dir", str(logs), "--redirects", "2"]
+    r = _run([*launch, f"scripts/{script}.py", "--data-dir", str(data_dir), "--cache-dir",
+              str(tmp_path / "file" / "cache"), *args], tmp_path, timeout=120, ACCELERATE_USE_CPU="1")
+    stderr = {int(f.parent.name): f.read_text() for f in logs.glob("*/attempt_0/*/stderr.log")}
+    assert sorted(stderr) == [0, 1], r.stderr[-3000:]
+    errors = re.findall(r"error: [^\r\n]*", stderr[0])
+    assert len(errors) == 1 and errors[0].startswith("error: Not a directory"), stderr
+    assert "Traceback" not in stderr[1] and "error:" not in stderr[1], stderr
+    assert r.returncode == 1, r.stderr[-3000:]
+
+
 def test_an_error_mid_epoch_closes_the_progress_bar(tmp_path):
     # A bar left open keeps its line: the error's message was printed onto the end of it.
     import io
