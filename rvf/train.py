@@ -1103,13 +1103,16 @@ def _train(cfg: TrainConfig, resume: bool, overwrite: bool, held: contextlib.Exi
             # A resumed run continues its W&B run (steps go on from the saved one) rather than
             # starting a second run of the same name that holds only the epochs from here on.
             init_kwargs["wandb"] |= {"id": run["wandb_id"], "resume": "allow"}
-        try:
-            accelerator.init_trackers(project, config=tracking.tracker_config(cfg.to_dict(), log_with),
-                                      init_kwargs=init_kwargs)
-        except Exception as e:  # W&B's server unreachable with a key set: a timeout, then a traceback
-            if (explained := tracking.start_error(e, log_with)) is None:
-                raise
-            raise explained from e
+        # The trackers start in the main process alone: one that fails there stops the others with
+        # it, rather than leaving them to die in the first step's all-reduce.
+        with all_or_none(accelerator):
+            try:
+                accelerator.init_trackers(project, config=tracking.tracker_config(cfg.to_dict(), log_with),
+                                          init_kwargs=init_kwargs)
+            except Exception as e:  # W&B's server unreachable with a key set: a timeout, then a traceback
+                if (explained := tracking.start_error(e, log_with)) is None:
+                    raise
+                raise explained from e
         if log_with == "wandb" and accelerator.is_main_process:
             run["wandb_id"] = accelerator.get_tracker("wandb", unwrap=True).id  # saved with each epoch's state
         for note in (tracker_note, threads_note):

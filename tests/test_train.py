@@ -1254,6 +1254,43 @@ def test_two_processes_on_the_dataloader_path_share_out_one_shuffle(data_dir, tm
     assert [h["lr"] for h in m["history"]] == pytest.approx([1e-3, 1e-5 + (1e-3 - 1e-5) / 2], rel=1e-9)
 
 
+# Run under torchrun: scripts/train.py with a W&B whose server cannot be reached.
+WANDB_UNREACHABLE = """
+import os, sys
+root = sys.argv.pop(1)
+sys.path[:0] = [root, os.path.join(root, "scripts")]
+import wandb
+def unreachable(**kwargs):
+    raise wandb.errors.CommError("Timed out while retrying: connection refused")
+wandb.init = unreachable
+import train
+sys.exit(train.main(train.get_args_parser().parse_args()))
+"""
+
+
+@pytest.mark.slow
+def test_wandb_that_cannot_start_stops_two_processes_with_one_message(data_dir, tmp_path):
+    # W&B starts in the main process alone: its TrackerError left the other process to train on
+    # into the first all-reduce and die there ("error: process 1 stopped: another process failed").
+    import re
+
+    pytest.importorskip("wandb")
+    probe = tmp_path / "probe.py"
+    probe.write_text(WANDB_UNREACHABLE)
+    logs = tmp_path / "logs"
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+              "--monitor-interval", "5", "--log-dir", str(logs), "--redirects", "2"]
+    r = _run([*launch, str(probe), str(ROOT), "--data-dir", str(data_dir), "--output-dir", str(tmp_path / "run"),
+              "--epochs", "1", "--image-size", "32", "--batch-size", "4", "--tracker", "wandb"],
+             tmp_path, timeout=300, ACCELERATE_USE_CPU="1", WANDB_MODE="online")
+    stderr = {int(f.parent.name): f.read_text() for f in logs.glob("*/attempt_0/*/stderr.log")}
+    assert sorted(stderr) == [0, 1], r.stderr[-3000:]
+    errors = re.findall(r"error: [^\r\n]*", stderr[0])
+    assert len(errors) == 1 and errors[0].startswith("error: W&B could not start the run"), stderr
+    assert "Traceback" not in stderr[1] and "error:" not in stderr[1], stderr
+    assert r.returncode == 1, r.stderr[-3000:]
+
+
 @pytest.mark.slow
 def test_bad_input_stops_two_processes_with_one_message(data_dir, tmp_path):
     # A check only the main process makes (a resume's batch size: the others used to die at the
