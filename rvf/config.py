@@ -346,8 +346,12 @@ def _apply(cfg: TrainConfig, changes: dict, source: str) -> TrainConfig:
     return dataclasses.replace(cfg, **checked)
 
 
-def _yaml_problem(e: yaml.YAMLError) -> str:
+def _yaml_problem(e: yaml.YAMLError, text: str) -> str:
     """PyYAML's error in one line, e.g. "line 2, column 7: found character '\\t' that cannot start any token"."""
+    if isinstance(e, yaml.reader.ReaderError):  # a control character: PyYAML gives an offset, on a line of its own
+        line, start = text.count("\n", 0, e.position), text.rfind("\n", 0, e.position) + 1
+        return (f"line {line + 1}, column {e.position - start + 1}: unacceptable character #x{e.character:04x}: "
+                f"{e.reason}")
     mark, problem = getattr(e, "problem_mark", None), getattr(e, "problem", None)
     if problem is None:
         return str(e)
@@ -365,7 +369,7 @@ def parse_override(text: str) -> tuple[str, Any]:
     try:
         value = yaml.load(raw, Loader=_UniqueKeyLoader) if raw.strip() else None
     except yaml.YAMLError as e:
-        raise ConfigError(f"override {text!r}: value is not valid YAML ({_yaml_problem(e)})") from None
+        raise ConfigError(f"override {text!r}: value is not valid YAML ({_yaml_problem(e, raw)})") from None
     return key, value
 
 
@@ -385,12 +389,13 @@ def load_config(path: str | Path | None = None, overrides: dict | None = None,
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist")
         try:
-            data = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader) or {}
+            text = path.read_text(encoding="utf-8")
+            data = yaml.load(text, Loader=_UniqueKeyLoader) or {}
         except UnicodeDecodeError as e:  # a Latin-1 file, or weights passed as --config
             raise ConfigError(f"config file {path} is not UTF-8 text (byte {e.object[e.start]:#04x} at offset "
                               f"{e.start}): save it as UTF-8") from None
         except yaml.YAMLError as e:
-            raise ConfigError(f"config file {path} is not valid YAML: {_yaml_problem(e)}") from None
+            raise ConfigError(f"config file {path} is not valid YAML: {_yaml_problem(e, text)}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"config file {path} must hold a mapping of key: value, got {type(data).__name__}")
         cfg = _apply(cfg, data, str(path))

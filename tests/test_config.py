@@ -71,6 +71,19 @@ def test_malformed_yaml_is_one_line_naming_the_place(tmp_path):
         parse_override("epochs=[1")
 
 
+def test_a_control_character_is_one_line_naming_the_place(tmp_path):
+    """PyYAML's ReaderError has no line: "unacceptable character ...", then "in ..., position N" below it."""
+    f = tmp_path / "c.yaml"
+    f.write_text("model: lenet\nrun_name: a\x1b[0mb\n")  # a colour code pasted from a terminal
+    with pytest.raises(ConfigError) as e:
+        load_config(f)
+    assert str(e.value) == (f"config file {f} is not valid YAML: line 2, column 12: "
+                            "unacceptable character #x001b: special characters are not allowed")
+    with pytest.raises(ConfigError, match=r"^override 'model_args=\{a: \\x07\}': value is not valid YAML "
+                                          r"\(line 1, column 5: unacceptable character #x0007: .*\)$"):
+        parse_override("model_args={a: \x07}")
+
+
 def test_a_config_that_is_not_utf8_names_the_file(tmp_path):
     f = tmp_path / "c.yaml"
     f.write_bytes("run_name: café\n".encode("latin-1"))
