@@ -113,6 +113,9 @@ def main(args) -> int:
     except (DatasetError, BadImageError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # the decode cache's: a full disk (reserved up front), a cache folder it cannot make
+        print(f"error: {e.strerror or e} ({e.filename})", file=sys.stderr)
+        return 1
 
     results, all_pairs = [], []
     for name, query, samples in comparisons:

@@ -106,3 +106,20 @@ def test_script_names_an_output_dir_it_cannot_write_before_any_work(tmp_path, ca
     err = capsys.readouterr().err
     assert err.startswith("error: cannot write there: ") and str(tmp_path / "a_file") in err
     assert not (tmp_path / "cache").exists()  # refused before decoding a single image
+
+
+def test_script_names_a_decode_cache_it_cannot_write_in_one_line(tmp_path, capsys, monkeypatch):
+    # build_cache's OSError (here a full disk, found when it reserves the file) was a traceback.
+    import errno
+    import os
+
+    data = make_dataset(tmp_path / "data", n_train=4, n_valid=2)
+
+    def full(fd, offset, length):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    monkeypatch.setattr(os, "posix_fallocate", full, raising=False)
+    args = near_duplicates.get_args_parser().parse_args(
+        ["--data-dir", str(data), "--cache-dir", str(tmp_path / "cache"), "--num-workers", "0"])
+    assert near_duplicates.main(args) == 1
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(err) == 1 and err[0].startswith("error: No space left on device: the decode cache needs"), err
