@@ -245,7 +245,9 @@ def build_cache(samples: Sequence[tuple[str, int]], image_size: int, *, interpol
 def _allocate(tmp: Path, npy: Path) -> None:
     """Reserve the disk blocks of a new cache file. open_memmap leaves it sparse, and a full disk
     then shows as SIGBUS in whichever process writes a page first: a crash with no message, or
-    a pool that waits forever for the worker it killed. Reserved, it is one OSError, up front."""
+    a pool that waits forever for the worker it killed. Reserved, it is one OSError, up front.
+    (glibc emulates the call on file systems without it, NFSv3 or FUSE, by writing a byte to
+    every block: slower there, once per build, but still a reservation.)"""
     if not hasattr(os, "posix_fallocate"):  # macOS, Windows
         return
     nbytes = tmp.stat().st_size
@@ -254,8 +256,8 @@ def _allocate(tmp: Path, npy: Path) -> None:
         os.posix_fallocate(fd, 0, nbytes)
     except OSError as e:
         if e.errno not in (errno.ENOSPC, errno.EDQUOT):
-            return  # a file system that cannot reserve (EOPNOTSUPP, EINVAL): best effort
-        why = (f"{e.strerror}: the decode cache needs {nbytes / 1e6:.0f} MB; free some, point RVF_CACHE_DIR "
+            return  # the call refused (EOPNOTSUPP, EINVAL): decode unreserved, as before
+        why = (f"{e.strerror}: the decode cache needs {nbytes / 1e6:.1f} MB; free some, point RVF_CACHE_DIR "
                f"(or cache_dir) elsewhere, or --set cache=false")
         raise OSError(e.errno, why, str(npy)) from None
     finally:
