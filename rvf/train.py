@@ -973,6 +973,12 @@ def _train(cfg: TrainConfig, resume: bool, overwrite: bool, held: contextlib.Exi
             # The loop steps the optimizer every batch; Accelerate would still divide each loss.
             raise ConfigError(f"gradient accumulation ({accelerator.gradient_accumulation_steps} steps, from the "
                               "Accelerate config) is not supported: raise batch_size, or add processes")
+        if accelerator.mixed_precision == "fp16" and accelerator.device.type == "cpu":
+            # Accelerate has no fp16 autocast on a CPU: the run would train in fp32 and record fp16.
+            asked = cfg.mixed_precision
+            source = "" if asked == "fp16" else f" (the launcher's, for mixed_precision: {asked})"
+            raise ConfigError(f"mixed_precision fp16{source} needs a GPU: on a CPU Accelerate trains in fp32 instead "
+                              "and the run would record fp16; use bf16 or no")
         if cfg.cuda_graph:  # by the optimizer's name; its built flags are checked below
             refuse_cuda_graph(cuda_graph_problems(
                 accelerator.device, cfg.optimizer, num_processes=accelerator.num_processes,

@@ -730,6 +730,20 @@ def test_one_process_can_train_in_two_precisions(data_dir, tmp_path):
     assert (first["mixed_precision"], second["mixed_precision"]) == ("no", "bf16")
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="fp16 autocast exists on a GPU")
+def test_fp16_on_a_cpu_is_refused_rather_than_trained_in_fp32(data_dir, tmp_path, monkeypatch):
+    from rvf.config import ConfigError
+
+    # Accelerate has no fp16 autocast on a CPU: such a run trained in fp32, bit for bit, and
+    # its banner and metrics.json said fp16.
+    with pytest.raises(ConfigError, match="^mixed_precision fp16 needs a GPU.*use bf16 or no"):
+        train(_cfg(data_dir, tmp_path, epochs=1, mixed_precision="fp16"))
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "fp16")  # `auto` takes the launcher's choice
+    with pytest.raises(ConfigError, match=r"fp16 \(the launcher's, for mixed_precision: auto\) needs a GPU"):
+        train(_cfg(data_dir, tmp_path, epochs=1))
+    assert not (tmp_path / "run").exists()
+
+
 def test_training_scores_in_fp32_as_evaluate_does(data_dir, tmp_path):
     # Training under bf16 autocast; its holdout/valid scoring, threshold included, must be what
     # evaluate.py, predict.py and the app (fp32) reproduce from the saved model.
