@@ -1153,8 +1153,10 @@ def _train(cfg: TrainConfig, resume: bool, overwrite: bool, held: contextlib.Exi
             # surface as an sklearn error about its input, or as a run that silently learns nothing.
             if not (np.isfinite(stats["loss"]) and np.isfinite(probs).all()):
                 kept = f" {out} keeps the best model and the saved state of the epochs before." if epoch else ""
-                raise DivergedError(f"epoch {epoch + 1}: training diverged (train loss {stats['loss']:.4g}); lower lr, "
-                                    f"set grad_clip, or train in fp32 (--mixed-precision no).{kept}")
+                fixes = ("lower lr or set grad_clip" if accelerator.mixed_precision == "no" else
+                         "lower lr, set grad_clip, or train in fp32 (--mixed-precision no)")  # not in fp32 already
+                raise DivergedError(f"epoch {epoch + 1}: training diverged (train loss {stats['loss']:.4g}); "
+                                    f"{fixes}.{kept}")
             # Scored at the threshold this epoch's model would be saved with (accuracy: at 0.5).
             threshold = calibrate_threshold(labels, probs[:, 0]) if selecting else 0.5
             hold = (classification_metrics(labels, probs, threshold=threshold, loss=loss) if selecting

@@ -1109,6 +1109,7 @@ def test_a_diverged_run_stops_with_one_clear_message(data_dir, tmp_path):
     r = _run([sys.executable, "scripts/train.py", *base], tmp_path)
     assert r.returncode == 1, r.stderr[-2000:]
     assert "epoch 1: training diverged" in r.stderr and "lower lr" in r.stderr and "Traceback" not in r.stderr
+    assert "train in fp32" not in r.stderr  # it trained in fp32 already
 
 
 def test_unwritable_output_dir(data_dir, tmp_path):
