@@ -924,6 +924,9 @@ def _train(cfg: TrainConfig, resume: bool, overwrite: bool, held: contextlib.Exi
     mixup = build_mixup(cfg, num_classes=len(CLASSES))  # here, so bad settings fail before any decoding
     if cfg.sam_rho < 0:
         raise ConfigError(f"sam_rho is SAM's neighbourhood radius (e.g. 0.05; 0 = off), got {cfg.sam_rho}")
+    if cfg.scheduler == "cosine" and cfg.min_lr > cfg.lr:  # the "floor" would be the peak: lr climbs to it
+        raise ConfigError(f"min_lr {cfg.min_lr:g} is above lr {cfg.lr:g}: the cosine schedule would climb to it "
+                          "instead of decaying; set min_lr below lr")
     log_with, init_kwargs, tracker_note = tracking.resolve_tracker(cfg, out)
     project = tracking.project_name(cfg)
     # PartialState is the process/device state the Accelerator below will share; its device

@@ -1092,6 +1092,7 @@ def test_ctrl_c_says_where_the_run_stands_and_how_to_go_on(tmp_path, monkeypatch
     (["--set", "lr=fast"], "lr must be a number"),
     (["--set", "mixup=0.2", "--batch-size", "7"], "mixup/cutmix need an even batch_size, got 7"),
     (["--set", "cutmix=-1"], "cutmix is a Beta distribution's alpha and must be >= 0"),
+    (["--set", "scheduler=cosine", "--set", "min_lr=1e-3"], "min_lr 0.001 is above lr 0.0001"),
     (["--resume", "runs/x"], "--resume runs/x continues in that folder; drop --output-dir"),
     (["--image-size", "8"], "image_size 8: model lenet cannot take 8px images"),
     (["--set", "project=team/rvf"], "project 'team/rvf' is not a valid project name"),
