@@ -91,9 +91,9 @@ def evaluate_ensemble(checkpoints: list[str | Path], data_dir: str | Path, outpu
     from torch.utils.data import DataLoader
 
     from rvf import reports
-    from rvf.checkpoint import CheckpointError, load_pretrained, meta_threshold, read_meta, weights_sha256
+    from rvf.checkpoint import META_NAME, CheckpointError, load_pretrained, meta_threshold, read_meta, weights_sha256
     from rvf.data import RVF10K, build_eval_transform, check_same_train, collate_batch
-    from rvf.train import all_or_none, check_launch, evaluate, load_splits, use_cpu_threads
+    from rvf.train import all_or_none, check_launch, evaluate, load_splits, run_exists, use_cpu_threads
     from rvf.utils import device_name
 
     checkpoints = [Path(c) for c in checkpoints]
@@ -101,6 +101,11 @@ def evaluate_ensemble(checkpoints: list[str | Path], data_dir: str | Path, outpu
         raise EnsembleError(f"an ensemble needs at least two checkpoints, got {len(checkpoints)}")
     if len({c.resolve() for c in checkpoints}) < len(checkpoints):
         raise EnsembleError(f"the same run is listed twice in {[str(c) for c in checkpoints]}")
+    if output_dir is not None and (run_exists(Path(output_dir)) or (Path(output_dir) / META_NAME).exists()):
+        # Its metrics.json and reports would be replaced by the ensemble's, and its ensemble.json
+        # would make predict.py and the app serve the ensemble in the run's place.
+        raise EnsembleError(f"output dir {output_dir} holds a training run: the ensemble's reports would replace "
+                            f"its own; give the ensemble a folder of its own")
     # Every member is checked before any is scored: a typo in the last of eight costs nothing.
     configs = [_member_config(c, read_meta(c), data_dir, cache_dir) for c in checkpoints]
     first = (checkpoints[0], configs[0])

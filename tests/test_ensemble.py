@@ -219,6 +219,20 @@ def test_every_member_is_checked_before_any_is_scored(runs, monkeypatch):
         evaluate_ensemble([tmp / "lenet", tmp / "alexnet", tmp / "lenet_seed7"], data, cache_dir=str(tmp / "cache"))
 
 
+def test_an_ensemble_is_not_written_into_a_training_run(runs, monkeypatch):
+    """--output-dir a member's folder replaced its metrics.json and made predict.py serve the ensemble."""
+    import rvf.train
+
+    tmp, data, _ = runs
+    before = (tmp / "lenet" / "metrics.json").read_bytes()
+    monkeypatch.setattr(rvf.train, "evaluate", lambda *a, **k: pytest.fail("scored a member before refusing"))
+    for out in (tmp / "lenet", tmp / "lenet_seed7"):  # a member, or any other run
+        with pytest.raises(EnsembleError, match=f"output dir {re.escape(str(out))} holds a training run"):
+            evaluate_ensemble([tmp / "lenet", tmp / "alexnet"], data, out, cache_dir=str(tmp / "cache"))
+    assert (tmp / "lenet" / "metrics.json").read_bytes() == before
+    assert not (tmp / "lenet" / "ensemble.json").exists() and not (tmp / "lenet_seed7" / "ensemble.json").exists()
+
+
 def test_cli_prints_members_and_ensemble(runs):
     tmp, data, _ = runs
     cmd = [sys.executable, "scripts/ensemble.py", "--data-dir", str(data), "--cache-dir", str(tmp / "cache")]
