@@ -67,6 +67,26 @@ def fetch_pretrained(path: Path, cfg) -> list[str]:
     return []
 
 
+def check_model(path: Path, cfg) -> list[str]:
+    """Build the config's model (no weights) and pass it one image of its size, as train.py does before decoding.
+
+    A typo in a model name or model_args, or a size the model cannot take, fails here rather
+    than after the configs before it have trained.
+    """
+    from rvf.config import ConfigError
+    from rvf.data import resolve_data_config
+    from rvf.models import create_model
+    from rvf.train import check_input_size
+
+    try:
+        model = create_model(cfg.model, **{"num_classes": 2, **cfg.model_args})
+        image_size = resolve_data_config(model, image_size=cfg.image_size).image_size
+        check_input_size(model, cfg.model, image_size, cfg.crop_size)
+    except (ConfigError, ValueError, TypeError, RuntimeError) as e:
+        return [f"{path}: {(str(e).splitlines() or [type(e).__name__])[0]}"]
+    return []
+
+
 def main(args) -> int:
     from rvf.config import ConfigError, load_config, parse_override
     from rvf.data import RVF10K, DatasetError
@@ -88,7 +108,10 @@ def main(args) -> int:
         except ConfigError as e:
             problems.append(str(e))
             continue
-        if resolved.pretrained and not resolved.pretrained_file and not done(cfg):
+        if done(cfg):
+            continue
+        problems += check_model(cfg, resolved)
+        if resolved.pretrained and not resolved.pretrained_file:
             problems += fetch_pretrained(cfg, resolved)
     stems = [cfg.stem for cfg in configs]
     problems += [f"two configs are named {s}.yaml: their runs would share {args.output_root / s}"

@@ -138,6 +138,22 @@ def test_zoo_checks_every_config_before_training_any(tmp_path):
     assert r.returncode == 2 and "--configs" in r.stderr and "--leaderboard-only" in r.stderr
 
 
+def test_zoo_builds_every_model_before_training_any(tmp_path):
+    # A typo in the last config's model name (or a crop its model cannot take) failed only once the
+    # runs before it had trained: load_config does not build the model, train.py did, at its start.
+    (tmp_path / "typo.yaml").write_text("model: lenett\n")
+    (tmp_path / "crop.yaml").write_text("model: lenet\nimage_size: 32\ncrop_size: 48\n")
+    (tmp_path / "args.yaml").write_text("model: lenet\nmodel_args: {drop_rat: 0.1}\n")
+    r = subprocess.run([sys.executable, "scripts/train_zoo.py", "--configs", str(ROOT / "configs" / "lenet.yaml"),
+                        *(str(tmp_path / f"{n}.yaml") for n in ("typo", "crop", "args")),
+                        "--output-root", str(tmp_path / "zoo")],
+                       capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert r.returncode == 2 and not (tmp_path / "zoo").exists(), r.stderr[-2000:]  # nothing trained
+    lines = r.stderr.splitlines()
+    assert len(lines) == 3 and all(line.startswith(f"error: {tmp_path}") for line in lines), lines
+    assert "Unknown model 'lenett'" in lines[0] and "crop_size 48" in lines[1] and "drop_rat" in lines[2]
+
+
 def test_zoo_fetches_pretrained_weights_before_training_any(tmp_path):
     # Offline (HF_HUB_OFFLINE: no network call at all, on any machine), a pretrained config late
     # in the zoo fails at once instead of after the configs before it have trained.
