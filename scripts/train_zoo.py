@@ -68,21 +68,26 @@ def fetch_pretrained(path: Path, cfg) -> list[str]:
 
 
 def check_model(path: Path, cfg) -> list[str]:
-    """Build the config's model (no weights) and pass it one image of its size, as train.py does before decoding.
+    """Build the config's model (no weights), pass it one image of its size and load its teachers,
+    as train.py does before decoding.
 
-    A typo in a model name or model_args, or a size the model cannot take, fails here rather
-    than after the configs before it have trained.
+    A typo in a model name, model_args or a teacher's folder, a size the model cannot take or a
+    teacher that does not fit the run fails here rather than after the configs before it have trained.
     """
+    from rvf import CLASSES
+    from rvf.checkpoint import CheckpointError
     from rvf.config import ConfigError
     from rvf.data import resolve_data_config
+    from rvf.distill import load_teachers
     from rvf.models import create_model
     from rvf.train import check_input_size
 
     try:
-        model = create_model(cfg.model, **{"num_classes": 2, **cfg.model_args})
-        image_size = resolve_data_config(model, image_size=cfg.image_size).image_size
-        check_input_size(model, cfg.model, image_size, cfg.crop_size)
-    except (ConfigError, ValueError, TypeError, RuntimeError) as e:
+        model = create_model(cfg.model, **{"num_classes": len(CLASSES), **cfg.model_args})
+        data_cfg = resolve_data_config(model, image_size=cfg.image_size, interpolation=cfg.interpolation)
+        check_input_size(model, cfg.model, data_cfg.image_size, cfg.crop_size)
+        load_teachers(cfg, data_cfg, CLASSES, "cpu")
+    except (ConfigError, CheckpointError, ValueError, TypeError, RuntimeError) as e:
         return [f"{path}: {(str(e).splitlines() or [type(e).__name__])[0]}"]
     return []
 

@@ -154,6 +154,17 @@ def test_zoo_builds_every_model_before_training_any(tmp_path):
     assert "Unknown model 'lenett'" in lines[0] and "crop_size 48" in lines[1] and "drop_rat" in lines[2]
 
 
+def test_zoo_loads_every_configs_teachers_before_training_any(tmp_path):
+    # A teacher folder with a typo (or at another size) failed only when its config's turn came.
+    (tmp_path / "student.yaml").write_text(f"model: lenet\nteachers: [{tmp_path / 'no_such_run'}]\n")
+    r = subprocess.run([sys.executable, "scripts/train_zoo.py", "--configs", str(ROOT / "configs" / "lenet.yaml"),
+                        str(tmp_path / "student.yaml"), "--output-root", str(tmp_path / "zoo")],
+                       capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert r.returncode == 2 and not (tmp_path / "zoo").exists(), r.stderr[-2000:]  # nothing trained
+    assert r.stderr == (f"error: {tmp_path / 'student.yaml'}: teacher {tmp_path / 'no_such_run'} (the teachers key): "
+                        f"checkpoint folder {tmp_path / 'no_such_run'} does not exist\n")
+
+
 def test_zoo_fetches_pretrained_weights_before_training_any(tmp_path):
     # Offline (HF_HUB_OFFLINE: no network call at all, on any machine), a pretrained config late
     # in the zoo fails at once instead of after the configs before it have trained.
