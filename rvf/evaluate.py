@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from rvf.checkpoint import CheckpointError, load_pretrained, meta_threshold
+from rvf.checkpoint import META_NAME, CheckpointError, load_pretrained, meta_threshold
 from rvf.data import RVF10K, DatasetError, build_cache, build_eval_transform
 from rvf.metrics import classification_metrics
 from rvf.utils import output_folder
@@ -33,7 +33,7 @@ def evaluate_checkpoint(checkpoint: str | Path, data_dir: str | Path, split: str
 
     from rvf import reports
     from rvf.data import collate_batch
-    from rvf.train import all_or_none, check_launch, evaluate, use_cpu_threads
+    from rvf.train import all_or_none, check_launch, evaluate, run_exists, use_cpu_threads
     from rvf.utils import device_name
 
     accelerator = Accelerator()
@@ -43,6 +43,11 @@ def evaluate_checkpoint(checkpoint: str | Path, data_dir: str | Path, split: str
         accelerator.print(note)
     checkpoint = Path(checkpoint)
     output_dir = Path(output_dir) if output_dir else checkpoint / f"eval-{split}"
+    if run_exists(output_dir) or (output_dir / META_NAME).exists():
+        # Its metrics.json and reports would be replaced by this split's scores.
+        raise CheckpointError(f"output dir {output_dir} holds a training run: the evaluation's reports would "
+                              f"replace its own; give the evaluation a folder of its own (default "
+                              f"{checkpoint / f'eval-{split}'})")
     model, meta, data_cfg = load_pretrained(checkpoint)
     # Made now: a bad path must not cost the whole evaluation. Removed again if the evaluation
     # fails, so a failed run leaves no empty eval-SPLIT folder behind to pass for a result.

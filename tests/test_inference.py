@@ -2,6 +2,7 @@
 
 import io
 import json
+import re
 import threading
 
 import numpy as np
@@ -362,6 +363,25 @@ def test_a_failed_evaluation_leaves_no_empty_report_folder(tmp_path):
         with pytest.raises(DatasetError):
             evaluate_checkpoint(ckpt, data, "test", output_dir=out, cache_dir=str(tmp_path / "cache"))
     assert not (tmp_path / "made").exists() and (tmp_path / "kept").is_dir()
+
+
+def test_evaluate_is_not_written_into_a_training_run(tmp_path):
+    # --output-dir RUN replaced the run's metrics.json with the evaluation's, which the
+    # leaderboard then left out (no best epoch) and publish_results.py refused.
+    from synth import make_folder_dataset
+
+    from rvf.checkpoint import CheckpointError
+    from rvf.evaluate import evaluate_checkpoint
+
+    ckpt = make_checkpoint(tmp_path / "ckpt")
+    data = make_folder_dataset(tmp_path / "data", n=2, size=48, splits=("valid",))
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.yaml").write_text("model: lenet\n")  # a run, finished or not
+    for out in (ckpt, tmp_path / "run"):
+        before = sorted(out.iterdir())
+        with pytest.raises(CheckpointError, match=f"output dir {re.escape(str(out))} holds a training run"):
+            evaluate_checkpoint(ckpt, data, output_dir=out, cache_dir=str(tmp_path / "cache"))
+        assert sorted(out.iterdir()) == before
 
 
 def test_serving_imports_neither_timm_nor_sklearn(checkpoint, tmp_path):
