@@ -42,6 +42,11 @@ def read_run_metrics(path: str | Path) -> dict:
     if missing:
         hint = " (an evaluate.py output? publish the training run's folder)" if "split" in m else ""
         raise ResultsError(f"{path}: lacks {', '.join(missing)}{hint}")
+    # The tables do sums with these (ROC AUC and AP may be null: a one-class split has none).
+    values = {"valid.accuracy": m["valid"]["accuracy"], **{k: m[k] for k in ("best_epoch", "epochs", "train_seconds")}}
+    not_numbers = [f"{k} {v!r}" for k, v in values.items() if isinstance(v, bool) or not isinstance(v, (int, float))]
+    if not_numbers:
+        raise ResultsError(f"{path}: not a number: {', '.join(not_numbers)}")
     return m
 
 

@@ -1,12 +1,15 @@
 """Published results: the README's table is generated from results/, and publishing copies
 only small report files."""
 
+import re
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
-from rvf.leaderboard import README_END, README_START, collect_runs, readme_table
+import pytest
+
+from rvf.leaderboard import README_END, README_START, ResultsError, collect_runs, read_run_metrics, readme_table
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "results" / "rvf10k"
@@ -171,6 +174,24 @@ def test_runs_the_tables_cannot_read_are_named_and_never_copied(tmp_path):
     shutil.copytree(broken, results / "lenet_best")  # put there by hand: the rebuild names it
     r = publish()
     assert r.returncode == 2 and "lenet_best/metrics.json: not readable JSON" in r.stderr
+
+
+def test_a_metrics_file_with_a_null_accuracy_is_named(tmp_path):
+    # Present but null (a hand-edited or half-written file): the zoo's leaderboard and
+    # publish_results.py stopped on a TypeError traceback in the table instead of naming the file.
+    import json
+
+    shutil.copytree(RESULTS / "lenet", tmp_path / "zoo" / "lenet")
+    bad = tmp_path / "zoo" / "lenet" / "metrics.json"
+    m = json.loads(bad.read_text())
+    m["valid"]["accuracy"], m["epochs"] = None, "20"
+    bad.write_text(json.dumps(m))
+    with pytest.raises(ResultsError, match=f"{re.escape(str(bad))}: not a number: valid.accuracy None, epochs '20'"):
+        read_run_metrics(bad)
+    r = subprocess.run([sys.executable, "scripts/train_zoo.py", "--leaderboard-only", "--output-root",
+                        str(tmp_path / "zoo")], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert f"left out of the leaderboard: {bad}: not a number" in r.stderr
 
 
 def test_a_score_sklearn_leaves_undefined_is_a_dash_and_ties_rank_by_auc(tmp_path):
