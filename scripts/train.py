@@ -23,6 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from rvf.cli import end_process_group  # noqa: E402
 from rvf.config import ConfigError, load_config, parse_override  # noqa: E402
 
 FLAGS = {  # flag -> config key, for the settings people change most
@@ -216,13 +217,7 @@ def main(args) -> int:
             return 1
         raise
     finally:
-        # A run that stops on an error leaves its process group up; torn down at interpreter exit
-        # instead, gloo's threads sometimes died there on "terminate called without an active
-        # exception" (SIGABRT in the launcher's summary, about 1 launch in 5 here).
-        import torch.distributed as dist
-
-        if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
+        end_process_group()  # a run that stopped on an error left it up: SIGABRT at exit, at times
     return 0
 
 
