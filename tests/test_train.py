@@ -37,6 +37,27 @@ def _run(args, tmp_path, timeout=300, **env):
     return subprocess.run(args, capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=_env(tmp_path, **env))
 
 
+def _torchrun_one_error(args, tmp_path, timeout=300, **env):
+    """Run `args` (a script and its options) in 2 CPU processes; assert that the main one printed
+    exactly one `error:` line and the other none and no traceback. Returns (result, that line).
+
+    --monitor-interval 5: the launcher's SIGTERM comes too late to hide the other's traceback.
+    """
+    import re
+
+    logs = tmp_path / "logs"
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+              "--monitor-interval", "5", "--log-dir", str(logs), "--redirects", "2"]
+    r = _run([*launch, *args], tmp_path, timeout=timeout, ACCELERATE_USE_CPU="1", **env)
+    stderr = {int(f.parent.name): f.read_text() for f in logs.glob("*/attempt_0/*/stderr.log")}
+    assert sorted(stderr) == [0, 1], r.stderr[-3000:]
+    errors = re.findall(r"error: [^\r\n]*", stderr[0])  # after a tqdm bar
+    assert len(errors) == 1, stderr
+    assert "Traceback" not in stderr[1] and "error:" not in stderr[1], stderr
+    assert r.returncode == 1, r.stderr[-3000:]
+    return r, errors[0]
+
+
 def _cfg(data_dir, tmp_path, **kw) -> TrainConfig:
     base = dict(model="lenet", data_dir=str(data_dir), output_dir=str(tmp_path / "run"), image_size=32,
                 epochs=2, batch_size=8, lr=1e-3, holdout=0.25, tracker="none", cache_dir=str(tmp_path / "cache"),
@@ -1288,23 +1309,14 @@ sys.exit(train.main(train.get_args_parser().parse_args()))
 def test_wandb_that_cannot_start_stops_two_processes_with_one_message(data_dir, tmp_path):
     # W&B starts in the main process alone: its TrackerError left the other process to train on
     # into the first all-reduce and die there ("error: process 1 stopped: another process failed").
-    import re
 
     pytest.importorskip("wandb")
     probe = tmp_path / "probe.py"
     probe.write_text(WANDB_UNREACHABLE)
-    logs = tmp_path / "logs"
-    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-              "--monitor-interval", "5", "--log-dir", str(logs), "--redirects", "2"]
-    r = _run([*launch, str(probe), str(ROOT), "--data-dir", str(data_dir), "--output-dir", str(tmp_path / "run"),
-              "--epochs", "1", "--image-size", "32", "--batch-size", "4", "--tracker", "wandb"],
-             tmp_path, timeout=300, ACCELERATE_USE_CPU="1", WANDB_MODE="online")
-    stderr = {int(f.parent.name): f.read_text() for f in logs.glob("*/attempt_0/*/stderr.log")}
-    assert sorted(stderr) == [0, 1], r.stderr[-3000:]
-    errors = re.findall(r"error: [^\r\n]*", stderr[0])
-    assert len(errors) == 1 and errors[0].startswith("error: W&B could not start the run"), stderr
-    assert "Traceback" not in stderr[1] and "error:" not in stderr[1], stderr
-    assert r.returncode == 1, r.stderr[-3000:]
+    _, error = _torchrun_one_error([str(probe), str(ROOT), "--data-dir", str(data_dir), "--output-dir",
+                                    str(tmp_path / "run"), "--epochs", "1", "--image-size", "32", "--batch-size", "4",
+                                    "--tracker", "wandb"], tmp_path, WANDB_MODE="online")
+    assert error.startswith("error: W&B could not start the run"), error
 
 
 @pytest.mark.slow
@@ -1374,18 +1386,10 @@ def test_an_unreadable_image_stops_two_scoring_processes_with_one_message(data_d
     bad.write_bytes(buf.getvalue()[:buf.getvalue().index(b"\xff\xda") + 20])  # decodes only half-way
     args = ({"evaluate": ["--checkpoint", str(runs[0]), "--output-dir", str(tmp_path / "eval")],
              "ensemble": ["--checkpoints", *map(str, runs)]}[script])
-    logs = tmp_path / "logs"
-    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-              "--monitor-interval", "5", "--log-dir", str(logs), "--redirects", "2"]
-    r = _run([*launch, f"scripts/{script}.py", "--data-dir", str(data), *args], tmp_path, timeout=120,
-             ACCELERATE_USE_CPU="1")
-    stderr = {int(f.parent.name): f.read_text() for f in logs.glob("*/attempt_0/*/stderr.log")}
-    assert sorted(stderr) == [0, 1], r.stderr[-3000:]
-    errors = re.findall(r"error: [^\r\n]*", stderr[0])  # after a tqdm bar
-    assert len(errors) == 1 and errors[0].startswith(f"error: {bad}: "), stderr
-    assert "Traceback" not in stderr[1] and "error:" not in stderr[1], stderr
+    r, error = _torchrun_one_error([f"scripts/{script}.py", "--data-dir", str(data), *args], tmp_path, timeout=120)
+    assert error.startswith(f"error: {bad}: "), error
     codes = re.findall(r"exitcode\s*:\s*(-?\d+)", r.stderr)
-    assert r.returncode == 1 and "2" in codes and set(codes) <= {"2", "-15"}, r.stderr[-3000:]
+    assert "2" in codes and set(codes) <= {"2", "-15"}, r.stderr[-3000:]
 
 
 @pytest.mark.slow
@@ -1393,7 +1397,6 @@ def test_an_unreadable_image_stops_two_scoring_processes_with_one_message(data_d
 def test_a_cache_folder_error_stops_two_scoring_processes_with_one_message(data_dir, tmp_path, script):
     # An OSError the main process meets while it decodes first (a full disk, a cache folder under
     # a file) reaches the other through all_or_none too, which printed it again: two error lines.
-    import re
 
     run = tmp_path / "a"
     train(_cfg(data_dir, tmp_path, epochs=1, output_dir=str(run)))
@@ -1401,17 +1404,9 @@ def test_a_cache_folder_error_stops_two_scoring_processes_with_one_message(data_
     (tmp_path / "file").write_text("")
     args = ({"evaluate": ["--checkpoint", str(run), "--output-dir", str(tmp_path / "eval")],
              "ensemble": ["--checkpoints", str(run), str(tmp_path / "b")]}[script])
-    logs = tmp_path / "logs"
-    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-              "--monitor-interval", "5", "--log-dir", str(logs), "--redirects", "2"]
-    r = _run([*launch, f"scripts/{script}.py", "--data-dir", str(data_dir), "--cache-dir",
-              str(tmp_path / "file" / "cache"), *args], tmp_path, timeout=120, ACCELERATE_USE_CPU="1")
-    stderr = {int(f.parent.name): f.read_text() for f in logs.glob("*/attempt_0/*/stderr.log")}
-    assert sorted(stderr) == [0, 1], r.stderr[-3000:]
-    errors = re.findall(r"error: [^\r\n]*", stderr[0])
-    assert len(errors) == 1 and errors[0].startswith("error: Not a directory"), stderr
-    assert "Traceback" not in stderr[1] and "error:" not in stderr[1], stderr
-    assert r.returncode == 1, r.stderr[-3000:]
+    _, error = _torchrun_one_error([f"scripts/{script}.py", "--data-dir", str(data_dir), "--cache-dir",
+                                    str(tmp_path / "file" / "cache"), *args], tmp_path, timeout=120)
+    assert error.startswith("error: Not a directory"), error
 
 
 def test_an_error_mid_epoch_closes_the_progress_bar(tmp_path):
