@@ -106,11 +106,23 @@ def resolve_config(args):
     return cfg
 
 
-def report(e: Exception, *lines: str) -> None:
+def report(e: BaseException, *lines: str) -> None:
     """Print the error's lines, unless another process prints them for this one (`rvf.train.all_or_none`)."""
     if not getattr(e, "reported_elsewhere", False):
+        close_bars()
         for line in lines or (f"error: {message(e)}",):
             print(line, file=sys.stderr)
+
+
+def close_bars() -> None:
+    """Clear progress bars an exception left open, so that its message starts a line of its own.
+
+    The loops close theirs on the way out; a Ctrl-C inside tqdm's own constructor, after it drew
+    the bar (it then starts its monitor thread), cannot: the message went onto the bar's line.
+    """
+    tqdm = sys.modules.get("tqdm.auto") or sys.modules.get("tqdm")
+    for bar in list(getattr(getattr(tqdm, "tqdm", None), "_instances", ())):
+        bar.close()
 
 
 def message(e: Exception) -> str:
@@ -202,6 +214,7 @@ def main(args) -> int:
         return 1
     except KeyboardInterrupt:  # Ctrl-C: not a traceback, but where the run stands
         if is_main_process():
+            close_bars()
             print(interrupted(cfg, args.overwrite), file=sys.stderr)
         return 130  # 128 + SIGINT, as a shell reports a command Ctrl-C stopped
     except Exception as e:

@@ -1092,6 +1092,19 @@ def test_ctrl_c_says_where_the_run_stands_and_how_to_go_on(tmp_path, monkeypatch
         return rc, capsys.readouterr().err.splitlines()
 
     assert main() == (130, ["interrupted before training started: nothing was saved; run the same command again"])
+
+    bars = []  # held, as the frames of a traceback hold theirs
+
+    def ctrl_c_with_a_bar_open(cfg, **kwargs):  # as in tqdm's constructor, after it drew the bar
+        from tqdm.auto import tqdm
+
+        bars.append(tqdm(total=3, desc="epoch 2/50", leave=False))
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(rvf.train, "train", ctrl_c_with_a_bar_open)
+    rc, err = main()  # the message went onto the bar's line: "epoch 2/50:   0%| ... interrupted: ..."
+    assert rc == 130 and err[-1] == "interrupted before training started: nothing was saved; run the same command again"
+    monkeypatch.setattr(rvf.train, "train", ctrl_c)
     run.mkdir()
     (run / "config.yaml").write_text("model: lenet\n")
     assert main() == (130, [f"interrupted: {run} saved no epoch, so there is nothing to resume; to start again, "
