@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Callable
 
 __all__ = ["ALLOW_PICKLE_HELP", "non_negative_int", "positive_int", "port", "positive_float", "float_in",
-           "output_file", "output_dir", "add_cpu_threads", "end_process_group"]
+           "output_file", "output_dir", "make_folders", "add_cpu_threads", "end_process_group"]
 
 # --allow-pickle's help (predict.py, app.py); here rather than in rvf.checkpoint, which imports torch
 ALLOW_PICKLE_HELP = ("load weights from a .pt/.pth/.ckpt/.bin state dict when the folder has no "
@@ -92,6 +92,21 @@ def output_dir(text: str) -> Path:
     if path.exists() and not path.is_dir():
         raise argparse.ArgumentTypeError(f"{path} is a file; give a folder to write into")
     return path
+
+
+def make_folders(*folders: Path | None) -> str | None:
+    """Make each folder (None: skipped) now, before any work; return the one-line error for one that
+    cannot be made (a read-only place, a path under a file), else None.
+
+    Found now, not as a traceback after minutes of decoding or timing, with the results lost.
+    """
+    try:
+        for folder in folders:
+            if folder is not None:
+                Path(folder).mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        return f"error: cannot write there: {e.strerror or e} ({e.filename})"
+    return None
 
 
 def add_cpu_threads(parser: argparse.ArgumentParser) -> None:

@@ -30,7 +30,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from rvf.cli import non_negative_int, output_dir, positive_int  # noqa: E402
+from rvf.cli import make_folders, non_negative_int, output_dir, positive_int  # noqa: E402
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
@@ -217,10 +217,8 @@ def main(args) -> int:
         print("error: --synthetic-dir is where --synthetic N writes its images; pass --synthetic N too",
               file=sys.stderr)
         return 2
-    try:  # before any work: a place it cannot write is found now, not after minutes of timing
-        args.out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        print(f"error: cannot write there: {e.strerror or e} ({e.filename})", file=sys.stderr)
+    if error := make_folders(args.out):  # before minutes of timing
+        print(error, file=sys.stderr)
         return 2
     device = resolve_device(args.device)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()

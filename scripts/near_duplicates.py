@@ -20,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from rvf.cli import float_in, non_negative_int, output_dir, positive_int  # noqa: E402
+from rvf.cli import float_in, make_folders, non_negative_int, output_dir, positive_int  # noqa: E402
 
 fraction = float_in(0.0, 1.0)  # --holdout, as the training config takes it
 cosine = float_in(-1.0, 1.0, what="a cosine")
@@ -85,12 +85,9 @@ def main(args) -> int:
     from rvf.data import RVF10K, BadImageError, DatasetError, build_cache, holdout_split
     from rvf.data.near_duplicates import nearest_neighbours, thumbnails
 
-    if args.output_dir:
-        try:  # before any work: a place it cannot write is found now, not after the decoding
-            args.output_dir.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            print(f"error: cannot write there: {e.strerror or e} ({e.filename})", file=sys.stderr)
-            return 2
+    if error := make_folders(args.output_dir):  # before the decoding
+        print(error, file=sys.stderr)
+        return 2
     try:
         train = RVF10K(args.data_dir, "train")
         others = {split: RVF10K(args.data_dir, split) for split in args.splits}

@@ -27,7 +27,7 @@ import argparse  # noqa: E402
 import csv  # noqa: E402
 import os  # noqa: E402
 
-from rvf.cli import ALLOW_PICKLE_HELP, output_dir, output_file, positive_int  # noqa: E402
+from rvf.cli import ALLOW_PICKLE_HELP, make_folders, output_dir, output_file, positive_int  # noqa: E402
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
@@ -66,13 +66,8 @@ def main(args) -> int:
     refuse_decompression_bombs()  # these files may come from anywhere, like uploads
 
     gradcam_dir = args.gradcam_dir
-    try:
-        if gradcam_dir is not None:
-            gradcam_dir.mkdir(parents=True, exist_ok=True)
-        if args.output:
-            args.output.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:  # before any work: e.g. a read-only place
-        print(f"error: cannot write there: {e.strerror or e} ({e.filename})", file=sys.stderr)
+    if error := make_folders(gradcam_dir, args.output.parent if args.output else None):
+        print(error, file=sys.stderr)
         return 2
     # A bar for runs longer than one batch, on a terminal only (None: tqdm checks for a TTY).
     # Predicted a few batches at a time, each overlay written as it comes: holding a folder's

@@ -144,6 +144,15 @@ def test_cli_reader_that_stops_early_is_no_error(checkpoint, tmp_path):
     assert "predicted 1 of 1 images" in err and "Traceback" not in err and "BrokenPipe" not in err
 
 
+def test_cli_names_a_folder_it_cannot_make_before_predicting(checkpoint, tmp_path):
+    (tmp_path / "face.jpg").write_bytes(good_jpeg())
+    (tmp_path / "a_file").write_text("")
+    for flag, path in (("--gradcam-dir", tmp_path / "a_file" / "cams"), ("--output", tmp_path / "a_file" / "p.csv")):
+        code, out, err = run_cli("--checkpoint", checkpoint, tmp_path / "face.jpg", flag, path)
+        assert code == 2 and out == "" and err.startswith("error: cannot write there: "), err
+        assert str(tmp_path / "a_file") in err and len(err.splitlines()) == 1, err
+
+
 def test_cli_nothing_predicted_exits_1(checkpoint, tmp_path):
     bad = tmp_path / "bad.jpg"
     bad.write_bytes(good_jpeg()[:700])
