@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
 
 __all__ = ["ALLOW_PICKLE_HELP", "non_negative_int", "positive_int", "port", "positive_float", "float_in",
-           "output_file", "output_dir", "make_folders", "add_cpu_threads", "end_process_group"]
+           "output_file", "output_dir", "make_folders", "add_cpu_threads", "end_process_group",
+           "stdout_reader_may_leave"]
 
 # --allow-pickle's help (predict.py, app.py); here rather than in rvf.checkpoint, which imports torch
 ALLOW_PICKLE_HELP = ("load weights from a .pt/.pth/.ckpt/.bin state dict when the folder has no "
@@ -127,3 +130,30 @@ def end_process_group() -> None:
     dist = sys.modules.get("torch.distributed")  # never imported (--help, a bad flag): nothing is up
     if dist is not None and dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+@contextmanager
+def stdout_reader_may_leave():
+    """Let the reader of stdout leave early (`| head`): no BrokenPipeError traceback, and no exit 1.
+
+    A print inside the block that meets the closed pipe ends the block quietly (the rest of it is
+    skipped; after `with`, the script goes on as if the block had finished), and stdout is
+    flushed on the way out, so a reader that left shows up here rather than in the interpreter's
+    own flush at exit ("Exception ignored ... BrokenPipeError", exit 120). An exit status
+    already set (sys.exit inside the block) is kept. Python's recipe (docs.python.org, signal,
+    "Note on SIGPIPE"), exit status aside: `head` read what it wanted, which is no error.
+    """
+    try:
+        yield
+    except BrokenPipeError:
+        _stdout_to_devnull()
+    finally:
+        try:
+            sys.stdout.flush()
+        except BrokenPipeError:
+            _stdout_to_devnull()
+
+
+def _stdout_to_devnull() -> None:
+    """Point stdout at os.devnull: Python flushes it again at exit, and that write must go nowhere."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

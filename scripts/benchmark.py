@@ -30,7 +30,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from rvf.cli import make_folders, non_negative_int, output_dir, positive_int  # noqa: E402
+from rvf.cli import make_folders, non_negative_int, output_dir, positive_int, stdout_reader_may_leave  # noqa: E402
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
@@ -412,4 +412,5 @@ def cli(args) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(cli(get_args_parser().parse_args()))
+    with stdout_reader_may_leave():  # `| head`
+        sys.exit(cli(get_args_parser().parse_args()))

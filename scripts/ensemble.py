@@ -23,7 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from rvf.cli import add_cpu_threads, end_process_group, output_dir, positive_int  # noqa: E402
+from rvf.cli import add_cpu_threads, end_process_group, output_dir, positive_int, stdout_reader_may_leave  # noqa: E402
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
@@ -84,6 +84,7 @@ def main(args) -> int:
 
 if __name__ == "__main__":
     try:
-        sys.exit(main(get_args_parser().parse_args()))
+        with stdout_reader_may_leave():  # `| head`
+            sys.exit(main(get_args_parser().parse_args()))
     finally:
         end_process_group()  # under a launcher: left to exit, gloo's threads at times died on SIGABRT

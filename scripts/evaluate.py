@@ -14,7 +14,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from rvf.cli import add_cpu_threads, end_process_group, output_dir, positive_int  # noqa: E402
+from rvf.cli import add_cpu_threads, end_process_group, output_dir, positive_int, stdout_reader_may_leave  # noqa: E402
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
@@ -46,9 +46,11 @@ def main(args) -> int:
     from rvf.evaluate import evaluate_checkpoint
 
     try:
-        evaluate_checkpoint(args.checkpoint, args.data_dir, args.split, args.output_dir,
-                            args.batch_size, args.cache_dir, args.skip_bad, args.tta_hflip,
-                            args.cpu_threads)
+        # In here, not around main: a print's BrokenPipeError is an OSError, which would be named below.
+        with stdout_reader_may_leave():  # `| head`: its last act is the line of scores, after the reports
+            evaluate_checkpoint(args.checkpoint, args.data_dir, args.split, args.output_dir,
+                                args.batch_size, args.cache_dir, args.skip_bad, args.tta_hflip,
+                                args.cpu_threads)
     except (CheckpointError, ConfigError, DatasetError, BadImageError) as e:
         if not getattr(e, "reported_elsewhere", False):  # another process prints it (rvf.train)
             print(f"error: {e}", file=sys.stderr)

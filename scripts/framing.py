@@ -17,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from rvf.cli import float_in  # noqa: E402
+from rvf.cli import float_in, stdout_reader_may_leave  # noqa: E402
 
 # --quantile: the share of training faces each limit may leave out.
 quantile = float_in(0.0, 0.5, include_low=False)
@@ -64,4 +64,5 @@ def main(args) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(get_args_parser().parse_args()))
+    with stdout_reader_may_leave():  # `| head`
+        sys.exit(main(get_args_parser().parse_args()))

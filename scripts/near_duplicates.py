@@ -20,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from rvf.cli import float_in, make_folders, non_negative_int, output_dir, positive_int  # noqa: E402
+from rvf.cli import float_in, make_folders, non_negative_int, output_dir, positive_int, stdout_reader_may_leave  # noqa: E402
 
 fraction = float_in(0.0, 1.0)  # --holdout, as the training config takes it
 cosine = float_in(-1.0, 1.0, what="a cosine")
@@ -114,16 +114,16 @@ def main(args) -> int:
         print(f"error: {e.strerror or e} ({e.filename})", file=sys.stderr)
         return 1
 
-    results, all_pairs = [], []
+    results, all_pairs, lines = [], [], []
     for name, query, samples in comparisons:
         summary, pairs = summarise(name, nearest_neighbours(query, thumbs[fit]), samples, fit_samples, args.threshold)
         results.append(summary)
         all_pairs += [dict(comparison=name, **p) for p in pairs]
         q, by_label = summary["quantiles"], summary["above_threshold_by_label"]
-        print(f"{name}: nearest-neighbour cosine median {q['0.5']:.3f}, p99 {q['0.99']:.3f}, max {q['1.0']:.3f}; "
-              f"{summary['above_threshold']} of {summary['images']} above {args.threshold:g} "
-              f"({by_label['fake']} fake, {by_label['real']} real; "
-              f"{summary['above_threshold_same_label']} match a training image of the same label)")
+        lines.append(f"{name}: nearest-neighbour cosine median {q['0.5']:.3f}, p99 {q['0.99']:.3f}, "
+                     f"max {q['1.0']:.3f}; {summary['above_threshold']} of {summary['images']} above "
+                     f"{args.threshold:g} ({by_label['fake']} fake, {by_label['real']} real; "
+                     f"{summary['above_threshold_same_label']} match a training image of the same label)")
 
     if args.output_dir:
         out = args.output_dir
@@ -138,9 +138,13 @@ def main(args) -> int:
             writer.writerows(all_pairs)
         if args.montage and all_pairs:
             write_montage(all_pairs[:args.montage], out / "near_duplicates.png")
-        print(f"wrote {len(all_pairs)} pairs to {out / 'near_duplicates.csv'}")
+        lines.append(f"wrote {len(all_pairs)} pairs to {out / 'near_duplicates.csv'}")
+    # Printed once the files are written: a reader that leaves early (`| head -1`) stops the script.
+    if lines:
+        print("\n".join(lines))
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main(get_args_parser().parse_args()))
+    with stdout_reader_may_leave():  # `| head`
+        sys.exit(main(get_args_parser().parse_args()))

@@ -25,9 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import argparse  # noqa: E402
 import csv  # noqa: E402
-import os  # noqa: E402
 
-from rvf.cli import ALLOW_PICKLE_HELP, make_folders, output_dir, output_file, positive_int  # noqa: E402
+from rvf.cli import ALLOW_PICKLE_HELP, make_folders, output_dir, output_file, positive_int, stdout_reader_may_leave  # noqa: E402
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
@@ -100,12 +99,8 @@ def main(args) -> int:
             with atomic_path(args.output) as tmp, open(tmp, "w", newline="") as f:
                 _write_csv(f, fields, rows)
         else:
-            try:
+            with stdout_reader_may_leave():  # `| head`: it read what it wanted; the summary below still comes
                 _write_csv(sys.stdout, fields, rows)
-                sys.stdout.flush()  # a reader that left shows up here, not as a traceback at exit
-            except BrokenPipeError:  # `| head`: it read what it wanted, which is no error
-                # Python flushes stdout again at exit: let that write go nowhere.
-                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     n_bad = n_results - len(rows)
     n_fake = sum(row["label"] == "fake" for row in rows)
     n_off = sum(row.get("framing", "ok") != "ok" for row in rows)

@@ -26,7 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from rvf.cli import non_negative_int, output_dir, positive_int  # noqa: E402
+from rvf.cli import non_negative_int, output_dir, positive_int, stdout_reader_may_leave  # noqa: E402
 
 
 def at_least_two(text: str) -> int:
@@ -91,4 +91,5 @@ def main(args) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(get_args_parser().parse_args()))
+    with stdout_reader_may_leave():  # `| head`
+        sys.exit(main(get_args_parser().parse_args()))

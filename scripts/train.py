@@ -23,7 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from rvf.cli import end_process_group  # noqa: E402
+from rvf.cli import end_process_group, stdout_reader_may_leave  # noqa: E402
 from rvf.config import ConfigError, load_config, parse_override  # noqa: E402
 
 FLAGS = {  # flag -> config key, for the settings people change most
@@ -194,7 +194,8 @@ def main(args) -> int:
     try:
         cfg = resolve_config(args)
         if args.print_config:
-            print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
+            with stdout_reader_may_leave():  # `| head`; here, or the OSError handler below names it
+                print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
             return 0
         train(cfg, resume=args.resume is not None, overwrite=args.overwrite)
     except (ConfigError, DatasetError, BadImageError, RunDirError, CheckpointError) as e:
