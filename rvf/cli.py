@@ -14,14 +14,19 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
 
-__all__ = ["ALLOW_PICKLE_HELP", "non_negative_int", "positive_int", "port", "positive_float", "float_in",
-           "output_file", "output_dir", "make_folders", "add_cpu_threads", "end_process_group",
-           "stdout_reader_may_leave"]
+__all__ = ["ALLOW_PICKLE_HELP", "EXPORT_FORMATS", "EXPORT_ATOL", "non_negative_int", "positive_int", "port",
+           "positive_float", "float_in", "output_file", "output_dir", "make_folders", "add_cpu_threads",
+           "end_process_group", "stdout_reader_may_leave"]
 
 # --allow-pickle's help (predict.py, app.py); here rather than in rvf.checkpoint, which imports torch
 ALLOW_PICKLE_HELP = ("load weights from a .pt/.pth/.ckpt/.bin state dict when the folder has no "
                      "model.safetensors (read with torch.load(weights_only=True)); off by default "
                      "because unpickling a file can run code")
+
+# export.py's --format choices (each with the file it writes by default) and --atol default: here, for
+# its --help, rather than in rvf.export, which imports torch and takes them from here
+EXPORT_FORMATS = {"onnx": "model.onnx", "torchscript": "model.torchscript.pt"}
+EXPORT_ATOL = 1e-4  # on probabilities: float32 kernels differ by ~1e-7, a wrong graph by far more
 
 
 def _whole_number(text: str, least: int, most: int | None = None) -> int:

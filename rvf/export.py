@@ -26,15 +26,16 @@ import torch
 from torch import nn
 
 from rvf.checkpoint import load_pretrained
+from rvf.cli import EXPORT_ATOL, EXPORT_FORMATS
 from rvf.data.transforms import DataConfig, build_eval_transform
 from rvf.utils import atomic_path, predict_logits
 
 __all__ = ["FORMATS", "ExportError", "ProbabilityModel", "check_parity", "default_output", "export_checkpoint",
            "load_exported"]
 
-FORMATS = {"onnx": "model.onnx", "torchscript": "model.torchscript.pt"}
+FORMATS = EXPORT_FORMATS  # format -> the file it writes by default
 ONNX_OPSET = 18
-DEFAULT_ATOL = 1e-4  # on probabilities: float32 kernels differ by ~1e-7, a wrong graph by far more
+DEFAULT_ATOL = EXPORT_ATOL  # on probabilities
 
 
 class ExportError(RuntimeError):

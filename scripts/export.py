@@ -19,20 +19,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import argparse  # noqa: E402
 import math  # noqa: E402
 
-from rvf.cli import float_in, output_file  # noqa: E402
+from rvf.cli import EXPORT_ATOL, EXPORT_FORMATS, float_in, output_file  # noqa: E402
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
-    from rvf.export import DEFAULT_ATOL, FORMATS
-
     parser = argparse.ArgumentParser(description=__doc__, add_help=add_help,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True, help="folder with model.safetensors + model.json")
-    parser.add_argument("--format", required=True, choices=sorted(FORMATS))
+    parser.add_argument("--format", required=True, choices=sorted(EXPORT_FORMATS))
     parser.add_argument("--output", type=output_file, default=None,
                         help="file to write (default: model.onnx / model.torchscript.pt in the checkpoint folder)")
-    parser.add_argument("--atol", type=float_in(0, math.inf), default=DEFAULT_ATOL,
-                        help=f"largest allowed probability difference from PyTorch (default: {DEFAULT_ATOL:g})")
+    parser.add_argument("--atol", type=float_in(0, math.inf), default=EXPORT_ATOL,
+                        help=f"largest allowed probability difference from PyTorch (default: {EXPORT_ATOL:g})")
     return parser
 
 
