@@ -72,6 +72,39 @@ def _describe_slice(cfg) -> str:
     return f"{held}, subset {subset}"
 
 
+def _check_members(checkpoints: list[Path], data_dir, output_dir, cache_dir) -> list:
+    """Check every member before any is scored (a typo in the last of eight costs nothing); return their configs."""
+    from rvf.checkpoint import META_NAME, read_meta
+    from rvf.data import RVF10K, check_same_train
+    from rvf.train import run_exists
+
+    if len(checkpoints) < 2:
+        raise EnsembleError(f"an ensemble needs at least two checkpoints, got {len(checkpoints)}")
+    if len({c.resolve() for c in checkpoints}) < len(checkpoints):
+        raise EnsembleError(f"the same run is listed twice in {[str(c) for c in checkpoints]}")
+    if output_dir is not None and (run_exists(Path(output_dir)) or (Path(output_dir) / META_NAME).exists()):
+        # Its metrics.json and reports would be replaced by the ensemble's, and its ensemble.json
+        # would make predict.py and the app serve the ensemble in the run's place.
+        raise EnsembleError(f"output dir {output_dir} holds a training run: the ensemble's reports would replace "
+                            f"its own; give the ensemble a folder of its own")
+    configs = [_member_config(c, read_meta(c), data_dir, cache_dir) for c in checkpoints]
+    first = (checkpoints[0], configs[0])
+    for checkpoint, cfg in zip(checkpoints[1:], configs[1:]):
+        if _slice(cfg) != _slice(first[1]):
+            raise EnsembleError(
+                f"{checkpoint} held out another slice of train ({_describe_slice(cfg)}) than {first[0]} "
+                f"({_describe_slice(first[1])}): the members must share it (train seeds of an ensemble with the same "
+                f"split_seed)")
+    # ... drawn from the same list of train images: same settings on other data draw other images
+    # (with no holdout slice there is nothing the members could have trained on and be scored on).
+    train_files = RVF10K(data_dir, "train").file_list_id()
+    for checkpoint in checkpoints if first[1].holdout else ():
+        meta = read_meta(checkpoint)
+        check_same_train(str(checkpoint), meta.get("train_files"), train_files, data_dir,
+                         meta.get("config", {}).get("data_dir"))
+    return configs
+
+
 def evaluate_ensemble(checkpoints: list[str | Path], data_dir: str | Path, output_dir: str | Path | None = None,
                       batch_size: int = 128, cache_dir: str | os.PathLike | None = None,
                       cpu_threads: int | None = None) -> dict:
@@ -91,42 +124,21 @@ def evaluate_ensemble(checkpoints: list[str | Path], data_dir: str | Path, outpu
     from torch.utils.data import DataLoader
 
     from rvf import reports
-    from rvf.checkpoint import META_NAME, CheckpointError, load_pretrained, meta_threshold, read_meta, weights_sha256
-    from rvf.data import RVF10K, build_eval_transform, check_same_train, collate_batch
-    from rvf.train import all_or_none, check_launch, evaluate, load_splits, run_exists, use_cpu_threads
+    from rvf.checkpoint import CheckpointError, load_pretrained, meta_threshold, weights_sha256
+    from rvf.data import build_eval_transform, collate_batch
+    from rvf.train import all_or_none, check_launch, evaluate, load_splits, use_cpu_threads
     from rvf.utils import device_name
 
     checkpoints = [Path(c) for c in checkpoints]
-    if len(checkpoints) < 2:
-        raise EnsembleError(f"an ensemble needs at least two checkpoints, got {len(checkpoints)}")
-    if len({c.resolve() for c in checkpoints}) < len(checkpoints):
-        raise EnsembleError(f"the same run is listed twice in {[str(c) for c in checkpoints]}")
-    if output_dir is not None and (run_exists(Path(output_dir)) or (Path(output_dir) / META_NAME).exists()):
-        # Its metrics.json and reports would be replaced by the ensemble's, and its ensemble.json
-        # would make predict.py and the app serve the ensemble in the run's place.
-        raise EnsembleError(f"output dir {output_dir} holds a training run: the ensemble's reports would replace "
-                            f"its own; give the ensemble a folder of its own")
-    # Every member is checked before any is scored: a typo in the last of eight costs nothing.
-    configs = [_member_config(c, read_meta(c), data_dir, cache_dir) for c in checkpoints]
-    first = (checkpoints[0], configs[0])
-    for checkpoint, cfg in zip(checkpoints[1:], configs[1:]):
-        if _slice(cfg) != _slice(first[1]):
-            raise EnsembleError(
-                f"{checkpoint} held out another slice of train ({_describe_slice(cfg)}) than {first[0]} "
-                f"({_describe_slice(first[1])}): the members must share it (train seeds of an ensemble with the same "
-                f"split_seed)")
-    # ... drawn from the same list of train images: same settings on other data draw other images
-    # (with no holdout slice there is nothing the members could have trained on and be scored on).
-    train_files = RVF10K(data_dir, "train").file_list_id()
-    for checkpoint in checkpoints if first[1].holdout else ():
-        meta = read_meta(checkpoint)
-        check_same_train(str(checkpoint), meta.get("train_files"), train_files, data_dir,
-                         meta.get("config", {}).get("data_dir"))
     accelerator = Accelerator()
     check_launch(accelerator, "scripts/ensemble.py")
     _, note = use_cpu_threads(accelerator, cpu_threads)  # under `accelerate launch`, more than its one thread
     if note:
         accelerator.print(note)
+    # Every process meets a bad member or data folder alike: all_or_none has one of them say so.
+    with all_or_none(accelerator):
+        configs = _check_members(checkpoints, data_dir, output_dir, cache_dir)
+    first = (checkpoints[0], configs[0])
     if output_dir is not None and accelerator.is_main_process:
         Path(output_dir).mkdir(parents=True, exist_ok=True)  # now, not after scoring every member
     members, holdout_p, valid_p, labels, digests = [], [], [], {}, []
@@ -137,10 +149,11 @@ def evaluate_ensemble(checkpoints: list[str | Path], data_dir: str | Path, outpu
             # gathers stop lining up (training refuses the pair); decoded up front they go once,
             # and the holdout slice is the same images either way (load_splits).
             cfg = cfg.replace(cache=True)
-        digests.append(weights_sha256(checkpoint))  # the file about to be scored, for the manifest
-        model, meta, data_cfg = load_pretrained(checkpoint)
-        # The main process decodes first; an image it cannot read stops the others with one message.
+        # The main process reads the weights and decodes first; a file it cannot read stops the
+        # others with one message.
         with all_or_none(accelerator, main_first=True):
+            digests.append(weights_sha256(checkpoint))  # the file about to be scored, for the manifest
+            model, meta, data_cfg = load_pretrained(checkpoint)
             splits = load_splits(cfg, data_cfg, progress=accelerator.is_local_main_process)
         transform = build_eval_transform(data_cfg).to(accelerator.device)
         model = accelerator.prepare(model)

@@ -43,16 +43,18 @@ def evaluate_checkpoint(checkpoint: str | Path, data_dir: str | Path, split: str
         accelerator.print(note)
     checkpoint = Path(checkpoint)
     output_dir = Path(output_dir) if output_dir else checkpoint / f"eval-{split}"
-    if run_exists(output_dir) or (output_dir / META_NAME).exists():
-        # Its metrics.json and reports would be replaced by this split's scores.
-        raise CheckpointError(f"output dir {output_dir} holds a training run: the evaluation's reports would "
-                              f"replace its own; give the evaluation a folder of its own (default "
-                              f"{checkpoint / f'eval-{split}'})")
-    model, meta, data_cfg = load_pretrained(checkpoint)
+    # Every process meets a bad checkpoint or data folder alike: all_or_none has one of them say so.
+    with all_or_none(accelerator):
+        if run_exists(output_dir) or (output_dir / META_NAME).exists():
+            # Its metrics.json and reports would be replaced by this split's scores.
+            raise CheckpointError(f"output dir {output_dir} holds a training run: the evaluation's reports would "
+                                  f"replace its own; give the evaluation a folder of its own (default "
+                                  f"{checkpoint / f'eval-{split}'})")
+        model, meta, data_cfg = load_pretrained(checkpoint)
+        dataset = RVF10K(data_dir, split, skip_bad=skip_bad)
     # Made now: a bad path must not cost the whole evaluation. Removed again if the evaluation
     # fails, so a failed run leaves no empty eval-SPLIT folder behind to pass for a result.
     with output_folder(output_dir, create=accelerator.is_main_process):
-        dataset = RVF10K(data_dir, split, skip_bad=skip_bad)
         # The main process decodes first; an image it cannot read stops the others with one message
         # (rather than leaving them at the barrier, to die on the process group's traceback).
         with all_or_none(accelerator, main_first=True):

@@ -1422,6 +1422,64 @@ def test_a_cache_folder_error_stops_two_scoring_processes_with_one_message(data_
     assert error.startswith("error: Not a directory"), error
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("missing", ["checkpoint", "data"])
+@pytest.mark.parametrize("script", ["evaluate", "ensemble"])
+def test_an_error_every_scoring_process_meets_is_printed_once(data_dir, tmp_path, script, missing):
+    # A checkpoint or data folder that is not there: each process met it before any of them
+    # compared notes, and each printed it (two error lines, one per process).
+    import re
+
+    from conftest import make_checkpoint
+
+    runs = [make_checkpoint(tmp_path / name, image_size=32, seed=seed) for seed, name in enumerate("ab")]
+    gone = tmp_path / "nowhere"
+    if missing == "checkpoint":
+        runs[-1] = gone
+    args = ({"evaluate": ["--checkpoint", str(runs[-1]), "--output-dir", str(tmp_path / "eval")],
+             "ensemble": ["--checkpoints", *map(str, runs)]}[script])
+    r, error = _torchrun_one_error([f"scripts/{script}.py", "--data-dir", str(gone if missing == "data" else data_dir),
+                                    *args], tmp_path, timeout=120)
+    assert error.startswith({"checkpoint": f"error: checkpoint folder {gone} does not exist",
+                             "data": f"error: dataset root {gone} does not exist"}[missing]), error
+    codes = re.findall(r"exitcode\s*:\s*(-?\d+)", r.stderr)
+    assert "2" in codes and set(codes) <= {"2", "-15"}, r.stderr[-3000:]
+    assert not (tmp_path / "eval").exists()
+
+
+# Run under torchrun: scripts/evaluate.py with a checkpoint that process 1 alone cannot read.
+ONE_PROCESS_CANNOT_READ = """
+import os, sys
+root = sys.argv.pop(1)
+sys.path[:0] = [root, os.path.join(root, "scripts")]
+import rvf.evaluate
+from rvf.checkpoint import CheckpointError
+from rvf.cli import end_process_group
+if os.environ["RANK"] == "1":
+    def unreadable(checkpoint, *args, **kwargs):
+        raise CheckpointError(f"{checkpoint}: process 1 cannot read it")
+    rvf.evaluate.load_pretrained = unreadable
+import evaluate
+try:
+    sys.exit(evaluate.main(evaluate.get_args_parser().parse_args()))
+finally:
+    end_process_group()
+"""
+
+
+@pytest.mark.slow
+def test_an_error_one_scoring_process_meets_is_printed_by_the_main_one(data_dir, tmp_path):
+    # Met by process 1 alone (another node's file system), it must still be said, once.
+    from conftest import make_checkpoint
+
+    run = make_checkpoint(tmp_path / "a", image_size=32)
+    probe = tmp_path / "probe.py"
+    probe.write_text(ONE_PROCESS_CANNOT_READ)
+    _, error = _torchrun_one_error([str(probe), str(ROOT), "--checkpoint", str(run), "--data-dir", str(data_dir),
+                                    "--output-dir", str(tmp_path / "eval")], tmp_path, timeout=120)
+    assert error == f"error: {run}: process 1 cannot read it", error
+
+
 def test_an_error_mid_epoch_closes_the_progress_bar(tmp_path):
     # A bar left open keeps its line: the error's message was printed onto the end of it.
     import io
