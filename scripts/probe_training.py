@@ -17,7 +17,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from rvf.cli import output_file, positive_float, positive_int, stdout_reader_may_leave  # noqa: E402
+from rvf.cli import output_file, positive_float, positive_int  # noqa: E402
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
@@ -115,5 +115,4 @@ def main(args) -> int:
 
 
 if __name__ == "__main__":
-    with stdout_reader_may_leave():  # `| head`
-        sys.exit(cli(get_args_parser().parse_args()))
+    sys.exit(cli(get_args_parser().parse_args()))

@@ -186,10 +186,11 @@ def main(args) -> int:
         print(f"error: no finished runs (metrics.json) under {args.output_root}", file=sys.stderr)
         return 1
     md = write_leaderboard(rows, args.output_root)
-    print(md.read_text())
+    # Only here: a reader that leaves while runs train stops the zoo, an error, not a quiet 0.
+    with stdout_reader_may_leave():  # `| head`
+        print(md.read_text())
     return 1 if failed else 0
 
 
 if __name__ == "__main__":
-    with stdout_reader_may_leave():  # `| head`
-        sys.exit(main(get_args_parser().parse_args()))
+    sys.exit(main(get_args_parser().parse_args()))

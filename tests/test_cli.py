@@ -44,9 +44,6 @@ READER_COMMANDS = {
     "train_zoo.py": "--leaderboard-only --output-root ZOO",
     "train.py": "--print-config",
     "framing.py": "--checkpoint A --data-dir DATA --overwrite",
-    "benchmark.py": "--synthetic 16 --image-size 32 --batch-size 8 --repeats 1 --max-steps 2 --scaling 0 "
-                    "--skip-baseline --out OUT",
-    "probe_training.py": "--data-dir DATA --model lenet --image-size 32 --batch-size 4 --steps 2 --every 1 --lrs 1e-3",
 }
 
 
