@@ -698,16 +698,47 @@ def test_rvf10k_mini_counts_and_labels(tmp_path):
 def test_a_decode_pool_that_cannot_start_says_why(tmp_path, monkeypatch):
     import rvf.data.cache as cache
 
-    class NoPool:
-        def Pool(self, *args, **kwargs):
+    class NoPool(cache.ProcessPoolExecutor):
+        def submit(self, *args, **kwargs):  # where an executor forks its workers
             raise OSError(24, "Too many open files")
 
-    monkeypatch.setattr(cache.mp, "get_context", lambda *args: NoPool())
+    monkeypatch.setattr(cache, "ProcessPoolExecutor", NoPool)
     root = make_folder_dataset(tmp_path / "d", n=2, splits=("train",))
     with pytest.raises(OSError, match="Too many open files"):  # was: UnboundLocalError for the pool
         build_cache(RVF10K(root, "train").samples, 16, cache_dir=tmp_path / "c", num_workers=2, progress=False)
     assert not [p for p in (tmp_path / "c").rglob("*") if p.is_file()]  # no half-written cache left behind
 
+
+
+# Run in a subprocess, so that a hang fails the test instead of stopping the suite.
+KILL_ONE_DECODER = """
+import os, signal, sys
+import rvf.data.cache as cache
+from rvf.data import RVF10K, build_cache
+parent, decode = os.getpid(), cache.load_image
+def oom_killed(path, *args):
+    if os.getpid() != parent and path.endswith(os.path.join("real", "00001.jpg")):  # one, as the OOM killer picks
+        os.kill(os.getpid(), signal.SIGKILL)
+    return decode(path, *args)
+cache.load_image = oom_killed
+build_cache(RVF10K(sys.argv[1], "train").samples, 16, cache_dir=sys.argv[2], num_workers=2, progress=False)
+"""
+
+
+def test_a_decode_worker_that_dies_is_an_error_not_a_hang(tmp_path):
+    # multiprocessing.Pool replaced a killed worker and waited forever for its chunk: training hung, silent.
+    import time
+
+    root = make_folder_dataset(tmp_path / "d", n=8, splits=("train",))
+    assert (root / "train" / "real" / "00001.jpg").is_file()
+    t0 = time.perf_counter()
+    r = subprocess.run([sys.executable, "-c", KILL_ONE_DECODER, str(root), str(tmp_path / "c")],
+                       capture_output=True, text=True, timeout=120, cwd=Path(__file__).resolve().parents[1])
+    assert r.returncode == 1 and time.perf_counter() - t0 < 60, r.stderr[-2000:]
+    error = r.stderr.strip().splitlines()[-1]
+    assert error.startswith("ChildProcessError: [Errno 10] a decoding process died while building the split "
+                            "decode cache"), error
+    assert not [p for p in (tmp_path / "c").rglob("*") if p.is_file()]  # no half-written cache left behind
 
 
 def test_a_splits_file_list_id_names_its_images_not_where_they_are(tmp_path):

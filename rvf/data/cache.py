@@ -21,8 +21,11 @@ import json
 import logging
 import multiprocessing as mp
 import os
+import signal
 import time
 import uuid
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Sequence
 
@@ -136,8 +139,10 @@ def collate_batch(batch):
 _W: dict = {}
 
 
-def _init_worker(path, shape, samples, image_size, interpolation):
+def _init_worker(path, shape, samples, image_size, interpolation, pooled=False):
     torch.set_num_threads(1)  # one decode per core; nested threads only thrash
+    if pooled:  # Ctrl-C is the parent's to handle (it stops the pool); a worker would die with a traceback
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
     _W.update(images=np.lib.format.open_memmap(path, mode="r+"), shape=shape, samples=samples,
               size=image_size, interpolation=interpolation)
 
@@ -213,22 +218,30 @@ def build_cache(samples: Sequence[tuple[str, int]], image_size: int, *, interpol
             _init_worker(*init_args)  # sets this process to one thread, restored below
             results = map(_decode_chunk, chunks)
         else:
-            pool = mp.get_context("fork" if hasattr(os, "fork") else "spawn").Pool(
-                workers, initializer=_init_worker, initargs=init_args)
-            results = pool.imap_unordered(_decode_chunk, chunks)
+            # An executor rather than multiprocessing.Pool: a worker that dies (the OOM killer, a
+            # crash in a decoder) breaks it with an error, where Pool replaced the worker and
+            # waited forever for its chunk.
+            pool = ProcessPoolExecutor(workers, mp.get_context("fork" if hasattr(os, "fork") else "spawn"),
+                                       initializer=_init_worker, initargs=(*init_args, True))
+            results = (f.result() for f in as_completed([pool.submit(_decode_chunk, c) for c in chunks]))
         for n, chunk_bad in results:
             if chunk_bad and not skip_bad:
                 raise BadImageError(chunk_bad[0][1] + SKIP_HINT)
             bad += chunk_bad
             bar.update(n)
+    except BrokenProcessPool:
+        tmp.unlink(missing_ok=True)
+        raise OSError(errno.ECHILD, f"a decoding process died while building the {name} decode cache (killed by "
+                                    f"the system, out of memory?, or crashed in an image decoder); free some memory "
+                                    f"and run again, or train with cache: false", str(npy)) from None
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     finally:
         bar.close()
         if pool is not None:  # None also when it failed to start: that error, not this one, is raised
-            pool.terminate()
-            pool.join()
+            # Waits for the chunks in hand (a second or so), drops the rest: no process outlives this.
+            pool.shutdown(wait=True, cancel_futures=True)
         torch.set_num_threads(threads)  # as it was (one decoding process sets it to one)
         _W.clear()
     os.replace(tmp, npy)
