@@ -4,8 +4,11 @@
     python scripts/publish_results.py                                     # only rebuild
 
 Each run folder's small report files (metrics.json, config, classification report, confusion
-matrix, curves, ROC, architecture, robustness) are copied to RESULTS/<run name>; weights,
-resume states, W&B folders and samples.png (dataset faces) never are. Then RESULTS/leaderboard.md
+matrix, curves, ROC, architecture, robustness) replace RESULTS/<run name> as a whole; weights,
+resume states, W&B folders and samples.png (dataset faces) never go there. Report files of the
+previous publication that the run lacks (e.g. robustness.* from an earlier training) are
+dropped and named, unless it was the same training (an equal metrics.json): then they are kept.
+A folder holding files no run publishes (put there by hand) is refused. Then RESULTS/leaderboard.md
 and .png are rebuilt from every published run, and the table between the README's results
 markers is rewritten from the same files, so the README can only show measured runs.
 
@@ -41,9 +44,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
 FULL_VALID = 3000  # rvf10k's valid split
 
 
-def check_run(run: Path, force: bool) -> str | None:
-    """Return why `run` cannot go into the README's table, or None."""
-    from rvf.leaderboard import ResultsError, read_run_metrics
+def check_run(run: Path, force: bool, results: Path) -> str | None:
+    """Return why `run` cannot go into the README's table or replace its published folder, or None."""
+    from rvf.leaderboard import ResultsError, read_run_metrics, unpublished_files
 
     metrics = run / "metrics.json"
     if not run.is_dir():
@@ -54,6 +57,9 @@ def check_run(run: Path, force: bool) -> str | None:
         n = read_run_metrics(metrics)["valid"].get("n")
     except ResultsError as e:
         return str(e)
+    if foreign := unpublished_files(results / run.name):  # --force or not: republishing would delete them
+        return (f"{results / run.name}: holds {', '.join(foreign)}, which no run publishes (put there by hand?) and "
+                f"publishing {run} would delete; move them out of that folder first")
     if force:
         return None
     committed = ROOT / "configs" / f"{run.name}.yaml"
@@ -100,7 +106,7 @@ def main(args) -> int:
         write_leaderboard,
     )
 
-    problems = [why for run in args.runs if (why := check_run(run, args.force))]
+    problems = [why for run in args.runs if (why := check_run(run, args.force, args.results))]
     if not args.readme.is_file():
         problems.append(f"--readme {args.readme}: no such file")
     elif README_START not in (text := args.readme.read_text()) or README_END not in text:
@@ -111,9 +117,19 @@ def main(args) -> int:
         print("\n".join(f"error: {p}" for p in problems), file=sys.stderr)
         return 2
     for run in args.runs:
-        print(f"published {run} -> {publish_run(run, args.results)}")
+        try:
+            dest, dropped, kept = publish_run(run, args.results)
+        except OSError as e:  # e.g. a full disk: the published folder is swapped in whole or not at all
+            print(f"error: publishing {run}: {e}; {args.results / run.name} is as it was", file=sys.stderr)
+            return 1
+        print(f"published {run} -> {dest}")
+        if dropped:
+            print(f"  dropped the previous training's {', '.join(dropped)}: {run} has none")
+        if kept:
+            print(f"  kept {', '.join(kept)}: the same training was published there before (metrics.json unchanged)")
     try:
-        rows = collect_runs(sorted(p for p in args.results.iterdir() if p.is_dir()))
+        # A hidden .NAME.publishing-PID folder is what a killed publish left, not a run.
+        rows = collect_runs(sorted(p for p in args.results.iterdir() if p.is_dir() and not p.name.startswith(".")))
     except ResultsError as e:  # a folder put there by hand
         print(f"error: {e}", file=sys.stderr)
         return 2

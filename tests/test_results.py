@@ -224,3 +224,73 @@ def test_leaderboard_columns_hold_what_their_headers_say(tmp_path):
     (tmp_path / "short" / "metrics.json").write_text(json.dumps(run))
     md = write_leaderboard(collect_runs([tmp_path / "short"]), tmp_path).read_text().splitlines()
     assert md[6].split("|")[12].strip() == "42 s"  # not "0.7 min", and never "0.0 min"
+
+
+def _publish(*args, results, readme):
+    return subprocess.run([sys.executable, "scripts/publish_results.py", *map(str, args), "--results", str(results),
+                           "--readme", str(readme)], capture_output=True, text=True, cwd=ROOT, timeout=120)
+
+
+def test_republishing_a_run_replaces_its_folder_and_names_what_it_dropped(tmp_path):
+    import json
+
+    readme = tmp_path / "README.md"
+    readme.write_text(f"{README_START}\n{README_END}\n")
+    results = tmp_path / "results"
+    first = tmp_path / "first" / "alexnet_bn"  # with the robustness.* that robustness.py --output-dir wrote
+    shutil.copytree(RESULTS / "alexnet_bn", first)
+    assert _publish(first, results=results, readme=readme).returncode == 0
+    robustness = ["robustness.json", "robustness.md", "robustness.png"]
+    assert all((results / "alexnet_bn" / f).is_file() for f in robustness)
+    # The same training again (e.g. from a copy without robustness.*): its robustness is still its own.
+    again = tmp_path / "again" / "alexnet_bn"
+    shutil.copytree(first, again, ignore=shutil.ignore_patterns("robustness.*"))
+    r = _publish(again, results=results, readme=readme)
+    assert r.returncode == 0 and f"kept {', '.join(robustness)}: the same training" in r.stdout, r.stdout
+    assert all((results / "alexnet_bn" / f).is_file() for f in robustness)
+    # A new training under the same name: the first training's robustness no longer describes it.
+    retrained = tmp_path / "retrained" / "alexnet_bn"
+    shutil.copytree(again, retrained)
+    m = json.loads((retrained / "metrics.json").read_text())
+    m["valid"]["accuracy"], m["train_seconds"] = 0.8, 1234.5
+    (retrained / "metrics.json").write_text(json.dumps(m))
+    r = _publish(retrained, results=results, readme=readme)
+    assert r.returncode == 0, r.stderr
+    assert f"dropped the previous training's {', '.join(robustness)}: {retrained} has none" in r.stdout, r.stdout
+    assert sorted(p.name for p in (results / "alexnet_bn").iterdir()) == sorted(p.name for p in retrained.iterdir())
+    assert json.loads((results / "alexnet_bn" / "metrics.json").read_text()) == m
+    assert sorted(p.name for p in results.iterdir()) == ["alexnet_bn", "leaderboard.md", "leaderboard.png"]
+    # A file no run publishes (put there by hand) is never deleted unseen: the publish is refused.
+    (results / "alexnet_bn" / "notes.md").write_text("by hand\n")
+    r = _publish(first, "--force", results=results, readme=readme)
+    assert r.returncode == 2 and r.stderr == (
+        f"error: {results / 'alexnet_bn'}: holds notes.md, which no run publishes (put there by hand?) and "
+        f"publishing {first} would delete; move them out of that folder first\n")
+    assert json.loads((results / "alexnet_bn" / "metrics.json").read_text()) == m  # nothing copied
+
+
+def test_a_publish_that_fails_midway_leaves_the_published_folder_whole(tmp_path, monkeypatch):
+    import json
+
+    from rvf import leaderboard
+
+    run = tmp_path / "runs" / "lenet"
+    shutil.copytree(RESULTS / "lenet", run)
+    results = tmp_path / "results"
+    leaderboard.publish_run(run, results)
+    before = {p.name: p.read_bytes() for p in (results / "lenet").iterdir()}
+    m = json.loads((run / "metrics.json").read_text()) | {"train_seconds": 1.0}  # a new training
+    (run / "metrics.json").write_text(json.dumps(m))
+    copy2, copied = shutil.copy2, []
+
+    def copy_until_the_disk_fills(src, dst):
+        if len(copied) == 2:
+            raise OSError(28, "No space left on device")
+        copied.append(src)
+        return copy2(src, dst)
+
+    monkeypatch.setattr(leaderboard.shutil, "copy2", copy_until_the_disk_fills)
+    with pytest.raises(OSError, match="No space left"):
+        leaderboard.publish_run(run, results)
+    assert {p.name: p.read_bytes() for p in (results / "lenet").iterdir()} == before
+    assert sorted(p.name for p in results.iterdir()) == ["lenet"]  # no half-built folder beside it
