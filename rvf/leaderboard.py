@@ -156,7 +156,8 @@ def unpublished_files(folder: str | Path) -> list[str]:
 
 def publish_run(run_dir: str | Path, results_root: str | Path,
                 name: str | None = None) -> tuple[Path, list[str], list[str]]:
-    """Make `results_root/<name>` hold a finished run's report files (`PUBLISHED_FILES`).
+    """Make `results_root/<name>` hold a finished run's report files (`PUBLISHED_FILES`), robustness.*
+    from the run folder or its robustness-valid/ (scripts/robustness.py's default output).
 
     The folder is replaced as a whole, so that it never mixes two trainings: report files the
     previous publication had and the run lacks (robustness.* that scripts/robustness.py
@@ -178,7 +179,13 @@ def publish_run(run_dir: str | Path, results_root: str | Path,
     dest = Path(results_root) / (name or run_dir.name)
     if foreign := unpublished_files(dest):
         raise FileExistsError(f"{dest}: holds {', '.join(foreign)}, which no run publishes; move it out first")
-    new = [f for f in PUBLISHED_FILES if (run_dir / f).is_file()]
+    # robustness.* from the run folder or, where scripts/robustness.py writes them by default, its
+    # robustness-valid/ (the split the tables report); the three from one folder, never mixed.
+    robustness = [f for f in PUBLISHED_FILES if f.startswith("robustness.")]
+    robustness_dir = next((d for d in (run_dir, run_dir / "robustness-valid")
+                           if any((d / f).is_file() for f in robustness)), run_dir)
+    source = {f: (robustness_dir if f in robustness else run_dir) / f for f in PUBLISHED_FILES}
+    new = [f for f in PUBLISHED_FILES if source[f].is_file()]
     extra = [f for f in PUBLISHED_FILES if (dest / f).is_file() and f not in new]
     try:
         same = json.loads((dest / "metrics.json").read_text()) == json.loads((run_dir / "metrics.json").read_text())
@@ -192,7 +199,7 @@ def publish_run(run_dir: str | Path, results_root: str | Path,
     staged.mkdir(parents=True)
     try:
         for f in new:
-            shutil.copy2(run_dir / f, staged / f)
+            shutil.copy2(source[f], staged / f)
         for f in kept:
             shutil.copy2(dest / f, staged / f)
         if dest.exists():

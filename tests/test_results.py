@@ -294,3 +294,17 @@ def test_a_publish_that_fails_midway_leaves_the_published_folder_whole(tmp_path,
         leaderboard.publish_run(run, results)
     assert {p.name: p.read_bytes() for p in (results / "lenet").iterdir()} == before
     assert sorted(p.name for p in results.iterdir()) == ["lenet"]  # no half-built folder beside it
+
+
+def test_publishing_takes_the_robustness_table_where_robustness_py_writes_it(tmp_path):
+    # By default robustness.py writes RUN/robustness-valid/, which publishing never looked in.
+    readme = tmp_path / "README.md"
+    readme.write_text(f"{README_START}\n{README_END}\n")
+    run, results = tmp_path / "runs" / "flagship_alexnet_bn", tmp_path / "results"
+    shutil.copytree(RESULTS / "flagship_alexnet_bn", run)
+    (run / "robustness-valid").mkdir()
+    for f in ("robustness.json", "robustness.md", "robustness.png"):
+        (run / f).rename(run / "robustness-valid" / f)
+    assert _publish(run, results=results, readme=readme).returncode == 0
+    for f in ("robustness.json", "robustness.md", "robustness.png"):
+        assert (results / run.name / f).read_bytes() == (RESULTS / run.name / f).read_bytes()
