@@ -400,5 +400,23 @@ def load_config(path: str | Path | None = None, overrides: dict | None = None,
             raise ConfigError(f"config file {path} must hold a mapping of key: value, got {type(data).__name__}")
         cfg = _apply(cfg, data, str(path))
     if overrides:
-        cfg = _apply(cfg, overrides, "command line")
+        whole = {k: v for k, v in overrides.items() if "." not in k}
+        cfg = _apply(cfg, whole, "command line")
+        if dotted := {k: v for k, v in overrides.items() if "." in k}:  # after `model_args={...}`, into it
+            cfg = _apply(cfg, _merge_entries(cfg, dotted), "command line")
     return cfg
+
+
+def _merge_entries(cfg: TrainConfig, dotted: dict) -> dict:
+    """`{"model_args.drop_rate": 0.3}` -> `{"model_args": cfg's model_args with drop_rate 0.3}`:
+    one entry changed, where `model_args={drop_rate: 0.3}` replaces the whole mapping."""
+    merged: dict[str, dict] = {}
+    for key, value in dotted.items():
+        name, _, entry = key.partition(".")
+        if name not in _FIELDS:
+            _apply(cfg, {name: None}, "command line")  # the unknown-key error, with its "did you mean"
+        if _HINTS[name] is not dict or not entry or "." in entry:
+            raise ConfigError(f"command line: {key}: only a mapping's own entries can be set this way "
+                              f"(e.g. model_args.drop_rate=0.3); set {name} whole instead ({name}=VALUE)")
+        merged.setdefault(name, dict(getattr(cfg, name)))[entry] = value
+    return merged

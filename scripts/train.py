@@ -64,7 +64,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                         help="replace a run already in the output dir (kept in OUTPUT_DIR/.replaced until the new "
                              "run has saved an epoch, and put back if it fails before)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override any config key (repeatable), e.g. --set hflip=0.5 --set crop_scale=[0.8,1]")
+                        help="override any config key (repeatable), e.g. --set hflip=0.5 --set crop_scale=[0.8,1]; "
+                             "model_args.KEY=VALUE changes one entry of model_args, model_args={...} all of it")
     parser.add_argument("--print-config", action="store_true",
                         help="print the resolved config (every key, with its value) and exit")
     return parser

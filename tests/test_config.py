@@ -307,3 +307,21 @@ def test_recipe_differences_leave_out_paths_tracking_and_speed():
     assert recipe_differences(base.replace(epochs=1, split_seed=1, hflip=0.5), base) == {
         "split_seed": (1, 0), "epochs": (1, 20), "hflip": (0.5, 0.0)}
     assert RECIPE_NEUTRAL_KEYS <= set(base.to_dict())  # a renamed key would silently count again
+
+
+def test_a_dotted_override_changes_one_entry_of_model_args(tmp_path):
+    # `model_args={aux_logits: true}` on configs/inception_v1.yaml silently dropped its init_std and drop_rate.
+    from rvf.config import ConfigError, load_config, parse_override
+
+    def load(*texts, path=ROOT / "configs" / "inception_v1.yaml"):
+        return load_config(path, dict(parse_override(t) for t in texts))
+
+    assert load("model_args.aux_logits=true").model_args == {"init_std": 0.01, "drop_rate": 0.2, "aux_logits": True}
+    assert load("model_args.drop_rate=0.5").model_args == {"init_std": 0.01, "drop_rate": 0.5}
+    assert load("model_args={a: 1}", "model_args.b=2").model_args == {"a": 1, "b": 2}  # whole first, then entries
+    assert load("model_args={aux_logits: true}").model_args == {"aux_logits": True}  # whole: as before
+    with pytest.raises(ConfigError, match=r"unknown config key\(s\): model_arg \(did you mean model_args\?\)"):
+        load("model_arg.drop_rate=0.5")
+    for bad in ("lr.x=1", "model_args.=1", "model_args.a.b=1"):
+        with pytest.raises(ConfigError, match=r"only a mapping's own entries can be set this way"):
+            load(bad)
