@@ -7,10 +7,12 @@ run folder, says so once, and prints the `wandb sync` command that uploads it la
 
 from __future__ import annotations
 
+import configparser
 import logging
 import netrc
 import os
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import numpy as np
 
@@ -49,15 +51,40 @@ def project_name(cfg) -> str:
     return project
 
 
+def _wandb_base_url() -> str | None:
+    """The W&B server URL as wandb resolves it: WANDB_BASE_URL, else the base_url that `wandb login
+    --host` saved in a settings file (a workspace's wandb/settings over the global one in
+    WANDB_CONFIG_DIR, by default ~/.config/wandb), else None: wandb's own default server."""
+    if url := os.environ.get("WANDB_BASE_URL"):
+        return url
+    global_dir = Path(os.environ.get("WANDB_CONFIG_DIR") or "~/.config/wandb").expanduser()
+    url = None
+    for path in (global_dir / "settings", Path(os.environ.get("WANDB_DIR") or ".") / "wandb" / "settings"):
+        parser = configparser.ConfigParser()
+        try:
+            parser.read(path)
+        except (OSError, configparser.Error):  # wandb skips an unreadable settings file too
+            continue
+        url = parser.get("default", "base_url", fallback=url)
+    return url
+
+
 def _wandb_has_credentials() -> bool:
-    if os.environ.get("WANDB_API_KEY"):
+    """Whether wandb finds a key without prompting: in the environment, or in the netrc entry
+    `wandb login` wrote for the server it resolves to."""
+    import wandb
+
+    if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_IDENTITY_TOKEN_FILE"):
         return True
     try:
         rc = netrc.netrc(Path(os.environ.get("NETRC") or "~/.netrc").expanduser())  # NETRC=~/x as a shell would
     except (OSError, netrc.NetrcParseError):
         return False
-    host = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai").split("://")[-1].rstrip("/")
-    return rc.authenticators(host) is not None
+    # `wandb login` names the entry by the URL's host[:port]. wandb 0.31's default server,
+    # api.forge.coreweave.com, also takes the key an older wandb saved for api.wandb.ai.
+    host = urlsplit(_wandb_base_url() or wandb.Settings().base_url).netloc
+    machines = (host, "api.wandb.ai") if host == "api.forge.coreweave.com" else (host,)
+    return any((rc.authenticators(m) or ("", "", ""))[2] for m in machines)  # an entry without a key: wandb prompts
 
 
 def resolve_tracker(cfg, out_dir: Path) -> tuple[str | None, dict, str | None]:

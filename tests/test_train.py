@@ -980,6 +980,28 @@ def test_wandb_login_is_found_in_a_netrc_named_with_a_tilde(tmp_path, monkeypatc
     assert not tracking._wandb_has_credentials()
 
 
+@pytest.mark.parametrize("host", [None, "https://wandb.mycorp.com:8443"])
+def test_wandb_login_of_this_wandb_is_found(tmp_path, monkeypatch, host):
+    # What `wandb login` itself writes: wandb 0.31 saves the default server's key for
+    # api.forge.coreweave.com and a self-hosted one's for host:port, naming that server in its
+    # settings file rather than the environment; rvf looked for api.wandb.ai and logged offline.
+    pytest.importorskip("wandb")
+    from rvf import tracking
+
+    env = _env(tmp_path, WANDB_CONFIG_DIR=str(tmp_path / "wandb-config"), NETRC=str(tmp_path / "netrc"))
+    login = [sys.executable, "-m", "wandb", "login", "--no-verify", *(["--host", host] if host else []), "0" * 40]
+    r = subprocess.run(login, capture_output=True, text=True, timeout=60, cwd=tmp_path, env=env)
+    assert r.returncode == 0 and (tmp_path / "netrc").is_file(), r.stderr
+    for k in [k for k in os.environ if k.startswith("WANDB_")]:
+        monkeypatch.delenv(k)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("NETRC", env["NETRC"])
+    monkeypatch.setenv("WANDB_CONFIG_DIR", env["WANDB_CONFIG_DIR"])
+    assert tracking._wandb_has_credentials()
+    monkeypatch.setenv("WANDB_BASE_URL", "https://elsewhere.example")  # the environment names another server
+    assert not tracking._wandb_has_credentials()
+
+
 def test_wandb_settings_come_from_the_environment_and_are_checked_first(tmp_path, monkeypatch):
     pytest.importorskip("wandb")
     from rvf import tracking
