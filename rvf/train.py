@@ -801,6 +801,25 @@ def latest_state(out: Path) -> Path | None:
     return max(states)[1] if states else None
 
 
+def wandb_run_to_continue(out: Path, run: dict) -> str | None:
+    """The W&B run id a resumed run logs on to: the one it saved, unless its folder is a copy.
+
+    A copy (`cp -r runs/a runs/b`, then `--resume runs/b`) is a new run forked from a's state:
+    logging on to a's id would mix b's epochs into a's W&B history, so it gets a new id. A folder
+    resumed where it was saved, or moved (its old place holds no run of that id any more, e.g.
+    renamed or on another machine), continues its own.
+    """
+    wandb_id, saved_in = run.get("wandb_id"), run.get("wandb_folder")  # no folder: saved before rvf kept it
+    if not wandb_id or saved_in is None or Path(saved_in) == out.resolve():
+        return wandb_id
+    state = latest_state(Path(saved_in))
+    try:
+        original = state is not None and json.loads((state / STATE_MARKER).read_text()).get("wandb_id") == wandb_id
+    except (OSError, ValueError):
+        original = False
+    return None if original else wandb_id
+
+
 def save_run_state(accelerator, out: Path, epoch: int, run: dict) -> None:
     """`save_state` into checkpoints/epoch_N, mark it complete, then drop older ones."""
     path = out / STATE_DIR / f"epoch_{epoch}"
@@ -1108,10 +1127,13 @@ def _train(cfg: TrainConfig, resume: bool, overwrite: bool, held: contextlib.Exi
                 cfg = cfg.replace(epochs=run["epoch"] + 1)  # what it trained, not a lower --epochs
         if accelerator.is_main_process:
             atomic_write_text(out / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-        if log_with == "wandb" and run.get("wandb_id"):
+        if log_with == "wandb" and (wandb_id := wandb_run_to_continue(out, run)):
             # A resumed run continues its W&B run (steps go on from the saved one) rather than
             # starting a second run of the same name that holds only the epochs from here on.
-            init_kwargs["wandb"] |= {"id": run["wandb_id"], "resume": "allow"}
+            init_kwargs["wandb"] |= {"id": wandb_id, "resume": "allow"}
+        elif log_with == "wandb" and run.get("wandb_id"):
+            accelerator.print(f"W&B: {out} is a copy of {run['wandb_folder']}: it logs to a new W&B run from epoch "
+                              f"{run['epoch'] + 2} on, leaving that run's ({run['wandb_id']}) as it is")
         # The trackers start in the main process alone: one that fails there stops the others with
         # it, rather than leaving them to die in the first step's all-reduce.
         with all_or_none(accelerator):
@@ -1123,7 +1145,8 @@ def _train(cfg: TrainConfig, resume: bool, overwrite: bool, held: contextlib.Exi
                     raise
                 raise explained from e
         if log_with == "wandb" and accelerator.is_main_process:
-            run["wandb_id"] = accelerator.get_tracker("wandb", unwrap=True).id  # saved with each epoch's state
+            # Saved with each epoch's state, with the folder it belongs to (wandb_run_to_continue).
+            run |= {"wandb_id": accelerator.get_tracker("wandb", unwrap=True).id, "wandb_folder": str(out.resolve())}
         for note in (tracker_note, threads_note):
             if note:
                 accelerator.print(note)

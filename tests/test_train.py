@@ -942,6 +942,33 @@ def test_wandb_resume_continues_the_same_run(data_dir, tmp_path):
         assert r.returncode == 0, r.stderr[-3000:]
     ids = {p.stem.removeprefix("run-") for p in (out / "wandb").glob("offline-run-*/run-*.wandb")}
     assert len(list((out / "wandb").glob("offline-run-*"))) == 2 and len(ids) == 1, ids
+    # A copy of the folder is a new run from its state (it logged on to the original W&B run).
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    r = _run([sys.executable, "scripts/train.py", "--resume", str(copy), "--epochs", "3"], tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"W&B: {copy} is a copy of {out}: it logs to a new W&B run from epoch 3 on" in r.stdout, r.stdout
+    new = {p.stem.removeprefix("run-") for p in (copy / "wandb").glob("offline-run-*/run-*.wandb")} - ids
+    assert len(new) == 1, new
+
+
+def test_a_resumed_run_keeps_its_wandb_run_unless_it_is_a_copy(tmp_path):
+    from rvf.train import STATE_DIR, STATE_MARKER, wandb_run_to_continue
+
+    def saved(folder: Path, **run) -> dict:
+        (folder / STATE_DIR / "epoch_0").mkdir(parents=True)
+        (folder / STATE_DIR / "epoch_0" / STATE_MARKER).write_text(json.dumps(run))
+        return run
+
+    a = tmp_path / "a"
+    run = saved(a, wandb_id="abc", wandb_folder=str(a))
+    assert wandb_run_to_continue(a, run) == "abc"
+    assert wandb_run_to_continue(tmp_path / "x" / ".." / "a", run) == "abc"  # the same folder, spelled another way
+    shutil.copytree(a, tmp_path / "b")
+    assert wandb_run_to_continue(tmp_path / "b", run) is None  # a copy: a new W&B run
+    a.rename(tmp_path / "c")
+    assert wandb_run_to_continue(tmp_path / "c", run) == "abc"  # moved or renamed: the same run
+    assert wandb_run_to_continue(tmp_path / "d", {"wandb_id": "abc"}) == "abc"  # saved before the folder was kept
 
 
 def test_wandb_that_cannot_start_is_one_line_saying_how_to_go_on(data_dir, tmp_path, monkeypatch):
