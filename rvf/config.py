@@ -7,6 +7,7 @@ or a value of the wrong type is an error that names the key and where it came fr
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import re
 import types
@@ -17,7 +18,8 @@ from typing import Any, Optional
 
 import yaml
 
-__all__ = ["RECIPE_NEUTRAL_KEYS", "ConfigError", "TrainConfig", "load_config", "parse_override", "recipe_differences"]
+__all__ = ["RECIPE_NEUTRAL_KEYS", "ConfigError", "TrainConfig", "load_config", "load_run_config", "parse_override",
+           "recipe_differences"]
 
 
 class ConfigError(ValueError):
@@ -373,6 +375,25 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key, value
 
 
+def _read_file(path: Path) -> dict:
+    """The mapping a YAML config file holds, or a ConfigError naming the file."""
+    if path.is_dir():
+        raise ConfigError(f"config file {path} is a folder; give a YAML file, e.g. configs/lenet.yaml")
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        text = path.read_text(encoding="utf-8")
+        data = yaml.load(text, Loader=_UniqueKeyLoader) or {}
+    except UnicodeDecodeError as e:  # a Latin-1 file, or weights passed as --config
+        raise ConfigError(f"config file {path} is not UTF-8 text (byte {e.object[e.start]:#04x} at offset "
+                          f"{e.start}): save it as UTF-8") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {path} is not valid YAML: {_yaml_problem(e, text)}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of key: value, got {type(data).__name__}")
+    return data
+
+
 def load_config(path: str | Path | None = None, overrides: dict | None = None,
                 base: TrainConfig | None = None) -> TrainConfig:
     """Build a `TrainConfig`: defaults (or `base`), then the YAML file, then `overrides`.
@@ -383,22 +404,7 @@ def load_config(path: str | Path | None = None, overrides: dict | None = None,
     """
     cfg = base or TrainConfig()
     if path is not None:
-        path = Path(path)
-        if path.is_dir():
-            raise ConfigError(f"config file {path} is a folder; give a YAML file, e.g. configs/lenet.yaml")
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
-        try:
-            text = path.read_text(encoding="utf-8")
-            data = yaml.load(text, Loader=_UniqueKeyLoader) or {}
-        except UnicodeDecodeError as e:  # a Latin-1 file, or weights passed as --config
-            raise ConfigError(f"config file {path} is not UTF-8 text (byte {e.object[e.start]:#04x} at offset "
-                              f"{e.start}): save it as UTF-8") from None
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config file {path} is not valid YAML: {_yaml_problem(e, text)}") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"config file {path} must hold a mapping of key: value, got {type(data).__name__}")
-        cfg = _apply(cfg, data, str(path))
+        cfg = _apply(cfg, _read_file(Path(path)), str(path))
     if overrides:
         whole = {k: v for k, v in overrides.items() if "." not in k}
         cfg = _apply(cfg, whole, "command line")
@@ -420,3 +426,22 @@ def _merge_entries(cfg: TrainConfig, dotted: dict) -> dict:
                               f"(e.g. model_args.drop_rate=0.3); set {name} whole instead ({name}=VALUE)")
         merged.setdefault(name, dict(getattr(cfg, name)))[entry] = value
     return merged
+
+
+def load_run_config(path: str | Path, warn: bool = True) -> TrainConfig:
+    """Read the config.yaml that a run saved, to resume it: as `load_config` reads a file, but for
+    true/false among its tags.
+
+    A run saved before tags refused a bare yes/no/on/off holds `tags: [false]`. Which word it was
+    is lost; rvf.tracking sent W&B the text "False", so that is the tag it keeps, with a warning
+    (`warn`) saying how to name it otherwise. A new run's config still refuses it.
+    """
+    data = _read_file(Path(path))
+    tags = data.get("tags")
+    if isinstance(tags, list) and any(isinstance(t, bool) for t in tags):
+        data["tags"] = [str(t) if isinstance(t, bool) else t for t in tags]
+        if warn:
+            logging.getLogger(__name__).warning(
+                f"{path}: tags {tags} read as {data['tags']}, the text W&B was sent (saved before a bare yes/no/on/off "
+                f"was refused); to tag the run otherwise, quote the words you meant there, e.g. tags: [\"no\"]")
+    return _apply(TrainConfig(), data, str(path))

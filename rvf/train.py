@@ -768,9 +768,9 @@ MODEL_KEYS = ("model", "model_args", "image_size", "interpolation", "optimizer")
 def check_resume_config(out: Path, cfg: TrainConfig) -> None:
     """Refuse to resume with another model, settings that would draw another holdout slice, another
     batch size (the schedule counts steps) or an EMA switched on or off (the state holds one or not)."""
-    from rvf.config import load_config
+    from rvf.config import load_run_config
 
-    saved = load_config(out / "config.yaml")
+    saved = load_run_config(out / "config.yaml", warn=False)  # scripts/train.py warned, reading it
 
     def changes(keys):
         return [f"{k.removeprefix('resolved_')} {getattr(saved, k)} -> {getattr(cfg, k)}"

@@ -24,7 +24,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from rvf.cli import end_process_group, stdout_reader_may_leave  # noqa: E402
-from rvf.config import ConfigError, load_config, parse_override  # noqa: E402
+from rvf.config import ConfigError, load_config, load_run_config, parse_override  # noqa: E402
 
 FLAGS = {  # flag -> config key, for the settings people change most
     "model": "model", "data_dir": "data_dir", "output_dir": "output_dir", "epochs": "epochs",
@@ -94,7 +94,7 @@ def resolve_config(args):
                               + (f"; an --overwrite was killed before its first epoch, and the run it was "
                                  f"replacing is in {aside}: move its contents back to resume it"
                                  if aside.is_dir() else ""))
-        base = load_config(saved)
+        base = load_run_config(saved)
     overrides = dict(parse_override(o) for o in args.overrides)
     overrides.update({key: getattr(args, flag) for flag, key in FLAGS.items() if getattr(args, flag) is not None})
     if args.resume is not None:

@@ -141,6 +141,21 @@ def test_values_out_of_range_name_the_key(key, value, match):
         load_config(None, {key: value})
 
 
+def test_a_saved_run_config_with_a_bare_boolean_tag_still_loads(tmp_path, caplog):
+    # A run's config.yaml from before tags refused a bare no/yes; a user's own file is still refused.
+    from rvf.config import load_run_config
+
+    f = tmp_path / "config.yaml"
+    f.write_text("model: alexnet\ntags:\n- false\n- baseline\n- true\n")
+    assert load_run_config(f).tags == ["False", "baseline", "True"]  # the text W&B was sent
+    assert f"{f}: tags [False, 'baseline', True] read as" in caplog.text and 'tags: ["no"]' in caplog.text
+    with pytest.raises(ConfigError, match=r"tags must be a list of tags \(put yes/no/on/off in quotes"):
+        load_config(f)
+    f.write_text("tags: [[a]]\n")  # anything else wrong is as wrong as in any file
+    with pytest.raises(ConfigError, match="tags must be a list of tags"):
+        load_run_config(f)
+
+
 def test_values_in_range_pass():
     cfg = load_config(None, {"interpolation": "lanczos", "holdout": 0.0, "hflip": 1, "optimizer": "AdamW",
                              "mixed_precision": None, "ema_decay": 0.999, "subset": None, "tags": ["v2", 2024]})

@@ -528,6 +528,22 @@ def test_resume_refuses_settings_that_redraw_the_holdout_slice_or_break_the_sche
     train(cfg.replace(epochs=2, seed=7, split_seed=42), resume=True)  # another seed, the same slice
 
 
+def test_a_run_saved_with_a_bare_true_or_false_tag_resumes(data_dir, tmp_path):
+    # Saved before tags refused a bare no/yes (YAML's false/true), its own config.yaml stopped
+    # `--resume` in scripts/train.py and in train() alike. It resumes with the tag W&B was sent.
+    cfg = _cfg(data_dir, tmp_path, epochs=1)
+    train(cfg)
+    saved = Path(cfg.output_dir) / "config.yaml"
+    saved.write_text(saved.read_text().replace("tags: []", "tags:\n- false\n- baseline"))  # as it was written
+    r = _run([sys.executable, "scripts/train.py", "--resume", cfg.output_dir, "--print-config"], tmp_path)
+    assert r.returncode == 0 and "tags:\n- 'False'\n- baseline\n" in r.stdout, r.stderr[-2000:]
+    assert "tags [False, 'baseline'] read as ['False', 'baseline']" in r.stderr
+    from rvf.config import load_run_config
+
+    resumed = train(load_run_config(saved).replace(epochs=2), resume=True)
+    assert [h["epoch"] for h in resumed["history"]] == [1, 2] and load_run_config(saved).tags == ["False", "baseline"]
+
+
 def test_a_failed_overwrite_keeps_the_run_it_would_replace(data_dir, tmp_path):
     # The zoo passes --overwrite every time: a typo in a model name or a data folder must
     # fail before anything of the finished run is removed.
