@@ -161,4 +161,6 @@ def stdout_reader_may_leave():
 
 def _stdout_to_devnull() -> None:
     """Point stdout at os.devnull: Python flushes it again at exit, and that write must go nowhere."""
-    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)  # stdout's descriptor now points there too

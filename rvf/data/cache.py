@@ -232,8 +232,8 @@ def build_cache(samples: Sequence[tuple[str, int]], image_size: int, *, interpol
     except BrokenProcessPool:
         tmp.unlink(missing_ok=True)
         raise OSError(errno.ECHILD, f"a decoding process died while building the {name} decode cache (killed by "
-                                    f"the system, out of memory?, or crashed in an image decoder); free some memory "
-                                    f"and run again, or train with cache: false", str(npy)) from None
+                                    f"the system, e.g. out of memory, or crashed in an image decoder); free some "
+                                    f"memory and run again, or train with cache: false", str(npy)) from None
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
