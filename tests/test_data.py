@@ -741,6 +741,52 @@ def test_a_decode_worker_that_dies_is_an_error_not_a_hang(tmp_path):
     assert not [p for p in (tmp_path / "c").rglob("*") if p.is_file()]  # no half-written cache left behind
 
 
+# The building process stalls its workers in their first image, then waits to be killed.
+BUILDER_KILLED = """
+import os, sys, time
+import rvf.data.cache as cache
+from rvf.data import RVF10K
+root, cache_dir, pids = sys.argv[1:]
+def load_and_stall(path, *args):
+    with open(pids, "a") as f:
+        f.write(f"{os.getpid()}\\n")
+    time.sleep(120)
+cache.load_image = load_and_stall  # forked decoding processes inherit it
+cache.build_cache(RVF10K(root, "train").samples, 16, cache_dir=cache_dir, num_workers=2, progress=False)
+"""
+
+
+def test_decoding_processes_exit_when_the_build_is_killed(tmp_path):
+    """The building process SIGKILLed (the OOM killer's likeliest pick): its decoding processes exit
+    too, instead of waiting for work forever (as an executor's do, left to themselves)."""
+    import contextlib
+    import os
+    import signal
+    import time
+
+    def alive(pid):  # a zombie awaits its reaper only
+        stat = Path(f"/proc/{pid}/stat")
+        return stat.is_file() and stat.read_text().rpartition(")")[2].split()[0] != "Z"
+
+    root, pids = make_folder_dataset(tmp_path / "d", n=6, splits=("train",)), tmp_path / "pids"
+    proc = subprocess.Popen([sys.executable, "-c", BUILDER_KILLED, str(root), str(tmp_path / "c"), str(pids)],
+                            cwd=Path(__file__).resolve().parents[1], start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        while len(set(pids.read_text().split()) if pids.exists() else ()) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        workers = set(pids.read_text().split())
+        assert len(workers) == 2, "the decoding processes did not start"
+        proc.kill()
+        proc.wait()
+        deadline = time.monotonic() + 10
+        while any(alive(pid) for pid in workers) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not [pid for pid in workers if alive(pid)]
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)  # whatever is left of the group
+
 def test_a_splits_file_list_id_names_its_images_not_where_they_are(tmp_path):
     import shutil
 

@@ -22,10 +22,12 @@ import logging
 import multiprocessing as mp
 import os
 import signal
+import threading
 import time
 import uuid
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
+from multiprocessing.connection import wait as mp_wait
 from pathlib import Path
 from typing import Sequence
 
@@ -141,10 +143,19 @@ _W: dict = {}
 
 def _init_worker(path, shape, samples, image_size, interpolation, pooled=False):
     torch.set_num_threads(1)  # one decode per core; nested threads only thrash
-    if pooled:  # Ctrl-C is the parent's to handle (it stops the pool); a worker would die with a traceback
+    if pooled:
+        # Ctrl-C is the parent's to handle (it stops the pool); a worker would die with a traceback.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
+        # A builder killed outright (the OOM killer picks the biggest process) would leave the
+        # executor's workers waiting for work forever, holding the deleted file's disk blocks.
+        threading.Thread(target=_exit_with, args=(mp.parent_process().sentinel,), daemon=True).start()
     _W.update(images=np.lib.format.open_memmap(path, mode="r+"), shape=shape, samples=samples,
               size=image_size, interpolation=interpolation)
+
+
+def _exit_with(sentinel) -> None:
+    mp_wait([sentinel])  # ready once the parent is gone
+    os._exit(1)
 
 
 def _decode_chunk(idx: list[int]):
